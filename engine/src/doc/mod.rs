@@ -1,0 +1,257 @@
+//! Documents: one API over the two CRDT kinds, Automerge and Yrs.
+//!
+//! A [`Document`] is the unit of ordering (the seed's scope). It can be edited through the small
+//! JSON API ([`Op`]) or natively, merges changes from anywhere in any order (idempotently), reports
+//! its version (heads or state vector), exports what a peer lacks, and shows its state as JSON.
+
+mod automerge_doc;
+mod error;
+mod ops;
+mod yrs_doc;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use automerge_doc::AutomergeDoc;
+pub use error::DocError;
+pub use ops::{Op, Path, Segment};
+pub use yrs_doc::{client_id as yrs_client_id, YrsDoc, COUNTER_MARKER};
+
+use crate::ids::{DocumentId, ReplicaId};
+
+/// Which CRDT a document is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DocKind {
+    /// An Automerge document.
+    Automerge,
+    /// A Yrs (Yjs-compatible) document.
+    Yrs,
+}
+
+impl DocKind {
+    /// The kind's wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            DocKind::Automerge => 1,
+            DocKind::Yrs => 2,
+        }
+    }
+
+    /// The kind for a wire code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(DocKind::Automerge),
+            2 => Some(DocKind::Yrs),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DocKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DocKind::Automerge => "automerge",
+            DocKind::Yrs => "yrs",
+        })
+    }
+}
+
+/// Identifies a change: the Automerge change hash, or the SHA-256 of a Yrs update as its author
+/// sent it. Every replica computes the same id for the same change.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChangeId(pub [u8; 32]);
+
+impl ChangeId {
+    /// The SHA-256 of some bytes.
+    pub fn of_bytes(bytes: &[u8]) -> Self {
+        let digest = Sha256::digest(bytes);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&digest);
+        Self(id)
+    }
+
+    /// The id as lowercase hex.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut id = [0u8; 32];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(id))
+    }
+}
+
+impl fmt::Debug for ChangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChangeId({})", &self.to_hex()[..12])
+    }
+}
+
+impl fmt::Display for ChangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// One change as it travels and is stored: its id and its encoded bytes (an Automerge change, or
+/// a V1 Yrs update).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Its id.
+    pub id: ChangeId,
+    /// Its bytes, to apply with [`Document::apply_changes`].
+    pub bytes: Vec<u8>,
+}
+
+/// A document of either kind.
+pub enum Document {
+    /// Automerge.
+    Automerge(AutomergeDoc),
+    /// Yrs.
+    Yrs(YrsDoc),
+}
+
+impl Document {
+    /// A new empty document of `kind`, edited locally as `replica`.
+    pub fn new(kind: DocKind, replica: ReplicaId, id: DocumentId) -> Self {
+        match kind {
+            DocKind::Automerge => Document::Automerge(AutomergeDoc::new(replica)),
+            DocKind::Yrs => Document::Yrs(YrsDoc::new(replica, id)),
+        }
+    }
+
+    /// Loads a document from a snapshot followed by changes (each as saved).
+    pub fn load<'a>(
+        kind: DocKind,
+        replica: ReplicaId,
+        id: DocumentId,
+        snapshot: Option<&[u8]>,
+        changes: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Self, DocError> {
+        let mut doc = match (kind, snapshot) {
+            (DocKind::Automerge, Some(s)) => Document::Automerge(AutomergeDoc::load(replica, s)?),
+            (DocKind::Yrs, Some(s)) => Document::Yrs(YrsDoc::load(replica, id, s)?),
+            (kind, None) => Document::new(kind, replica, id),
+        };
+        for change in changes {
+            doc.apply_changes(change)?;
+        }
+        Ok(doc)
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> DocKind {
+        match self {
+            Document::Automerge(_) => DocKind::Automerge,
+            Document::Yrs(_) => DocKind::Yrs,
+        }
+    }
+
+    /// Applies ops as one local change. `Ok(None)` when they changed nothing. On error nothing is
+    /// applied for Automerge; for Yrs, see [`YrsDoc::apply_ops`] (the partial change is returned
+    /// inside [`PartialChange`]).
+    pub fn apply_ops(&mut self, ops: &[Op]) -> Result<Option<Change>, PartialChange> {
+        match self {
+            Document::Automerge(d) => d.apply_ops(ops).map_err(|error| PartialChange {
+                change: None,
+                error,
+            }),
+            Document::Yrs(d) => match d.apply_ops(ops) {
+                (change, Ok(())) => Ok(change),
+                (change, Err(error)) => Err(PartialChange { change, error }),
+            },
+        }
+    }
+
+    /// Applies changes from elsewhere (idempotent, any order); returns those that were new.
+    pub fn apply_changes(&mut self, bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+        match self {
+            Document::Automerge(d) => d.apply_changes(bytes),
+            Document::Yrs(d) => d.apply_changes(bytes),
+        }
+    }
+
+    /// The version: Automerge heads, or the V1-encoded Yrs state vector.
+    pub fn version(&mut self) -> Version {
+        match self {
+            Document::Automerge(d) => Version::Heads(d.heads().into_iter().map(|h| h.0).collect()),
+            Document::Yrs(d) => Version::StateVector(d.state_vector()),
+        }
+    }
+
+    /// What a peer at `version` lacks, as bytes for [`Document::apply_changes`].
+    pub fn changes_after(&mut self, version: &Version) -> Result<Vec<u8>, DocError> {
+        match (self, version) {
+            (Document::Automerge(d), Version::Heads(heads)) => {
+                let heads: Vec<automerge::ChangeHash> =
+                    heads.iter().map(|h| automerge::ChangeHash(*h)).collect();
+                Ok(d.changes_after(&heads))
+            }
+            (Document::Yrs(d), Version::StateVector(sv)) => d.changes_after(sv),
+            (doc, _) => Err(DocError::Unsupported(format!(
+                "a version of the other kind for a {} document",
+                doc.kind()
+            ))),
+        }
+    }
+
+    /// Everything, compacted into one snapshot.
+    pub fn save(&mut self) -> Vec<u8> {
+        match self {
+            Document::Automerge(d) => d.save(),
+            Document::Yrs(d) => d.save(),
+        }
+    }
+
+    /// The whole state as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Document::Automerge(d) => d.to_json(),
+            Document::Yrs(d) => d.to_json(),
+        }
+    }
+
+    /// The value at `path` in the JSON view, if any.
+    pub fn get(&self, path: &Path) -> Option<serde_json::Value> {
+        let mut value = self.to_json();
+        for segment in path.segments() {
+            value = match (segment, value) {
+                (Segment::Key(k), serde_json::Value::Object(mut m)) => m.remove(k)?,
+                (Segment::Index(i), serde_json::Value::Array(mut a)) if *i < a.len() => a.swap_remove(*i),
+                _ => return None,
+            };
+        }
+        Some(value)
+    }
+}
+
+/// Ops that failed part-way: the error, and what a Yrs document had already applied.
+#[derive(Debug)]
+pub struct PartialChange {
+    /// What was applied before the failing op (Yrs only; Automerge rolls back).
+    pub change: Option<Change>,
+    /// Why it failed.
+    pub error: DocError,
+}
+
+/// A document's version: what it has seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Version {
+    /// Automerge heads (change hashes).
+    Heads(Vec<[u8; 32]>),
+    /// A V1-encoded Yrs state vector.
+    StateVector(Vec<u8>),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,182 @@
+use serde_json::json;
+
+use super::*;
+
+fn replica(n: u8) -> ReplicaId {
+    ReplicaId::from_bytes([n; 16])
+}
+
+fn doc_id() -> DocumentId {
+    DocumentId::from_bytes([42; 16])
+}
+
+fn put(path: &[&str], value: serde_json::Value) -> Op {
+    Op::Put {
+        path: Path::keys(path.iter().copied()),
+        value,
+    }
+}
+
+fn both() -> [DocKind; 2] {
+    [DocKind::Automerge, DocKind::Yrs]
+}
+
+#[test]
+fn json_api_edits_show_in_the_json_view() {
+    for kind in both() {
+        let mut doc = Document::new(kind, replica(1), doc_id());
+        doc.apply_ops(&[
+            put(&["trip"], json!({"status": "planning", "seats": {}, "tags": ["a"]})),
+            put(&["trip", "seats", "12A"], json!("ana")),
+            Op::Insert {
+                path: Path::keys(["trip", "tags"]),
+                index: 1,
+                value: json!("b"),
+            },
+            Op::Increment {
+                path: Path::keys(["trip", "visits"]),
+                by: 3,
+            },
+            Op::Splice {
+                path: Path::keys(["trip", "notes"]),
+                index: 0,
+                delete: 0,
+                insert: "héllo".into(),
+            },
+        ])
+        .expect("ops apply")
+        .expect("a change");
+        doc.apply_ops(&[
+            Op::Increment {
+                path: Path::keys(["trip", "visits"]),
+                by: -1,
+            },
+            Op::Splice {
+                path: Path::keys(["trip", "notes"]),
+                index: 1,
+                delete: 1,
+                insert: "e".into(),
+            },
+            Op::Delete {
+                path: Path::keys(["trip", "status"]),
+            },
+        ])
+        .expect("ops apply");
+        assert_eq!(
+            doc.to_json(),
+            json!({"trip": {"seats": {"12A": "ana"}, "tags": ["a", "b"], "visits": 2, "notes": "hello"}}),
+            "{kind}"
+        );
+        assert_eq!(doc.get(&Path::keys(["trip", "visits"])), Some(json!(2)));
+    }
+}
+
+#[test]
+fn bad_ops_are_typed_errors() {
+    for kind in both() {
+        let mut doc = Document::new(kind, replica(1), doc_id());
+        doc.apply_ops(&[put(&["m"], json!({"s": "x", "l": []}))]).expect("setup");
+        let missing = doc.apply_ops(&[put(&["m", "nope", "k"], json!(1))]).unwrap_err();
+        assert!(matches!(missing.error, DocError::PathNotFound(_)), "{kind}: {missing:?}");
+        let bounds = doc
+            .apply_ops(&[Op::Insert {
+                path: Path::keys(["m", "l"]),
+                index: 5,
+                value: json!(1),
+            }])
+            .unwrap_err();
+        assert!(matches!(bounds.error, DocError::OutOfBounds { .. }), "{kind}: {bounds:?}");
+        let text = doc
+            .apply_ops(&[Op::Splice {
+                path: Path::keys(["m", "t"]),
+                index: 3,
+                delete: 0,
+                insert: "x".into(),
+            }])
+            .unwrap_err();
+        assert!(matches!(text.error, DocError::OutOfBounds { .. }), "{kind}: {text:?}");
+        assert_eq!(doc.get(&Path::keys(["m", "s"])), Some(json!("x")));
+    }
+}
+
+#[test]
+fn concurrent_changes_merge_in_any_order_and_twice() {
+    for kind in both() {
+        let mut base = Document::new(kind, replica(1), doc_id());
+        let init = base
+            .apply_ops(&[put(&["m"], json!({"n": 0})), Op::Increment { path: Path::keys(["m", "c"]), by: 0 }])
+            .expect("ops")
+            .expect("change");
+        let mut a = Document::load(kind, replica(2), doc_id(), None, [init.bytes.as_slice()]).expect("load");
+        let mut b = Document::load(kind, replica(3), doc_id(), None, [init.bytes.as_slice()]).expect("load");
+        let ca = a
+            .apply_ops(&[put(&["m", "a"], json!(1)), Op::Increment { path: Path::keys(["m", "c"]), by: 2 }])
+            .expect("ops")
+            .expect("change");
+        let cb = b
+            .apply_ops(&[put(&["m", "b"], json!(2)), Op::Increment { path: Path::keys(["m", "c"]), by: 5 }])
+            .expect("ops")
+            .expect("change");
+        assert_eq!(a.apply_changes(&cb.bytes).expect("apply").len(), 1);
+        assert!(a.apply_changes(&cb.bytes).expect("apply twice").is_empty(), "{kind}: duplicate is not new");
+        b.apply_changes(&ca.bytes).expect("apply");
+        assert_eq!(a.to_json(), b.to_json(), "{kind}");
+        assert_eq!(a.get(&Path::keys(["m", "b"])), Some(json!(2)));
+        // Concurrent increments of a counter that existed before add up in both kinds.
+        assert_eq!(a.get(&Path::keys(["m", "c"])), Some(json!(7)), "{kind}");
+        // Reload from a snapshot gives the same state and version.
+        let snapshot = a.save();
+        let mut reloaded = Document::load(kind, replica(2), doc_id(), Some(&snapshot), []).expect("reload");
+        assert_eq!(reloaded.to_json(), a.to_json());
+        assert_eq!(reloaded.version(), a.version());
+        // What a peer lacks, by version.
+        let mut fresh = Document::new(kind, replica(4), doc_id());
+        let version = fresh.version();
+        let missing = a.changes_after(&version).expect("diff");
+        fresh.apply_changes(&missing).expect("apply diff");
+        assert_eq!(fresh.to_json(), a.to_json());
+    }
+}
+
+#[test]
+fn malformed_bytes_are_typed_errors() {
+    for kind in both() {
+        let mut doc = Document::new(kind, replica(1), doc_id());
+        let error = doc.apply_changes(&[0xff, 0x00, 0x13, 0x37]).unwrap_err();
+        assert!(matches!(error, DocError::Malformed { .. }), "{kind}: {error:?}");
+        let load = Document::load(kind, replica(1), doc_id(), Some(&[1, 2, 3, 4, 5]), []);
+        assert!(load.is_err(), "{kind}");
+    }
+}
+
+#[test]
+fn automerge_keeps_concurrent_values_with_their_changes() {
+    let mut a = Document::new(DocKind::Automerge, replica(1), doc_id());
+    let init = a.apply_ops(&[put(&["seats"], json!({}))]).expect("ops").expect("change");
+    let mut b = Document::load(DocKind::Automerge, replica(2), doc_id(), None, [init.bytes.as_slice()]).expect("load");
+    let ca = a.apply_ops(&[put(&["seats", "12A"], json!("ana"))]).expect("ops").expect("change");
+    let cb = b.apply_ops(&[put(&["seats", "12A"], json!("ben"))]).expect("ops").expect("change");
+    a.apply_changes(&cb.bytes).expect("merge");
+    let Document::Automerge(am) = &a else { unreachable!() };
+    let values = am.conflicts_at(&Path::keys(["seats", "12A"])).expect("conflicts");
+    assert_eq!(values.len(), 2);
+    let ids: Vec<ChangeId> = values.iter().map(|(_, id)| *id).collect();
+    assert!(ids.contains(&ca.id) && ids.contains(&cb.id));
+}
+
+#[test]
+fn change_ids_round_trip_as_hex() {
+    let id = ChangeId::of_bytes(b"x");
+    assert_eq!(ChangeId::from_hex(&id.to_hex()), Some(id));
+    assert_eq!(ChangeId::from_hex("zz"), None);
+}
+
+#[test]
+fn every_effective_edit_is_a_change() {
+    for kind in both() {
+        let mut doc = Document::new(kind, replica(1), doc_id());
+        assert!(doc.apply_ops(&[put(&["m"], json!({"a": 0}))]).expect("first").is_some(), "{kind}");
+        assert!(doc.apply_ops(&[put(&["m", "x"], json!(1))]).expect("second").is_some(), "{kind}");
+        assert!(doc.apply_ops(&[put(&["m", "x"], json!(2))]).expect("third").is_some(), "{kind}");
+    }
+}

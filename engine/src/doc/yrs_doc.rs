@@ -1,0 +1,559 @@
+//! The Yrs (Yjs-compatible) side of [`crate::Document`].
+//!
+//! A Yrs document's top level holds named shared types (maps, arrays, texts), not plain values,
+//! so the first segment of every path names a root type: `["wallet", "balance"]` is the key
+//! `balance` of the root map `wallet`. Yrs has no counter type; a counter is a map holding one
+//! total per writer plus the marker key `$counter`, which the JSON view shows as the sum, so
+//! concurrent increments add up as they do in Automerge.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+use yrs::types::ToJson;
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{
+    Any, Number, WriteTxn, Array, ArrayPrelim, ArrayRef, Doc, GetString, In, Map, MapPrelim, MapRef, OffsetKind,
+    Options, Out, ReadTxn, StateVector, Text, TextRef, Transact, TransactionMut, Update,
+};
+
+use super::error::DocError;
+use super::ops::{Op, Path, Segment};
+use super::{Change, ChangeId};
+use crate::ids::{DocumentId, ReplicaId};
+
+/// The key that marks a map as a counter.
+pub const COUNTER_MARKER: &str = "$counter";
+
+/// A Yrs document with a client id derived from the replica and the document.
+pub struct YrsDoc {
+    doc: Doc,
+}
+
+/// The Yrs client id for a replica editing a document: stable across restarts (the replica
+/// persists every change before it leaves), distinct per document, and below 2^53 so Yjs in
+/// JavaScript holds it exactly.
+pub fn client_id(replica: ReplicaId, document: DocumentId) -> u64 {
+    let mut hasher = Sha256::new();
+    hasher.update(replica.as_bytes());
+    hasher.update(document.as_bytes());
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(bytes) & ((1u64 << 53) - 1)
+}
+
+impl YrsDoc {
+    /// A new empty document.
+    pub fn new(replica: ReplicaId, document: DocumentId) -> Self {
+        let options = Options {
+            client_id: yrs::ClientID::new(client_id(replica, document)),
+            offset_kind: OffsetKind::Utf16,
+            ..Options::default()
+        };
+        Self {
+            doc: Doc::with_options(options),
+        }
+    }
+
+    /// Loads a document from a V1 update (a snapshot or any merge of updates).
+    pub fn load(replica: ReplicaId, document: DocumentId, bytes: &[u8]) -> Result<Self, DocError> {
+        let mut doc = Self::new(replica, document);
+        doc.apply_changes(bytes)?;
+        Ok(doc)
+    }
+
+    /// Direct access to the Yrs document, for apps that need all of it.
+    pub fn native(&self) -> &Doc {
+        &self.doc
+    }
+
+    /// Applies ops in one transaction. Yrs cannot roll back: when an op fails, the ops before it
+    /// stay applied and are returned as the change alongside the error.
+    pub fn apply_ops(&mut self, ops: &[Op]) -> (Option<Change>, Result<(), DocError>) {
+        let client = self.doc.client_id().get();
+        let mut txn = self.doc.transact_mut();
+        let mut result = Ok(());
+        for op in ops {
+            if let Err(e) = apply_op(&mut txn, client, op) {
+                result = Err(e);
+                break;
+            }
+        }
+        (local_change(&txn), result)
+    }
+
+    /// Runs `f` on a native transaction and returns what it changed as one change.
+    pub fn change_native<R>(&mut self, f: impl FnOnce(&mut TransactionMut) -> R) -> (Option<Change>, R) {
+        let mut txn = self.doc.transact_mut();
+        let result = f(&mut txn);
+        (local_change(&txn), result)
+    }
+
+    /// Applies a V1 update from elsewhere; returns what was new here, as one change whose id is
+    /// the hash of the update as received (so its sender can recognise it).
+    pub fn apply_changes(&mut self, bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+        let update = Update::decode_v1(bytes).map_err(|e| DocError::malformed("yrs update", e))?;
+        let mut txn = self.doc.transact_mut();
+        txn.apply_update(update)
+            .map_err(|e| DocError::malformed("yrs update", e))?;
+        if !changed(&txn) {
+            return Ok(Vec::new());
+        }
+        Ok(vec![Change {
+            id: ChangeId::of_bytes(bytes),
+            bytes: txn.encode_update_v1(),
+        }])
+    }
+
+    /// The state vector (what this replica has seen of each client), V1-encoded.
+    pub fn state_vector(&self) -> Vec<u8> {
+        self.doc.transact().state_vector().encode_v1()
+    }
+
+    /// Everything, as one V1 update.
+    pub fn save(&self) -> Vec<u8> {
+        self.doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// What a peer whose V1 state vector is `their_state_vector` lacks, as one V1 update.
+    pub fn changes_after(&self, their_state_vector: &[u8]) -> Result<Vec<u8>, DocError> {
+        let sv = StateVector::decode_v1(their_state_vector)
+            .map_err(|e| DocError::malformed("yrs state vector", e))?;
+        Ok(self.doc.transact().encode_state_as_update_v1(&sv))
+    }
+
+    /// A JSON view: each non-empty root type by name. Empty roots are left out because Yrs syncs
+    /// a root's contents, not its existence.
+    pub fn to_json(&self) -> serde_json::Value {
+        let txn = self.doc.transact();
+        let mut roots = BTreeMap::new();
+        for (name, value) in txn.root_refs() {
+            let json = out_to_json(&txn, &value);
+            let empty = match &json {
+                serde_json::Value::Object(m) => m.is_empty(),
+                serde_json::Value::Array(a) => a.is_empty(),
+                serde_json::Value::String(s) => s.is_empty(),
+                serde_json::Value::Null => true,
+                _ => false,
+            };
+            if !empty {
+                roots.insert(name.to_string(), json);
+            }
+        }
+        serde_json::Value::Object(roots.into_iter().collect())
+    }
+}
+
+fn changed(txn: &TransactionMut) -> bool {
+    txn.before_state() != txn.after_state() || !txn.delete_set().is_empty()
+}
+
+fn local_change(txn: &TransactionMut) -> Option<Change> {
+    if !changed(txn) {
+        return None;
+    }
+    let bytes = txn.encode_update_v1();
+    Some(Change {
+        id: ChangeId::of_bytes(&bytes),
+        bytes,
+    })
+}
+
+/// A container reached by a path.
+enum Node {
+    Map(MapRef),
+    Array(ArrayRef),
+    Text(TextRef),
+}
+
+fn node_of(out: Out) -> Option<Node> {
+    match out {
+        Out::YMap(m) => Some(Node::Map(m)),
+        Out::YArray(a) => Some(Node::Array(a)),
+        Out::YText(t) => Some(Node::Text(t)),
+        _ => None,
+    }
+}
+
+/// The root type named by the first segment, typed by what comes next.
+fn root_node(txn: &mut TransactionMut, path: &Path, next: RootKind) -> Result<Node, DocError> {
+    let Some(Segment::Key(name)) = path.segments().first() else {
+        return Err(DocError::Unsupported(
+            "a Yrs document's top level holds named shared types: start the path with a name".into(),
+        ));
+    };
+    let name = name.as_str();
+    Ok(match next {
+        RootKind::Map => Node::Map(txn.get_or_insert_map(name)),
+        RootKind::Array => Node::Array(txn.get_or_insert_array(name)),
+        RootKind::Text => Node::Text(txn.get_or_insert_text(name)),
+    })
+}
+
+#[derive(Clone, Copy)]
+enum RootKind {
+    Map,
+    Array,
+    Text,
+}
+
+fn kind_for(segment: Option<&Segment>, fallback: RootKind) -> RootKind {
+    match segment {
+        Some(Segment::Key(_)) => RootKind::Map,
+        Some(Segment::Index(_)) => RootKind::Array,
+        None => fallback,
+    }
+}
+
+/// Walks to the container at `segments[..depth]`; `leaf` types the root when depth is 1.
+fn resolve(
+    txn: &mut TransactionMut,
+    path: &Path,
+    depth: usize,
+    leaf: RootKind,
+) -> Result<Node, DocError> {
+    let segments = path.segments();
+    let mut node = root_node(txn, path, kind_for(segments.get(1), leaf))?;
+    for segment in &segments[1..depth] {
+        let child = match (&node, segment) {
+            (Node::Map(m), Segment::Key(k)) => m.get(txn, k),
+            (Node::Array(a), Segment::Index(i)) => {
+                let index = u32::try_from(*i).map_err(|_| DocError::NumberOutOfRange(i.to_string()))?;
+                a.get(txn, index)
+            }
+            _ => None,
+        };
+        node = child
+            .and_then(node_of)
+            .ok_or_else(|| DocError::PathNotFound(path.clone()))?;
+    }
+    Ok(node)
+}
+
+fn to_u32(value: usize) -> Result<u32, DocError> {
+    u32::try_from(value).map_err(|_| DocError::NumberOutOfRange(value.to_string()))
+}
+
+fn apply_op(txn: &mut TransactionMut, client: u64, op: &Op) -> Result<(), DocError> {
+    let path = op.path();
+    let depth = path.segments().len();
+    if depth == 0 {
+        return Err(DocError::Unsupported("an op at the root".into()));
+    }
+    match op {
+        Op::Put { value, .. } if depth == 1 => put_root(txn, path, value),
+        Op::Delete { .. } if depth == 1 => {
+            let Some(Segment::Key(name)) = path.segments().first() else {
+                return Err(DocError::PathNotFound(path.clone()));
+            };
+            if let Some(map) = txn.get_map(name.as_str()) {
+                map.clear(txn);
+            }
+            Ok(())
+        }
+        Op::Put { value, .. } => {
+            let parent = resolve(txn, path, depth - 1, RootKind::Map)?;
+            match (parent, &path.segments()[depth - 1]) {
+                (Node::Map(m), Segment::Key(k)) => {
+                    m.insert(txn, k.as_str(), json_to_in(value)?);
+                    Ok(())
+                }
+                (Node::Array(a), Segment::Index(i)) => {
+                    let index = to_u32(*i)?;
+                    check_len(a.len(txn), index, false, path)?;
+                    a.remove(txn, index);
+                    a.insert(txn, index, json_to_in(value)?);
+                    Ok(())
+                }
+                _ => Err(DocError::PathNotFound(path.clone())),
+            }
+        }
+        Op::Delete { .. } => {
+            let parent = resolve(txn, path, depth - 1, RootKind::Map)?;
+            match (parent, &path.segments()[depth - 1]) {
+                (Node::Map(m), Segment::Key(k)) => {
+                    m.remove(txn, k);
+                    Ok(())
+                }
+                (Node::Array(a), Segment::Index(i)) => {
+                    let index = to_u32(*i)?;
+                    check_len(a.len(txn), index, false, path)?;
+                    a.remove(txn, index);
+                    Ok(())
+                }
+                (Node::Text(_), _) => Err(DocError::WrongType {
+                    path: path.clone(),
+                    expected: "a map or a list",
+                }),
+                _ => Err(DocError::PathNotFound(path.clone())),
+            }
+        }
+        Op::Insert { index, value, .. } => match resolve(txn, path, depth, RootKind::Array)? {
+            Node::Array(a) => {
+                let index = to_u32(*index)?;
+                check_len(a.len(txn), index, true, path)?;
+                a.insert(txn, index, json_to_in(value)?);
+                Ok(())
+            }
+            _ => Err(DocError::WrongType {
+                path: path.clone(),
+                expected: "a list",
+            }),
+        },
+        Op::Increment { by, .. } => {
+            let counter = if depth == 1 {
+                match resolve(txn, path, 1, RootKind::Map)? {
+                    Node::Map(m) => m,
+                    _ => unreachable_kind(path)?,
+                }
+            } else {
+                let Node::Map(parent) = resolve(txn, path, depth - 1, RootKind::Map)? else {
+                    return Err(DocError::WrongType {
+                        path: path.clone(),
+                        expected: "inside a map",
+                    });
+                };
+                let Segment::Key(key) = &path.segments()[depth - 1] else {
+                    return Err(DocError::PathNotFound(path.clone()));
+                };
+                match parent.get(txn, key) {
+                    Some(Out::YMap(m)) => m,
+                    None => parent.insert(txn, key.as_str(), MapPrelim::default()),
+                    Some(_) => {
+                        return Err(DocError::WrongType {
+                            path: path.clone(),
+                            expected: "a counter",
+                        })
+                    }
+                }
+            };
+            if counter.len(txn) > 0 && counter.get(txn, COUNTER_MARKER).is_none() {
+                return Err(DocError::WrongType {
+                    path: path.clone(),
+                    expected: "a counter",
+                });
+            }
+            counter.insert(txn, COUNTER_MARKER, true);
+            let key = client.to_string();
+            let current = match counter.get(txn, &key) {
+                Some(Out::Any(any)) => any_to_i64(&any).unwrap_or(0),
+                _ => 0,
+            };
+            let total = current
+                .checked_add(*by)
+                .ok_or_else(|| DocError::NumberOutOfRange(format!("{current} + {by}")))?;
+            counter.insert(txn, key, Any::Number(Number::Int(total)));
+            Ok(())
+        }
+        Op::Splice {
+            index,
+            delete,
+            insert,
+            ..
+        } => {
+            let text = if depth == 1 {
+                match resolve(txn, path, 1, RootKind::Text)? {
+                    Node::Text(t) => t,
+                    _ => unreachable_kind(path)?,
+                }
+            } else {
+                let Node::Map(parent) = resolve(txn, path, depth - 1, RootKind::Map)? else {
+                    return Err(DocError::WrongType {
+                        path: path.clone(),
+                        expected: "inside a map",
+                    });
+                };
+                let Segment::Key(key) = &path.segments()[depth - 1] else {
+                    return Err(DocError::PathNotFound(path.clone()));
+                };
+                match parent.get(txn, key) {
+                    Some(Out::YText(t)) => t,
+                    None => parent.insert(txn, key.as_str(), yrs::TextPrelim::new("")),
+                    Some(_) => {
+                        return Err(DocError::WrongType {
+                            path: path.clone(),
+                            expected: "text",
+                        })
+                    }
+                }
+            };
+            let index = to_u32(*index)?;
+            let delete = to_u32(*delete)?;
+            let len = text.len(txn);
+            if index > len || index.saturating_add(delete) > len {
+                return Err(DocError::OutOfBounds {
+                    path: path.clone(),
+                    index: index.saturating_add(delete) as usize,
+                    len: len as usize,
+                });
+            }
+            if delete > 0 {
+                text.remove_range(txn, index, delete);
+            }
+            if !insert.is_empty() {
+                text.insert(txn, index, insert);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A put at the top level sets a whole root type: an object becomes the root map's entries, an
+/// array the root array's items. Scalars cannot stand at a Yrs document's top level.
+fn put_root(txn: &mut TransactionMut, path: &Path, value: &serde_json::Value) -> Result<(), DocError> {
+    let Some(Segment::Key(name)) = path.segments().first() else {
+        return Err(DocError::PathNotFound(path.clone()));
+    };
+    match value {
+        serde_json::Value::Object(entries) => {
+            let map = txn.get_or_insert_map(name.as_str());
+            let stale: Vec<String> = map
+                .keys(txn)
+                .filter(|k| !entries.contains_key(*k))
+                .map(str::to_owned)
+                .collect();
+            for key in stale {
+                map.remove(txn, &key);
+            }
+            for (key, v) in entries {
+                map.insert(txn, key.as_str(), json_to_in(v)?);
+            }
+            Ok(())
+        }
+        serde_json::Value::Array(items) => {
+            let array = txn.get_or_insert_array(name.as_str());
+            let len = array.len(txn);
+            if len > 0 {
+                array.remove_range(txn, 0, len);
+            }
+            for (i, v) in items.iter().enumerate() {
+                array.insert(txn, to_u32(i)?, json_to_in(v)?);
+            }
+            Ok(())
+        }
+        _ => Err(DocError::Unsupported(
+            "a Yrs document's top level holds shared types: put an object or an array there".into(),
+        )),
+    }
+}
+
+fn unreachable_kind<T>(path: &Path) -> Result<T, DocError> {
+    Err(DocError::PathNotFound(path.clone()))
+}
+
+fn check_len(len: u32, index: u32, inserting: bool, path: &Path) -> Result<(), DocError> {
+    let ok = if inserting { index <= len } else { index < len };
+    if ok {
+        Ok(())
+    } else {
+        Err(DocError::OutOfBounds {
+            path: path.clone(),
+            index: index as usize,
+            len: len as usize,
+        })
+    }
+}
+
+fn json_to_in(value: &serde_json::Value) -> Result<In, DocError> {
+    use serde_json::Value as J;
+    Ok(match value {
+        J::Object(map) => {
+            let mut entries = Vec::with_capacity(map.len());
+            for (k, v) in map {
+                entries.push((k.as_str(), json_to_in(v)?));
+            }
+            In::Map(entries.into_iter().collect::<MapPrelim>())
+        }
+        J::Array(items) => {
+            let mut values = Vec::with_capacity(items.len());
+            for v in items {
+                values.push(json_to_in(v)?);
+            }
+            In::Array(values.into_iter().collect::<ArrayPrelim>())
+        }
+        J::Null => In::Any(Any::Null),
+        J::Bool(b) => In::Any(Any::Bool(*b)),
+        J::String(s) => In::Any(Any::from(s.as_str())),
+        J::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                In::Any(Any::Number(Number::Int(i)))
+            } else if let Some(f) = n.as_f64() {
+                In::Any(Any::Number(Number::Float(f)))
+            } else {
+                return Err(DocError::NumberOutOfRange(n.to_string()));
+            }
+        }
+    })
+}
+
+fn any_to_i64(any: &Any) -> Option<i64> {
+    match any {
+        Any::Number(n) => n.as_i64(),
+        _ => None,
+    }
+}
+
+/// Converts a Yrs value to JSON; integral numbers print as integers.
+pub(crate) fn any_to_json(any: &Any) -> serde_json::Value {
+    use serde_json::Value as J;
+    match any {
+        Any::Null | Any::Undefined => J::Null,
+        Any::Bool(b) => J::Bool(*b),
+        Any::Number(n) => match n.as_i64() {
+            Some(i) => J::from(i),
+            None => n
+                .as_f64()
+                .and_then(serde_json::Number::from_f64)
+                .map_or(J::Null, J::Number),
+        },
+        Any::String(s) => J::String(s.to_string()),
+        Any::Buffer(b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
+        Any::Array(items) => J::Array(items.iter().map(any_to_json).collect()),
+        Any::Map(map) => J::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), any_to_json(v)))
+                .collect::<BTreeMap<_, _>>()
+                .into_iter()
+                .collect(),
+        ),
+    }
+}
+
+fn out_to_json<T: ReadTxn>(txn: &T, out: &Out) -> serde_json::Value {
+    use serde_json::Value as J;
+    match out {
+        Out::Any(any) => any_to_json(any),
+        Out::YText(t) => J::String(t.get_string(txn)),
+        Out::YArray(a) => J::Array(a.iter(txn).map(|v| out_to_json(txn, &v)).collect()),
+        Out::YMap(m) => map_to_json(txn, m),
+        Out::UndefinedRef(branch) => match yrs::types::AsPrelim::as_prelim(out, txn) {
+            In::Map(_) => map_to_json(txn, &MapRef::from(*branch)),
+            In::Array(_) => out_to_json(txn, &Out::YArray(ArrayRef::from(*branch))),
+            In::Text(_) => J::String(TextRef::from(*branch).get_string(txn)),
+            _ => any_to_json(&out.to_json(txn)),
+        },
+        other => any_to_json(&other.to_json(txn)),
+    }
+}
+
+fn map_to_json<T: ReadTxn>(txn: &T, map: &MapRef) -> serde_json::Value {
+    if map.get(txn, COUNTER_MARKER).is_some() {
+        let sum: i64 = map
+            .iter(txn)
+            .filter(|(k, _)| *k != COUNTER_MARKER)
+            .filter_map(|(_, v)| match v {
+                Out::Any(any) => any_to_i64(&any),
+                _ => None,
+            })
+            .fold(0i64, |a, b| a.saturating_add(b));
+        return serde_json::Value::from(sum);
+    }
+    let sorted: BTreeMap<String, serde_json::Value> = map
+        .iter(txn)
+        .map(|(k, v)| (k.to_string(), out_to_json(txn, &v)))
+        .collect();
+    serde_json::Value::Object(sorted.into_iter().collect())
+}

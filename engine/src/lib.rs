@@ -1,0 +1,23 @@
+//! Accord's engine: the library every replica embeds.
+//!
+//! It is sans-IO: it takes bytes and time in and gives bytes and events out. It knows nothing of
+//! sockets, threads, the wall clock or unseeded randomness, so the server, native apps, the
+//! browser (WASM) and deterministic tests all drive the same code.
+//!
+//! - [`doc`]: one document API over Automerge and Yrs.
+//! - [`protocol`]: the versioned wire protocol, its frames and the size-limited decoder.
+//! - [`sync`]: per-peer, per-document sync state for both CRDT kinds.
+//! - [`storage`]: the storage trait, an in-memory store and (not on wasm32) SQLite.
+//! - [`replica`]: a replica holding many documents, with its outbox, driven sans-IO.
+
+#![deny(missing_docs)]
+
+pub mod doc;
+pub mod ids;
+pub mod protocol;
+pub mod replica;
+pub mod storage;
+pub mod sync;
+
+pub use doc::{Change, ChangeId, DocError, DocKind, Document, Op, Path, Segment, Version};
+pub use ids::{ConnectionId, DocumentId, PeerId, ReplicaId};

@@ -1,0 +1,140 @@
+//! Where a replica keeps its documents and its outbox.
+//!
+//! [`Storage`] is a trait so every replica picks its own: [`MemoryStorage`] for tests and
+//! ephemeral replicas, [`SqliteStorage`] (not on wasm32) for native replicas and the server.
+//! A [`Batch`] of writes is applied atomically: after a crash either all of it is there or none.
+//! A document is stored as an optional compacted snapshot plus the changes appended since;
+//! [`Write::Snapshot`] replaces both with one snapshot (compaction).
+
+mod memory;
+#[cfg(all(feature = "sqlite", not(target_arch = "wasm32")))]
+mod sqlite;
+
+pub use memory::MemoryStorage;
+#[cfg(all(feature = "sqlite", not(target_arch = "wasm32")))]
+pub use sqlite::SqliteStorage;
+
+use crate::doc::{ChangeId, DocKind};
+use crate::ids::{DocumentId, ReplicaId};
+
+/// What can go wrong in storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Stored data that does not read back (a corrupt or truncated row).
+    #[error("corrupt storage: {0}")]
+    Corrupt(String),
+    /// The backend failed.
+    #[error("storage backend: {0}")]
+    Backend(String),
+}
+
+#[cfg(all(feature = "sqlite", not(target_arch = "wasm32")))]
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        StorageError::Backend(e.to_string())
+    }
+}
+
+/// A document as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDocument {
+    /// Its kind.
+    pub kind: DocKind,
+    /// The last compaction, if any.
+    pub snapshot: Option<Vec<u8>>,
+    /// The changes appended since, in order.
+    pub changes: Vec<Vec<u8>>,
+    /// The highest commit sequence number this replica has learned for it.
+    pub last_seq: u64,
+}
+
+/// A local change not yet confirmed by the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// The document.
+    pub document: DocumentId,
+    /// The change's id.
+    pub change: ChangeId,
+    /// The change's bytes, to resend.
+    pub bytes: Vec<u8>,
+}
+
+/// One write of a [`Batch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Remember the replica's own id.
+    SetReplicaId(ReplicaId),
+    /// A new document.
+    CreateDocument {
+        /// Its id.
+        document: DocumentId,
+        /// Its kind.
+        kind: DocKind,
+    },
+    /// Append a change to a document.
+    AppendChange {
+        /// The document.
+        document: DocumentId,
+        /// The change's bytes.
+        bytes: Vec<u8>,
+    },
+    /// Replace a document's snapshot and appended changes with one snapshot.
+    Snapshot {
+        /// The document.
+        document: DocumentId,
+        /// Everything, compacted.
+        bytes: Vec<u8>,
+    },
+    /// Record the highest commit sequence number learned for a document.
+    SetLastSeq {
+        /// The document.
+        document: DocumentId,
+        /// The number.
+        seq: u64,
+    },
+    /// Add a change to the outbox.
+    PushOutbox(OutboxEntry),
+    /// Remove a confirmed (or rejected) change from the outbox.
+    RemoveOutbox {
+        /// The document.
+        document: DocumentId,
+        /// The change.
+        change: ChangeId,
+    },
+}
+
+/// Writes applied together or not at all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// The writes, in order.
+    pub writes: Vec<Write>,
+}
+
+impl Batch {
+    /// Adds a write.
+    pub fn push(&mut self, write: Write) {
+        self.writes.push(write);
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+/// A replica's durable store.
+pub trait Storage {
+    /// The replica's id, if one was stored.
+    fn replica_id(&mut self) -> Result<Option<ReplicaId>, StorageError>;
+    /// Every stored document with its kind.
+    fn documents(&mut self) -> Result<Vec<(DocumentId, DocKind)>, StorageError>;
+    /// One document, if stored.
+    fn load_document(&mut self, document: DocumentId) -> Result<Option<StoredDocument>, StorageError>;
+    /// The outbox, oldest first.
+    fn outbox(&mut self) -> Result<Vec<OutboxEntry>, StorageError>;
+    /// Applies `batch` atomically and durably.
+    fn write(&mut self, batch: &Batch) -> Result<(), StorageError>;
+}
+
+#[cfg(test)]
+mod tests;

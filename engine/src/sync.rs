@@ -1,0 +1,183 @@
+//! Sync state for one document with one peer, for both CRDT kinds.
+//!
+//! - Automerge: the Automerge sync protocol with one `automerge::sync::State` per peer and
+//!   document. [`DocSync::poll`] generates the next message (or nothing when the peer is up to
+//!   date or a message is in flight); [`DocSync::receive`] applies one.
+//! - Yrs: each side sends its state vector (`YrsStep1`); each answers a step 1 with the update the
+//!   other lacks (`YrsStep2`); after that, new changes are queued with [`DocSync::queue_update`]
+//!   and sent as `YrsUpdate`. Towards a server ([`SyncRole::Upstream`]) a step 1 is not answered
+//!   with a merged step 2 but by the replica resending each unconfirmed change on its own, so the
+//!   server can acknowledge each one by its id.
+//!
+//! ```
+//! use accord_engine::sync::{DocSync, SyncRole};
+//! use accord_engine::{DocKind, Document, DocumentId, Op, Path, ReplicaId};
+//! let id = DocumentId::from_bytes([1; 16]);
+//! let mut a = Document::new(DocKind::Automerge, ReplicaId::from_bytes([1; 16]), id);
+//! let mut b = Document::new(DocKind::Automerge, ReplicaId::from_bytes([2; 16]), id);
+//! a.apply_ops(&[Op::Put { path: Path::keys(["x"]), value: 1.into() }]).unwrap();
+//! let (mut a_to_b, mut b_to_a) = (DocSync::new(DocKind::Automerge, SyncRole::Peer),
+//!                                 DocSync::new(DocKind::Automerge, SyncRole::Peer));
+//! loop {
+//!     let from_a = a_to_b.poll(&mut a);
+//!     let from_b = b_to_a.poll(&mut b);
+//!     if from_a.is_empty() && from_b.is_empty() { break; }
+//!     for m in from_a { b_to_a.receive(&mut b, m).unwrap(); }
+//!     for m in from_b { a_to_b.receive(&mut a, m).unwrap(); }
+//! }
+//! assert_eq!(a.to_json(), b.to_json());
+//! ```
+
+use std::collections::VecDeque;
+
+use crate::doc::{Change, DocError, DocKind, Document};
+use crate::protocol::SyncPayload;
+
+/// How a replica syncs a document with a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncRole {
+    /// Another replica: symmetric, full sync both ways.
+    Peer,
+    /// The server, which commits and acknowledges each change by id.
+    Upstream,
+    /// A client, seen from the server.
+    Downstream,
+}
+
+/// Sync state of one document with one peer.
+pub struct DocSync {
+    role: SyncRole,
+    state: KindState,
+}
+
+enum KindState {
+    Automerge(Box<automerge::sync::State>),
+    Yrs(YrsState),
+}
+
+#[derive(Default)]
+struct YrsState {
+    sent_step1: bool,
+    /// Their state vector, when a step 2 is due in answer to their step 1.
+    step2_due: Option<Vec<u8>>,
+    /// Whether they have told us their state (so new changes are worth forwarding).
+    live: bool,
+    queued: VecDeque<Vec<u8>>,
+}
+
+/// What receiving a payload did.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// The changes that were new to this replica.
+    pub changes: Vec<Change>,
+    /// Whether the peer asked for what it lacks (a Yrs step 1) and, in the upstream role, the
+    /// replica must now resend its unconfirmed changes.
+    pub resend_unconfirmed: bool,
+}
+
+impl DocSync {
+    /// Fresh state for a document of `kind` with a peer in `role`.
+    pub fn new(kind: DocKind, role: SyncRole) -> Self {
+        let state = match kind {
+            DocKind::Automerge => KindState::Automerge(Box::default()),
+            DocKind::Yrs => KindState::Yrs(YrsState::default()),
+        };
+        Self { role, state }
+    }
+
+    /// The role of the peer.
+    pub fn role(&self) -> SyncRole {
+        self.role
+    }
+
+    /// Whether the peer can usefully be sent live updates yet (always for Automerge).
+    pub fn is_live(&self) -> bool {
+        match &self.state {
+            KindState::Automerge(_) => true,
+            KindState::Yrs(y) => y.live,
+        }
+    }
+
+    /// The payloads due now. Call after connecting, after every local change and after every
+    /// receive, until it returns nothing.
+    pub fn poll(&mut self, doc: &mut Document) -> Vec<SyncPayload> {
+        let mut out = Vec::new();
+        match (&mut self.state, doc) {
+            (KindState::Automerge(state), Document::Automerge(d)) => {
+                if let Some(message) = d.generate_sync_message(state) {
+                    out.push(SyncPayload::Automerge(message));
+                }
+            }
+            (KindState::Yrs(state), Document::Yrs(d)) => {
+                if !state.sent_step1 {
+                    state.sent_step1 = true;
+                    out.push(SyncPayload::YrsStep1(d.state_vector()));
+                }
+                if let Some(their_sv) = state.step2_due.take() {
+                    // A state vector that was valid on receipt stays valid.
+                    if let Ok(update) = d.changes_after(&their_sv) {
+                        out.push(SyncPayload::YrsStep2(update));
+                    }
+                }
+                out.extend(state.queued.drain(..).map(SyncPayload::YrsUpdate));
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// Queues a Yrs change for the peer (ignored for Automerge, whose sync protocol finds new
+    /// changes by itself, and before the peer has said what it has).
+    pub fn queue_update(&mut self, bytes: &[u8]) {
+        if let KindState::Yrs(state) = &mut self.state {
+            if state.live {
+                state.queued.push_back(bytes.to_vec());
+            }
+        }
+    }
+
+    /// Queues a Yrs change even before the handshake (used to resend unconfirmed changes).
+    pub fn queue_update_now(&mut self, bytes: &[u8]) {
+        if let KindState::Yrs(state) = &mut self.state {
+            state.queued.push_back(bytes.to_vec());
+        }
+    }
+
+    /// Number of Yrs updates waiting to be sent.
+    pub fn queued_updates(&self) -> usize {
+        match &self.state {
+            KindState::Yrs(y) => y.queued.len(),
+            KindState::Automerge(_) => 0,
+        }
+    }
+
+    /// Applies a payload from the peer to `doc`.
+    pub fn receive(&mut self, doc: &mut Document, payload: SyncPayload) -> Result<Received, DocError> {
+        let mut received = Received::default();
+        match (&mut self.state, doc, payload) {
+            (KindState::Automerge(state), Document::Automerge(d), SyncPayload::Automerge(bytes)) => {
+                received.changes = d.receive_sync_message(state, &bytes)?;
+            }
+            (KindState::Yrs(state), Document::Yrs(d), SyncPayload::YrsStep1(sv)) => {
+                // Check it now so a bad state vector is this message's error, not a silent skip.
+                d.changes_after(&sv)?;
+                state.live = true;
+                if self.role == SyncRole::Upstream {
+                    received.resend_unconfirmed = true;
+                } else {
+                    state.step2_due = Some(sv);
+                }
+            }
+            (KindState::Yrs(_), Document::Yrs(d), SyncPayload::YrsStep2(bytes) | SyncPayload::YrsUpdate(bytes)) => {
+                received.changes = d.apply_changes(&bytes)?;
+            }
+            (_, doc, payload) => {
+                return Err(DocError::KindMismatch {
+                    expected: doc.kind(),
+                    got: payload.kind(),
+                })
+            }
+        }
+        Ok(received)
+    }
+}
