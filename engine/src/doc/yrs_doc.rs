@@ -330,13 +330,21 @@ fn apply_op(txn: &mut TransactionMut, client: u64, op: &Op) -> Result<(), DocErr
                     }
                 }
             };
-            if counter.len(txn) > 0 && counter.get(txn, COUNTER_MARKER).is_none() {
+            // A counter holds the marker and one number per writer. The marker can be missing
+            // for a while (its item still in flight while its deletion arrived), so a map
+            // holding only numbers counts as a counter too.
+            let is_counter = counter
+                .iter(txn)
+                .all(|(k, v)| k == COUNTER_MARKER || matches!(v, Out::Any(Any::Number(_))));
+            if !is_counter {
                 return Err(DocError::WrongType {
                     path: path.clone(),
                     expected: "a counter",
                 });
             }
-            counter.insert(txn, COUNTER_MARKER, true);
+            if counter.get(txn, COUNTER_MARKER).is_none() {
+                counter.insert(txn, COUNTER_MARKER, true);
+            }
             let key = client.to_string();
             let current = match counter.get(txn, &key) {
                 Some(Out::Any(any)) => any_to_i64(&any).unwrap_or(0),
