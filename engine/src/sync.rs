@@ -168,8 +168,12 @@ impl DocSync {
                     state.step2_due = Some(sv);
                 }
             }
-            (KindState::Yrs(_), Document::Yrs(d), SyncPayload::YrsStep2(bytes) | SyncPayload::YrsUpdate(bytes)) => {
+            (KindState::Yrs(state), Document::Yrs(d), SyncPayload::YrsStep2(bytes) | SyncPayload::YrsUpdate(bytes)) => {
                 received.changes = d.apply_changes(&bytes)?;
+                if d.take_incomplete() {
+                    // Something before it was lost: ask for everything after our state again.
+                    state.sent_step1 = false;
+                }
             }
             (_, doc, payload) => {
                 return Err(DocError::KindMismatch {

@@ -104,6 +104,16 @@ fn chaos_run(kind: DocKind, seed: u64, steps: usize) -> Result<(), TestCaseError
     net.connect_all();
     net.settle();
     let states = net.states(doc);
+    if std::env::var("DEBUG_SIM").is_ok() && !states.windows(2).all(|w| w[0] == w[1]) {
+        for r in net.replicas.iter_mut() {
+            if let Ok(accord_engine::Document::Yrs(y)) = r.document(doc) {
+                use yrs::{ReadTxn, Transact};
+                let txn = y.native().transact();
+                eprintln!("sv {:?} missing {} ", txn.state_vector(), txn.has_missing_updates());
+            }
+        }
+        eprintln!("{states:#?}");
+    }
     prop_assert!(
         states.windows(2).all(|w| w[0] == w[1]),
         "{} seed {}: replicas differ: {:#?}",
@@ -132,5 +142,17 @@ proptest! {
     #[test]
     fn yrs_replicas_converge_under_chaos(seed in any::<u64>(), steps in 20usize..160) {
         chaos_run(DocKind::Yrs, seed, steps)?;
+    }
+}
+
+#[test]
+#[ignore]
+fn replay_yrs_seed() {
+    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(15158866221166429634);
+    let steps: usize = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(80);
+    for steps in (20..=steps).rev() {
+        if chaos_run(DocKind::Yrs, seed, steps).is_err() {
+            eprintln!("fails at steps={steps}");
+        }
     }
 }

@@ -18,6 +18,9 @@ const TEXT_ENCODING: TextEncoding = TextEncoding::Utf16CodeUnit;
 /// An Automerge document with the replica's actor id.
 pub struct AutomergeDoc {
     doc: AutoCommit,
+    /// Whether texts may hold characters outside the BMP, so splice positions must be checked
+    /// against surrogate pairs (a scan of the text, skipped while it is known to be BMP-only).
+    astral: bool,
 }
 
 impl AutomergeDoc {
@@ -25,7 +28,7 @@ impl AutomergeDoc {
     pub fn new(replica: ReplicaId) -> Self {
         let doc = AutoCommit::new_with_encoding(TEXT_ENCODING)
             .with_actor(automerge::ActorId::from(replica.as_bytes().as_slice()));
-        Self { doc }
+        Self { doc, astral: false }
     }
 
     /// Loads a saved document (snapshot and/or changes concatenated).
@@ -34,12 +37,13 @@ impl AutomergeDoc {
         let doc = AutoCommit::load_with_options(bytes, options)
             .map_err(|e| DocError::malformed("automerge document", e))?
             .with_actor(automerge::ActorId::from(replica.as_bytes().as_slice()));
-        Ok(Self { doc })
+        Ok(Self { doc, astral: true })
     }
 
     /// Direct access to the Automerge document, for apps that need all of it. Changes made here
     /// are picked up by [`crate::Replica::change_native`] when it commits.
     pub fn native(&mut self) -> &mut AutoCommit {
+        self.astral = true;
         &mut self.doc
     }
 
@@ -51,7 +55,10 @@ impl AutomergeDoc {
     /// Applies ops in one change. Returns `None` when they changed nothing.
     pub fn apply_ops(&mut self, ops: &[Op]) -> Result<Option<Change>, DocError> {
         for op in ops {
-            if let Err(e) = apply_op(&mut self.doc, op) {
+            if let Op::Splice { insert, .. } = op {
+                self.astral |= super::ops::has_astral(insert);
+            }
+            if let Err(e) = apply_op(&mut self.doc, op, self.astral) {
                 self.doc.rollback();
                 return Err(e);
             }
@@ -72,6 +79,7 @@ impl AutomergeDoc {
     /// Applies changes (or a saved document) from elsewhere; returns the changes that were new.
     pub fn apply_changes(&mut self, bytes: &[u8]) -> Result<Vec<Change>, DocError> {
         let before = self.doc.get_heads();
+        self.astral = true;
         self.doc
             .load_incremental(bytes)
             .map_err(|e| DocError::malformed("automerge change", e))?;
@@ -126,6 +134,7 @@ impl AutomergeDoc {
         let message = automerge::sync::Message::decode(bytes)
             .map_err(|e| DocError::malformed("automerge sync message", e))?;
         let before = self.doc.get_heads();
+        self.astral = true;
         self.doc
             .sync()
             .receive_sync_message(state, message)
@@ -174,7 +183,7 @@ fn resolve(doc: &AutoCommit, segments: &[Segment], full: &Path) -> Result<ObjId,
     Ok(obj)
 }
 
-fn apply_op(doc: &mut AutoCommit, op: &Op) -> Result<(), DocError> {
+fn apply_op(doc: &mut AutoCommit, op: &Op, check_characters: bool) -> Result<(), DocError> {
     match op {
         Op::Put { path, value } => {
             let (parent, last) = path
@@ -253,6 +262,17 @@ fn apply_op(doc: &mut AutoCommit, op: &Op) -> Result<(), DocError> {
                     index: index + delete,
                     len,
                 });
+            }
+            if check_characters {
+                let current = doc.text(&text)?;
+                for at in [*index, index + delete] {
+                    if super::ops::splits_character(&current, at) {
+                        return Err(DocError::SplitsCharacter {
+                            path: path.clone(),
+                            index: at,
+                        });
+                    }
+                }
             }
             let delete = isize::try_from(*delete)
                 .map_err(|_| DocError::NumberOutOfRange(delete.to_string()))?;

@@ -26,6 +26,14 @@ pub enum DocError {
         /// The list's length.
         len: usize,
     },
+    /// A text position inside a character (between the halves of a UTF-16 surrogate pair).
+    #[error("index {index} at {path} splits a character")]
+    SplitsCharacter {
+        /// The text.
+        path: Path,
+        /// The position.
+        index: usize,
+    },
     /// The op cannot be expressed in this kind of document.
     #[error("unsupported: {0}")]
     Unsupported(String),

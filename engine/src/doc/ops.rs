@@ -152,9 +152,38 @@ impl Op {
     }
 }
 
+/// Whether UTF-16 position `index` of `text` falls between the two halves of a surrogate pair
+/// (inside one character). Splitting there would corrupt the text, so splices refuse it.
+pub(crate) fn splits_character(text: &str, index: usize) -> bool {
+    let mut at = 0;
+    for c in text.chars() {
+        if at >= index {
+            return false;
+        }
+        at += c.len_utf16();
+        if at > index {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether a string holds characters outside the Basic Multilingual Plane.
+pub(crate) fn has_astral(text: &str) -> bool {
+    text.chars().any(|c| c.len_utf16() == 2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn surrogate_pairs_are_not_split() {
+        assert!(splits_character("a🙂b", 2));
+        assert!(!splits_character("a🙂b", 1));
+        assert!(!splits_character("a🙂b", 3));
+        assert!(!splits_character("a🙂b", 4));
+    }
 
     #[test]
     fn ops_round_trip_through_json() {

@@ -28,6 +28,11 @@ pub const COUNTER_MARKER: &str = "$counter";
 /// A Yrs document with a client id derived from the replica and the document.
 pub struct YrsDoc {
     doc: Doc,
+    /// Whether texts may hold characters outside the BMP (see `AutomergeDoc`).
+    astral: bool,
+    /// Whether an update was dropped for lack of its dependencies since the last
+    /// [`YrsDoc::take_incomplete`]: the sender should be asked again from our state vector.
+    incomplete: bool,
 }
 
 /// The Yrs client id for a replica editing a document: stable across restarts (the replica
@@ -53,6 +58,8 @@ impl YrsDoc {
         };
         Self {
             doc: Doc::with_options(options),
+            astral: false,
+            incomplete: false,
         }
     }
 
@@ -75,7 +82,10 @@ impl YrsDoc {
         let mut txn = self.doc.transact_mut();
         let mut result = Ok(());
         for op in ops {
-            if let Err(e) = apply_op(&mut txn, client, op) {
+            if let Op::Splice { insert, .. } = op {
+                self.astral |= super::ops::has_astral(insert);
+            }
+            if let Err(e) = apply_op(&mut txn, client, op, self.astral) {
                 result = Err(e);
                 break;
             }
@@ -85,6 +95,7 @@ impl YrsDoc {
 
     /// Runs `f` on a native transaction and returns what it changed as one change.
     pub fn change_native<R>(&mut self, f: impl FnOnce(&mut TransactionMut) -> R) -> (Option<Change>, R) {
+        self.astral = true;
         let mut txn = self.doc.transact_mut();
         let result = f(&mut txn);
         (local_change(&txn), result)
@@ -94,9 +105,17 @@ impl YrsDoc {
     /// the hash of the update as received (so its sender can recognise it).
     pub fn apply_changes(&mut self, bytes: &[u8]) -> Result<Vec<Change>, DocError> {
         let update = Update::decode_v1(bytes).map_err(|e| DocError::malformed("yrs update", e))?;
+        self.astral = true;
         let mut txn = self.doc.transact_mut();
         txn.apply_update(update)
             .map_err(|e| DocError::malformed("yrs update", e))?;
+        // An update whose dependencies have not arrived would wait in Yrs's pending set. Drop it
+        // instead and ask again from our state vector (as y-protocols does): what the state
+        // vector says we have is then always exactly what we have.
+        if txn.has_missing_updates() {
+            txn.prune_pending();
+            self.incomplete = true;
+        }
         if !changed(&txn) {
             return Ok(Vec::new());
         }
@@ -104,6 +123,11 @@ impl YrsDoc {
             id: ChangeId::of_bytes(bytes),
             bytes: txn.encode_update_v1(),
         }])
+    }
+
+    /// Whether an update was dropped for missing dependencies since the last call (and resets it).
+    pub fn take_incomplete(&mut self) -> bool {
+        std::mem::take(&mut self.incomplete)
     }
 
     /// The state vector (what this replica has seen of each client), V1-encoded.
@@ -237,7 +261,7 @@ fn to_u32(value: usize) -> Result<u32, DocError> {
     u32::try_from(value).map_err(|_| DocError::NumberOutOfRange(value.to_string()))
 }
 
-fn apply_op(txn: &mut TransactionMut, client: u64, op: &Op) -> Result<(), DocError> {
+fn apply_op(txn: &mut TransactionMut, client: u64, op: &Op, check_characters: bool) -> Result<(), DocError> {
     let path = op.path();
     let depth = path.segments().len();
     if depth == 0 {
@@ -397,6 +421,17 @@ fn apply_op(txn: &mut TransactionMut, client: u64, op: &Op) -> Result<(), DocErr
                     index: index.saturating_add(delete) as usize,
                     len: len as usize,
                 });
+            }
+            if check_characters {
+                let current = text.get_string(txn);
+                for at in [index, index.saturating_add(delete)] {
+                    if super::ops::splits_character(&current, at as usize) {
+                        return Err(DocError::SplitsCharacter {
+                            path: path.clone(),
+                            index: at as usize,
+                        });
+                    }
+                }
             }
             if delete > 0 {
                 text.remove_range(txn, index, delete);
