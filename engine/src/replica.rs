@@ -211,7 +211,11 @@ pub struct Replica<S: Storage> {
 impl<S: Storage> Replica<S> {
     /// Opens a replica on `storage`. Its id is the stored one, or `new_id` (fresh randomness from
     /// the caller) for a new store, which is then stored.
-    pub fn open(mut storage: S, new_id: ReplicaId, config: ReplicaConfig) -> Result<Self, ReplicaError> {
+    pub fn open(
+        mut storage: S,
+        new_id: ReplicaId,
+        config: ReplicaConfig,
+    ) -> Result<Self, ReplicaError> {
         let id = match storage.replica_id()? {
             Some(id) => id,
             None => {
@@ -265,7 +269,11 @@ impl<S: Storage> Replica<S> {
         self.create_unchecked(document, kind)
     }
 
-    fn create_unchecked(&mut self, document: DocumentId, kind: DocKind) -> Result<(), ReplicaError> {
+    fn create_unchecked(
+        &mut self,
+        document: DocumentId,
+        kind: DocKind,
+    ) -> Result<(), ReplicaError> {
         if self.kinds.len() >= self.config.max_documents {
             return Err(ReplicaError::TooManyDocuments(self.config.max_documents));
         }
@@ -325,7 +333,11 @@ impl<S: Storage> Replica<S> {
 
     /// Edits a document through the JSON API, as one change. Returns its id, or `None` when the
     /// ops changed nothing.
-    pub fn change(&mut self, document: DocumentId, ops: &[Op]) -> Result<Option<ChangeId>, ReplicaError> {
+    pub fn change(
+        &mut self,
+        document: DocumentId,
+        ops: &[Op],
+    ) -> Result<Option<ChangeId>, ReplicaError> {
         self.check_outbox_room()?;
         let result = self.entry(document)?.doc.apply_ops(ops);
         match result {
@@ -388,7 +400,11 @@ impl<S: Storage> Replica<S> {
     }
 
     /// Persists a local change with its outbox entry, then offers it to every peer.
-    fn record_local(&mut self, document: DocumentId, change: Change) -> Result<ChangeId, ReplicaError> {
+    fn record_local(
+        &mut self,
+        document: DocumentId,
+        change: Change,
+    ) -> Result<ChangeId, ReplicaError> {
         let entry = OutboxEntry {
             document,
             change: change.id,
@@ -406,17 +422,24 @@ impl<S: Storage> Replica<S> {
             document,
             origin: Origin::Local,
         });
-        self.offer(document, &[change.clone()], None)?;
+        self.offer(document, std::slice::from_ref(&change), None)?;
         Ok(change.id)
     }
 
     /// Writes a batch that appended `appended` changes to `document`, compacting when due. On
     /// failure the in-memory document is dropped so memory never runs ahead of storage.
-    fn persist(&mut self, document: DocumentId, mut batch: Batch, appended: usize) -> Result<(), ReplicaError> {
+    fn persist(
+        &mut self,
+        document: DocumentId,
+        mut batch: Batch,
+        appended: usize,
+    ) -> Result<(), ReplicaError> {
         let compact_every = self.config.compact_every;
         if let Some(entry) = self.docs.get_mut(&document) {
             if entry.appended_since_snapshot + appended >= compact_every {
-                batch.writes.retain(|w| !matches!(w, Write::AppendChange { .. }));
+                batch
+                    .writes
+                    .retain(|w| !matches!(w, Write::AppendChange { .. }));
                 batch.push(Write::Snapshot {
                     document,
                     bytes: entry.doc.save(),
@@ -426,7 +449,10 @@ impl<S: Storage> Replica<S> {
         match self.storage.write(&batch) {
             Ok(()) => {
                 if let Some(entry) = self.docs.get_mut(&document) {
-                    let compacted = batch.writes.iter().any(|w| matches!(w, Write::Snapshot { .. }));
+                    let compacted = batch
+                        .writes
+                        .iter()
+                        .any(|w| matches!(w, Write::Snapshot { .. }));
                     entry.appended_since_snapshot = if compacted {
                         0
                     } else {
@@ -456,7 +482,8 @@ impl<S: Storage> Replica<S> {
     /// Starts a session with a server: sends hello; documents are subscribed with
     /// [`Replica::sync_document`].
     pub fn connect_upstream(&mut self, peer: PeerId, token: Option<String>) {
-        self.peers.insert(peer, self.new_peer(SyncRole::Upstream, token.clone()));
+        self.peers
+            .insert(peer, self.new_peer(SyncRole::Upstream, token.clone()));
         self.send(
             peer,
             &Message::Hello {
@@ -498,9 +525,19 @@ impl<S: Storage> Replica<S> {
 
     /// Syncs `document` with `peer`: subscribes at a server, or starts the sync protocol with
     /// another replica.
-    pub fn sync_document(&mut self, peer: PeerId, document: DocumentId) -> Result<(), ReplicaError> {
-        let kind = *self.kinds.get(&document).ok_or(ReplicaError::UnknownDocument(document))?;
-        let state = self.peers.get_mut(&peer).ok_or(ReplicaError::UnknownPeer(peer))?;
+    pub fn sync_document(
+        &mut self,
+        peer: PeerId,
+        document: DocumentId,
+    ) -> Result<(), ReplicaError> {
+        let kind = *self
+            .kinds
+            .get(&document)
+            .ok_or(ReplicaError::UnknownDocument(document))?;
+        let state = self
+            .peers
+            .get_mut(&peer)
+            .ok_or(ReplicaError::UnknownPeer(peer))?;
         match state.role {
             SyncRole::Upstream => {
                 if !state.wanted.contains(&document) {
@@ -520,7 +557,10 @@ impl<S: Storage> Replica<S> {
                 Ok(())
             }
             SyncRole::Peer | SyncRole::Downstream => {
-                state.docs.entry(document).or_insert_with(|| DocSync::new(kind, state.role));
+                state
+                    .docs
+                    .entry(document)
+                    .or_insert_with(|| DocSync::new(kind, state.role));
                 self.flush(peer, document)
             }
         }
@@ -529,7 +569,10 @@ impl<S: Storage> Replica<S> {
     /// Handles one frame from `peer`. On error the frame is dropped and the caller should close
     /// the connection; nothing already stored is lost.
     pub fn handle_frame(&mut self, peer: PeerId, frame: &[u8]) -> Result<(), ReplicaError> {
-        let state = self.peers.get_mut(&peer).ok_or(ReplicaError::UnknownPeer(peer))?;
+        let state = self
+            .peers
+            .get_mut(&peer)
+            .ok_or(ReplicaError::UnknownPeer(peer))?;
         match state.reassembler.push(frame)? {
             Some(message) => self.handle_message(peer, message),
             None => Ok(()),
@@ -538,7 +581,11 @@ impl<S: Storage> Replica<S> {
 
     /// Handles one decoded message from `peer`.
     pub fn handle_message(&mut self, peer: PeerId, message: Message) -> Result<(), ReplicaError> {
-        let role = self.peers.get(&peer).ok_or(ReplicaError::UnknownPeer(peer))?.role;
+        let role = self
+            .peers
+            .get(&peer)
+            .ok_or(ReplicaError::UnknownPeer(peer))?
+            .role;
         match message {
             Message::Welcome { .. } if role == SyncRole::Upstream => {
                 let wanted = match self.peers.get_mut(&peer) {
@@ -560,7 +607,10 @@ impl<S: Storage> Replica<S> {
                 head_seq,
                 read_only,
             } if role == SyncRole::Upstream => {
-                let ours = *self.kinds.get(&document).ok_or(ReplicaError::UnknownDocument(document))?;
+                let ours = *self
+                    .kinds
+                    .get(&document)
+                    .ok_or(ReplicaError::UnknownDocument(document))?;
                 if ours != kind {
                     return Err(ReplicaError::WrongKind {
                         document,
@@ -569,7 +619,9 @@ impl<S: Storage> Replica<S> {
                     });
                 }
                 if let Some(state) = self.peers.get_mut(&peer) {
-                    state.docs.insert(document, DocSync::new(kind, SyncRole::Upstream));
+                    state
+                        .docs
+                        .insert(document, DocSync::new(kind, SyncRole::Upstream));
                 }
                 self.events.push_back(Event::Subscribed {
                     peer,
@@ -691,7 +743,10 @@ impl<S: Storage> Replica<S> {
                 reason: format!("sync for {document} before it was subscribed"),
             });
         }
-        let sync = state.docs.entry(document).or_insert_with(|| DocSync::new(kind, role));
+        let sync = state
+            .docs
+            .entry(document)
+            .or_insert_with(|| DocSync::new(kind, role));
         let received = sync.receive(&mut entry.doc, payload)?;
         if received.resend_unconfirmed {
             for outbox_entry in self.outbox.values().filter(|e| e.document == document) {
@@ -717,7 +772,12 @@ impl<S: Storage> Replica<S> {
     }
 
     /// Offers new changes of `document` to every peer syncing it, except `except`.
-    fn offer(&mut self, document: DocumentId, changes: &[Change], except: Option<PeerId>) -> Result<(), ReplicaError> {
+    fn offer(
+        &mut self,
+        document: DocumentId,
+        changes: &[Change],
+        except: Option<PeerId>,
+    ) -> Result<(), ReplicaError> {
         let peers: Vec<PeerId> = self
             .peers
             .iter_mut()
@@ -739,7 +799,11 @@ impl<S: Storage> Replica<S> {
     /// Sends whatever the sync state of (`peer`, `document`) has due.
     fn flush(&mut self, peer: PeerId, document: DocumentId) -> Result<(), ReplicaError> {
         let entry = load(&mut self.docs, &mut self.storage, self.id, document)?;
-        let Some(sync) = self.peers.get_mut(&peer).and_then(|p| p.docs.get_mut(&document)) else {
+        let Some(sync) = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.docs.get_mut(&document))
+        else {
             return Ok(());
         };
         let payloads = sync.poll(&mut entry.doc);
@@ -751,7 +815,11 @@ impl<S: Storage> Replica<S> {
 
     fn send(&mut self, peer: PeerId, message: &Message) {
         self.next_stream = self.next_stream.wrapping_add(1);
-        for frame in encode_frames(message, self.config.limits.max_frame_bytes, self.next_stream) {
+        for frame in encode_frames(
+            message,
+            self.config.limits.max_frame_bytes,
+            self.next_stream,
+        ) {
             self.transmits.push_back(Transmit { peer, frame });
         }
     }

@@ -152,10 +152,18 @@ impl DocSync {
     }
 
     /// Applies a payload from the peer to `doc`.
-    pub fn receive(&mut self, doc: &mut Document, payload: SyncPayload) -> Result<Received, DocError> {
+    pub fn receive(
+        &mut self,
+        doc: &mut Document,
+        payload: SyncPayload,
+    ) -> Result<Received, DocError> {
         let mut received = Received::default();
         match (&mut self.state, doc, payload) {
-            (KindState::Automerge(state), Document::Automerge(d), SyncPayload::Automerge(bytes)) => {
+            (
+                KindState::Automerge(state),
+                Document::Automerge(d),
+                SyncPayload::Automerge(bytes),
+            ) => {
                 received.changes = d.receive_sync_message(state, &bytes)?;
             }
             (KindState::Yrs(state), Document::Yrs(d), SyncPayload::YrsStep1(sv)) => {
@@ -168,7 +176,11 @@ impl DocSync {
                     state.step2_due = Some(sv);
                 }
             }
-            (KindState::Yrs(state), Document::Yrs(d), SyncPayload::YrsStep2(bytes) | SyncPayload::YrsUpdate(bytes)) => {
+            (
+                KindState::Yrs(state),
+                Document::Yrs(d),
+                SyncPayload::YrsStep2(bytes) | SyncPayload::YrsUpdate(bytes),
+            ) => {
                 received.changes = d.apply_changes(&bytes)?;
                 if d.take_incomplete() {
                     // Something before it was lost: ask for everything after our state again.

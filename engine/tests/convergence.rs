@@ -42,7 +42,9 @@ fn offline_edits(net: &mut Net, document: DocumentId) {
                 value: json!(i),
             },
         ];
-        net.replicas[i].change(document, &ops).expect("offline edit");
+        net.replicas[i]
+            .change(document, &ops)
+            .expect("offline edit");
         net.collect(i);
     }
 }
@@ -78,11 +80,17 @@ fn two_and_three_replicas_converge_after_offline_edits_in_every_order() {
                     "{kind} x{count} order {order:?}: {states:#?}"
                 );
                 let state = &states[0];
-                assert_eq!(state["m"]["count"], json!(10 * count), "{kind}: counters add up");
+                assert_eq!(
+                    state["m"]["count"],
+                    json!(10 * count),
+                    "{kind}: counters add up"
+                );
                 assert_eq!(state["m"]["list"].as_array().map(Vec::len), Some(count));
                 for i in 0..count {
                     assert_eq!(state["m"][format!("r{i}")], json!({"by": i}));
-                    assert!(state["m"]["notes"].as_str().is_some_and(|n| n.contains(&format!("r{i}"))));
+                    assert!(state["m"]["notes"]
+                        .as_str()
+                        .is_some_and(|n| n.contains(&format!("r{i}"))));
                 }
                 assert_eq!(net.errors, 0);
             }
@@ -109,7 +117,11 @@ fn chaos_run(kind: DocKind, seed: u64, steps: usize) -> Result<(), TestCaseError
             if let Ok(accord_engine::Document::Yrs(y)) = r.document(doc) {
                 use yrs::{ReadTxn, Transact};
                 let txn = y.native().transact();
-                eprintln!("sv {:?} missing {} ", txn.state_vector(), txn.has_missing_updates());
+                eprintln!(
+                    "sv {:?} missing {} ",
+                    txn.state_vector(),
+                    txn.has_missing_updates()
+                );
             }
         }
         eprintln!("{states:#?}");
@@ -125,7 +137,10 @@ fn chaos_run(kind: DocKind, seed: u64, steps: usize) -> Result<(), TestCaseError
 }
 
 fn cases() -> u32 {
-    std::env::var("ACCORD_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)
+    std::env::var("ACCORD_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
 }
 
 proptest! {
@@ -148,8 +163,14 @@ proptest! {
 #[test]
 #[ignore]
 fn replay_yrs_seed() {
-    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(15158866221166429634);
-    let steps: usize = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(80);
+    let seed: u64 = std::env::var("SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15158866221166429634);
+    let steps: usize = std::env::var("STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(80);
     for steps in (20..=steps).rev() {
         if chaos_run(DocKind::Yrs, seed, steps).is_err() {
             eprintln!("fails at steps={steps}");

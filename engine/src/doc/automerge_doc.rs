@@ -117,12 +117,16 @@ impl AutomergeDoc {
 
     /// A JSON view of the whole document.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(automerge::AutoSerde::from(&self.doc)).unwrap_or(serde_json::Value::Null)
+        serde_json::to_value(automerge::AutoSerde::from(&self.doc))
+            .unwrap_or(serde_json::Value::Null)
     }
 
     /// Produces the next Automerge sync message for a peer, if one is due.
     pub fn generate_sync_message(&mut self, state: &mut automerge::sync::State) -> Option<Vec<u8>> {
-        self.doc.sync().generate_sync_message(state).map(|m| m.encode())
+        self.doc
+            .sync()
+            .generate_sync_message(state)
+            .map(|m| m.encode())
     }
 
     /// Applies a sync message from a peer; returns the changes that were new here.
@@ -144,7 +148,10 @@ impl AutomergeDoc {
 
     /// Every value written concurrently at `path` (Automerge keeps them all), with the change that
     /// wrote each, winner first.
-    pub fn conflicts_at(&self, path: &Path) -> Result<Vec<(serde_json::Value, ChangeId)>, DocError> {
+    pub fn conflicts_at(
+        &self,
+        path: &Path,
+    ) -> Result<Vec<(serde_json::Value, ChangeId)>, DocError> {
         let Some((parent, last)) = path.split_last() else {
             return Ok(Vec::new());
         };
@@ -186,9 +193,9 @@ fn resolve(doc: &AutoCommit, segments: &[Segment], full: &Path) -> Result<ObjId,
 fn apply_op(doc: &mut AutoCommit, op: &Op, check_characters: bool) -> Result<(), DocError> {
     match op {
         Op::Put { path, value } => {
-            let (parent, last) = path
-                .split_last()
-                .ok_or_else(|| DocError::Unsupported("put at the root; put its keys instead".into()))?;
+            let (parent, last) = path.split_last().ok_or_else(|| {
+                DocError::Unsupported("put at the root; put its keys instead".into())
+            })?;
             let obj = resolve(doc, parent, path)?;
             if let Segment::Index(index) = last {
                 check_index(doc, &obj, path, *index, false)?;
@@ -362,7 +369,9 @@ fn json_to_scalar(value: &serde_json::Value) -> Result<ScalarValue, DocError> {
         }
         J::String(s) => ScalarValue::Str(s.as_str().into()),
         J::Object(_) | J::Array(_) => {
-            return Err(DocError::Unsupported("nested value where a scalar was expected".into()))
+            return Err(DocError::Unsupported(
+                "nested value where a scalar was expected".into(),
+            ))
         }
     })
 }

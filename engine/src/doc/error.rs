@@ -48,9 +48,9 @@ pub enum DocError {
         /// The underlying decoder's message.
         detail: String,
     },
-    /// The Automerge library refused an operation.
+    /// The Automerge library refused an operation (boxed: the library's error is large).
     #[error("automerge: {0}")]
-    Automerge(#[from] automerge::AutomergeError),
+    Automerge(Box<automerge::AutomergeError>),
     /// The sync payload belongs to the other CRDT kind.
     #[error("sync payload for {got:?} sent to a {expected:?} document")]
     KindMismatch {
@@ -67,5 +67,11 @@ impl DocError {
             what,
             detail: detail.to_string(),
         }
+    }
+}
+
+impl From<automerge::AutomergeError> for DocError {
+    fn from(e: automerge::AutomergeError) -> Self {
+        DocError::Automerge(Box::new(e))
     }
 }

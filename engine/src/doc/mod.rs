@@ -115,8 +115,8 @@ pub struct Change {
 
 /// A document of either kind.
 pub enum Document {
-    /// Automerge.
-    Automerge(AutomergeDoc),
+    /// Automerge (boxed: it is much larger than the Yrs handle).
+    Automerge(Box<AutomergeDoc>),
     /// Yrs.
     Yrs(YrsDoc),
 }
@@ -125,7 +125,7 @@ impl Document {
     /// A new empty document of `kind`, edited locally as `replica`.
     pub fn new(kind: DocKind, replica: ReplicaId, id: DocumentId) -> Self {
         match kind {
-            DocKind::Automerge => Document::Automerge(AutomergeDoc::new(replica)),
+            DocKind::Automerge => Document::Automerge(Box::new(AutomergeDoc::new(replica))),
             DocKind::Yrs => Document::Yrs(YrsDoc::new(replica, id)),
         }
     }
@@ -139,7 +139,9 @@ impl Document {
         changes: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Self, DocError> {
         let mut doc = match (kind, snapshot) {
-            (DocKind::Automerge, Some(s)) => Document::Automerge(AutomergeDoc::load(replica, s)?),
+            (DocKind::Automerge, Some(s)) => {
+                Document::Automerge(Box::new(AutomergeDoc::load(replica, s)?))
+            }
             (DocKind::Yrs, Some(s)) => Document::Yrs(YrsDoc::load(replica, id, s)?),
             (kind, None) => Document::new(kind, replica, id),
         };
@@ -227,7 +229,9 @@ impl Document {
         for segment in path.segments() {
             value = match (segment, value) {
                 (Segment::Key(k), serde_json::Value::Object(mut m)) => m.remove(k)?,
-                (Segment::Index(i), serde_json::Value::Array(mut a)) if *i < a.len() => a.swap_remove(*i),
+                (Segment::Index(i), serde_json::Value::Array(mut a)) if *i < a.len() => {
+                    a.swap_remove(*i)
+                }
                 _ => return None,
             };
         }

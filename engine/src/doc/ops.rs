@@ -187,10 +187,8 @@ mod tests {
 
     #[test]
     fn ops_round_trip_through_json() {
-        let op: Op = serde_json::from_str(
-            r#"{"op":"put","path":["seats","12A"],"value":"ana"}"#,
-        )
-        .expect("parse");
+        let op: Op = serde_json::from_str(r#"{"op":"put","path":["seats","12A"],"value":"ana"}"#)
+            .expect("parse");
         assert_eq!(
             op,
             Op::Put {
@@ -198,11 +196,13 @@ mod tests {
                 value: serde_json::json!("ana"),
             }
         );
-        let splice: Op =
-            serde_json::from_str(r#"{"op":"splice","path":["notes"],"index":0,"delete":0,"insert":"hi"}"#)
-                .expect("parse");
+        let splice: Op = serde_json::from_str(
+            r#"{"op":"splice","path":["notes"],"index":0,"delete":0,"insert":"hi"}"#,
+        )
+        .expect("parse");
         assert_eq!(splice.path().to_string(), "/notes");
-        let list: Op = serde_json::from_str(r#"{"op":"delete","path":["items",2]}"#).expect("parse");
+        let list: Op =
+            serde_json::from_str(r#"{"op":"delete","path":["items",2]}"#).expect("parse");
         assert_eq!(list.path().segments()[1], Segment::Index(2));
     }
 }

@@ -26,7 +26,10 @@ fn json_api_edits_show_in_the_json_view() {
     for kind in both() {
         let mut doc = Document::new(kind, replica(1), doc_id());
         doc.apply_ops(&[
-            put(&["trip"], json!({"status": "planning", "seats": {}, "tags": ["a"]})),
+            put(
+                &["trip"],
+                json!({"status": "planning", "seats": {}, "tags": ["a"]}),
+            ),
             put(&["trip", "seats", "12A"], json!("ana")),
             Op::Insert {
                 path: Path::keys(["trip", "tags"]),
@@ -75,9 +78,15 @@ fn json_api_edits_show_in_the_json_view() {
 fn bad_ops_are_typed_errors() {
     for kind in both() {
         let mut doc = Document::new(kind, replica(1), doc_id());
-        doc.apply_ops(&[put(&["m"], json!({"s": "x", "l": []}))]).expect("setup");
-        let missing = doc.apply_ops(&[put(&["m", "nope", "k"], json!(1))]).unwrap_err();
-        assert!(matches!(missing.error, DocError::PathNotFound(_)), "{kind}: {missing:?}");
+        doc.apply_ops(&[put(&["m"], json!({"s": "x", "l": []}))])
+            .expect("setup");
+        let missing = doc
+            .apply_ops(&[put(&["m", "nope", "k"], json!(1))])
+            .unwrap_err();
+        assert!(
+            matches!(missing.error, DocError::PathNotFound(_)),
+            "{kind}: {missing:?}"
+        );
         let bounds = doc
             .apply_ops(&[Op::Insert {
                 path: Path::keys(["m", "l"]),
@@ -85,7 +94,10 @@ fn bad_ops_are_typed_errors() {
                 value: json!(1),
             }])
             .unwrap_err();
-        assert!(matches!(bounds.error, DocError::OutOfBounds { .. }), "{kind}: {bounds:?}");
+        assert!(
+            matches!(bounds.error, DocError::OutOfBounds { .. }),
+            "{kind}: {bounds:?}"
+        );
         let text = doc
             .apply_ops(&[Op::Splice {
                 path: Path::keys(["m", "t"]),
@@ -94,7 +106,10 @@ fn bad_ops_are_typed_errors() {
                 insert: "x".into(),
             }])
             .unwrap_err();
-        assert!(matches!(text.error, DocError::OutOfBounds { .. }), "{kind}: {text:?}");
+        assert!(
+            matches!(text.error, DocError::OutOfBounds { .. }),
+            "{kind}: {text:?}"
+        );
         assert_eq!(doc.get(&Path::keys(["m", "s"])), Some(json!("x")));
     }
 }
@@ -104,21 +119,44 @@ fn concurrent_changes_merge_in_any_order_and_twice() {
     for kind in both() {
         let mut base = Document::new(kind, replica(1), doc_id());
         let init = base
-            .apply_ops(&[put(&["m"], json!({"n": 0})), Op::Increment { path: Path::keys(["m", "c"]), by: 0 }])
+            .apply_ops(&[
+                put(&["m"], json!({"n": 0})),
+                Op::Increment {
+                    path: Path::keys(["m", "c"]),
+                    by: 0,
+                },
+            ])
             .expect("ops")
             .expect("change");
-        let mut a = Document::load(kind, replica(2), doc_id(), None, [init.bytes.as_slice()]).expect("load");
-        let mut b = Document::load(kind, replica(3), doc_id(), None, [init.bytes.as_slice()]).expect("load");
+        let mut a = Document::load(kind, replica(2), doc_id(), None, [init.bytes.as_slice()])
+            .expect("load");
+        let mut b = Document::load(kind, replica(3), doc_id(), None, [init.bytes.as_slice()])
+            .expect("load");
         let ca = a
-            .apply_ops(&[put(&["m", "a"], json!(1)), Op::Increment { path: Path::keys(["m", "c"]), by: 2 }])
+            .apply_ops(&[
+                put(&["m", "a"], json!(1)),
+                Op::Increment {
+                    path: Path::keys(["m", "c"]),
+                    by: 2,
+                },
+            ])
             .expect("ops")
             .expect("change");
         let cb = b
-            .apply_ops(&[put(&["m", "b"], json!(2)), Op::Increment { path: Path::keys(["m", "c"]), by: 5 }])
+            .apply_ops(&[
+                put(&["m", "b"], json!(2)),
+                Op::Increment {
+                    path: Path::keys(["m", "c"]),
+                    by: 5,
+                },
+            ])
             .expect("ops")
             .expect("change");
         assert_eq!(a.apply_changes(&cb.bytes).expect("apply").len(), 1);
-        assert!(a.apply_changes(&cb.bytes).expect("apply twice").is_empty(), "{kind}: duplicate is not new");
+        assert!(
+            a.apply_changes(&cb.bytes).expect("apply twice").is_empty(),
+            "{kind}: duplicate is not new"
+        );
         b.apply_changes(&ca.bytes).expect("apply");
         assert_eq!(a.to_json(), b.to_json(), "{kind}");
         assert_eq!(a.get(&Path::keys(["m", "b"])), Some(json!(2)));
@@ -126,7 +164,8 @@ fn concurrent_changes_merge_in_any_order_and_twice() {
         assert_eq!(a.get(&Path::keys(["m", "c"])), Some(json!(7)), "{kind}");
         // Reload from a snapshot gives the same state and version.
         let snapshot = a.save();
-        let mut reloaded = Document::load(kind, replica(2), doc_id(), Some(&snapshot), []).expect("reload");
+        let mut reloaded =
+            Document::load(kind, replica(2), doc_id(), Some(&snapshot), []).expect("reload");
         assert_eq!(reloaded.to_json(), a.to_json());
         assert_eq!(reloaded.version(), a.version());
         // What a peer lacks, by version.
@@ -143,7 +182,10 @@ fn malformed_bytes_are_typed_errors() {
     for kind in both() {
         let mut doc = Document::new(kind, replica(1), doc_id());
         let error = doc.apply_changes(&[0xff, 0x00, 0x13, 0x37]).unwrap_err();
-        assert!(matches!(error, DocError::Malformed { .. }), "{kind}: {error:?}");
+        assert!(
+            matches!(error, DocError::Malformed { .. }),
+            "{kind}: {error:?}"
+        );
         let load = Document::load(kind, replica(1), doc_id(), Some(&[1, 2, 3, 4, 5]), []);
         assert!(load.is_err(), "{kind}");
     }
@@ -152,13 +194,33 @@ fn malformed_bytes_are_typed_errors() {
 #[test]
 fn automerge_keeps_concurrent_values_with_their_changes() {
     let mut a = Document::new(DocKind::Automerge, replica(1), doc_id());
-    let init = a.apply_ops(&[put(&["seats"], json!({}))]).expect("ops").expect("change");
-    let mut b = Document::load(DocKind::Automerge, replica(2), doc_id(), None, [init.bytes.as_slice()]).expect("load");
-    let ca = a.apply_ops(&[put(&["seats", "12A"], json!("ana"))]).expect("ops").expect("change");
-    let cb = b.apply_ops(&[put(&["seats", "12A"], json!("ben"))]).expect("ops").expect("change");
+    let init = a
+        .apply_ops(&[put(&["seats"], json!({}))])
+        .expect("ops")
+        .expect("change");
+    let mut b = Document::load(
+        DocKind::Automerge,
+        replica(2),
+        doc_id(),
+        None,
+        [init.bytes.as_slice()],
+    )
+    .expect("load");
+    let ca = a
+        .apply_ops(&[put(&["seats", "12A"], json!("ana"))])
+        .expect("ops")
+        .expect("change");
+    let cb = b
+        .apply_ops(&[put(&["seats", "12A"], json!("ben"))])
+        .expect("ops")
+        .expect("change");
     a.apply_changes(&cb.bytes).expect("merge");
-    let Document::Automerge(am) = &a else { unreachable!() };
-    let values = am.conflicts_at(&Path::keys(["seats", "12A"])).expect("conflicts");
+    let Document::Automerge(am) = &a else {
+        unreachable!()
+    };
+    let values = am
+        .conflicts_at(&Path::keys(["seats", "12A"]))
+        .expect("conflicts");
     assert_eq!(values.len(), 2);
     let ids: Vec<ChangeId> = values.iter().map(|(_, id)| *id).collect();
     assert!(ids.contains(&ca.id) && ids.contains(&cb.id));
@@ -175,8 +237,23 @@ fn change_ids_round_trip_as_hex() {
 fn every_effective_edit_is_a_change() {
     for kind in both() {
         let mut doc = Document::new(kind, replica(1), doc_id());
-        assert!(doc.apply_ops(&[put(&["m"], json!({"a": 0}))]).expect("first").is_some(), "{kind}");
-        assert!(doc.apply_ops(&[put(&["m", "x"], json!(1))]).expect("second").is_some(), "{kind}");
-        assert!(doc.apply_ops(&[put(&["m", "x"], json!(2))]).expect("third").is_some(), "{kind}");
+        assert!(
+            doc.apply_ops(&[put(&["m"], json!({"a": 0}))])
+                .expect("first")
+                .is_some(),
+            "{kind}"
+        );
+        assert!(
+            doc.apply_ops(&[put(&["m", "x"], json!(1))])
+                .expect("second")
+                .is_some(),
+            "{kind}"
+        );
+        assert!(
+            doc.apply_ops(&[put(&["m", "x"], json!(2))])
+                .expect("third")
+                .is_some(),
+            "{kind}"
+        );
     }
 }

@@ -13,8 +13,9 @@ use yrs::types::ToJson;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{
-    Any, Number, WriteTxn, Array, ArrayPrelim, ArrayRef, Doc, GetString, In, Map, MapPrelim, MapRef, OffsetKind,
-    Options, Out, ReadTxn, StateVector, Text, TextRef, Transact, TransactionMut, Update,
+    Any, Array, ArrayPrelim, ArrayRef, Doc, GetString, In, Map, MapPrelim, MapRef, Number,
+    OffsetKind, Options, Out, ReadTxn, StateVector, Text, TextRef, Transact, TransactionMut,
+    Update, WriteTxn,
 };
 
 use super::error::DocError;
@@ -94,7 +95,10 @@ impl YrsDoc {
     }
 
     /// Runs `f` on a native transaction and returns what it changed as one change.
-    pub fn change_native<R>(&mut self, f: impl FnOnce(&mut TransactionMut) -> R) -> (Option<Change>, R) {
+    pub fn change_native<R>(
+        &mut self,
+        f: impl FnOnce(&mut TransactionMut) -> R,
+    ) -> (Option<Change>, R) {
         self.astral = true;
         let mut txn = self.doc.transact_mut();
         let result = f(&mut txn);
@@ -206,7 +210,8 @@ fn node_of(out: Out) -> Option<Node> {
 fn root_node(txn: &mut TransactionMut, path: &Path, next: RootKind) -> Result<Node, DocError> {
     let Some(Segment::Key(name)) = path.segments().first() else {
         return Err(DocError::Unsupported(
-            "a Yrs document's top level holds named shared types: start the path with a name".into(),
+            "a Yrs document's top level holds named shared types: start the path with a name"
+                .into(),
         ));
     };
     let name = name.as_str();
@@ -245,7 +250,8 @@ fn resolve(
         let child = match (&node, segment) {
             (Node::Map(m), Segment::Key(k)) => m.get(txn, k),
             (Node::Array(a), Segment::Index(i)) => {
-                let index = u32::try_from(*i).map_err(|_| DocError::NumberOutOfRange(i.to_string()))?;
+                let index =
+                    u32::try_from(*i).map_err(|_| DocError::NumberOutOfRange(i.to_string()))?;
                 a.get(txn, index)
             }
             _ => None,
@@ -261,7 +267,12 @@ fn to_u32(value: usize) -> Result<u32, DocError> {
     u32::try_from(value).map_err(|_| DocError::NumberOutOfRange(value.to_string()))
 }
 
-fn apply_op(txn: &mut TransactionMut, client: u64, op: &Op, check_characters: bool) -> Result<(), DocError> {
+fn apply_op(
+    txn: &mut TransactionMut,
+    client: u64,
+    op: &Op,
+    check_characters: bool,
+) -> Result<(), DocError> {
     let path = op.path();
     let depth = path.segments().len();
     if depth == 0 {
@@ -446,7 +457,11 @@ fn apply_op(txn: &mut TransactionMut, client: u64, op: &Op, check_characters: bo
 
 /// A put at the top level sets a whole root type: an object becomes the root map's entries, an
 /// array the root array's items. Scalars cannot stand at a Yrs document's top level.
-fn put_root(txn: &mut TransactionMut, path: &Path, value: &serde_json::Value) -> Result<(), DocError> {
+fn put_root(
+    txn: &mut TransactionMut,
+    path: &Path,
+    value: &serde_json::Value,
+) -> Result<(), DocError> {
     let Some(Segment::Key(name)) = path.segments().first() else {
         return Err(DocError::PathNotFound(path.clone()));
     };

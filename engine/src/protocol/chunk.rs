@@ -79,7 +79,9 @@ impl Reassembler {
         else {
             if self.partial.is_some() {
                 self.partial = None;
-                return Err(DecodeError::ChunkSequence("a message interrupted a chunked message"));
+                return Err(DecodeError::ChunkSequence(
+                    "a message interrupted a chunked message",
+                ));
             }
             return Ok(Some(message));
         };
@@ -118,4 +120,3 @@ impl Reassembler {
         }
     }
 }
-

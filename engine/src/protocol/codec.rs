@@ -218,7 +218,10 @@ pub fn decode(frame: &[u8], limits: &Limits) -> Result<Message, DecodeError> {
             limit: limits.max_frame_bytes,
         });
     }
-    let mut r = Reader { bytes: frame, at: 0 };
+    let mut r = Reader {
+        bytes: frame,
+        at: 0,
+    };
     let message = match r.u8("tag")? {
         tag::HELLO => Message::Hello {
             protocol_version: r.u32("protocol version")?,

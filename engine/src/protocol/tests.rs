@@ -74,11 +74,17 @@ fn truncated_and_trailing_frames_are_errors() {
     for message in samples() {
         let bytes = encode(&message);
         for cut in 0..bytes.len() {
-            assert!(decode(&bytes[..cut], &Limits::default()).is_err(), "{message:?} cut at {cut}");
+            assert!(
+                decode(&bytes[..cut], &Limits::default()).is_err(),
+                "{message:?} cut at {cut}"
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert_eq!(decode(&longer, &Limits::default()), Err(DecodeError::Trailing(1)));
+        assert_eq!(
+            decode(&longer, &Limits::default()),
+            Err(DecodeError::Trailing(1))
+        );
     }
 }
 
@@ -130,15 +136,28 @@ fn limits_are_enforced() {
     let mut r = Reassembler::new(limits);
     let frames = encode_frames(&message, 1024, 1);
     let error = frames.iter().find_map(|f| r.push(f).err());
-    assert!(matches!(error, Some(DecodeError::TooLarge { what: "message", .. })));
+    assert!(matches!(
+        error,
+        Some(DecodeError::TooLarge {
+            what: "message",
+            ..
+        })
+    ));
     // Chunks out of order.
     let mut r = Reassembler::new(limits);
-    assert!(matches!(r.push(&frames[1]), Err(DecodeError::ChunkSequence(_))));
+    assert!(matches!(
+        r.push(&frames[1]),
+        Err(DecodeError::ChunkSequence(_))
+    ));
 }
 
 fn arbitrary_message() -> impl Strategy<Value = Message> {
-    (0usize..9, any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(
-        |(which, n, bytes)| {
+    (
+        0usize..9,
+        any::<u64>(),
+        proptest::collection::vec(any::<u8>(), 0..64),
+    )
+        .prop_map(|(which, n, bytes)| {
             let mut message = samples()[which].clone();
             match &mut message {
                 Message::Sync { payload, .. } => *payload = SyncPayload::Automerge(bytes),
@@ -147,8 +166,7 @@ fn arbitrary_message() -> impl Strategy<Value = Message> {
                 _ => {}
             }
             message
-        },
-    )
+        })
 }
 
 proptest! {

@@ -47,18 +47,36 @@ fn a_reopened_replica_keeps_documents_and_outbox() {
         let before;
         {
             let storage = SqliteStorage::open(&path).expect("open");
-            let mut replica = Replica::open(storage, ReplicaId::from_bytes([1; 16]), ReplicaConfig::default())
-                .expect("replica");
+            let mut replica = Replica::open(
+                storage,
+                ReplicaId::from_bytes([1; 16]),
+                ReplicaConfig::default(),
+            )
+            .expect("replica");
             replica.create(document, kind).expect("create");
-            let a = replica.change(document, &init_ops()).expect("change").expect("id");
-            let b = replica.change(document, &[put("x", json!(1))]).expect("change").expect("id");
+            let a = replica
+                .change(document, &init_ops())
+                .expect("change")
+                .expect("id");
+            let b = replica
+                .change(document, &[put("x", json!(1))])
+                .expect("change")
+                .expect("id");
             ids = vec![a, b];
             before = replica.json(document).expect("json");
         }
         let storage = SqliteStorage::open(&path).expect("reopen");
-        let mut replica =
-            Replica::open(storage, ReplicaId::from_bytes([9; 16]), ReplicaConfig::default()).expect("replica");
-        assert_eq!(replica.id(), ReplicaId::from_bytes([1; 16]), "the stored id wins");
+        let mut replica = Replica::open(
+            storage,
+            ReplicaId::from_bytes([9; 16]),
+            ReplicaConfig::default(),
+        )
+        .expect("replica");
+        assert_eq!(
+            replica.id(),
+            ReplicaId::from_bytes([1; 16]),
+            "the stored id wins"
+        );
         assert_eq!(replica.json(document).expect("json"), before);
         let pending: Vec<ChangeId> = replica
             .outbox()
@@ -72,17 +90,28 @@ fn a_reopened_replica_keeps_documents_and_outbox() {
 #[test]
 fn acks_move_changes_out_of_the_outbox() {
     for kind in [DocKind::Automerge, DocKind::Yrs] {
-        let mut replica =
-            Replica::open(MemoryStorage::new(), ReplicaId::from_bytes([1; 16]), ReplicaConfig::default())
-                .expect("replica");
+        let mut replica = Replica::open(
+            MemoryStorage::new(),
+            ReplicaId::from_bytes([1; 16]),
+            ReplicaConfig::default(),
+        )
+        .expect("replica");
         replica.create(doc_id(), kind).expect("create");
-        let first = replica.change(doc_id(), &init_ops()).expect("change").expect("id");
-        let second = replica.change(doc_id(), &[put("a", json!(1))]).expect("change").expect("id");
+        let first = replica
+            .change(doc_id(), &init_ops())
+            .expect("change")
+            .expect("id");
+        let second = replica
+            .change(doc_id(), &[put("a", json!(1))])
+            .expect("change")
+            .expect("id");
         let server = PeerId(1);
         replica.connect_upstream(server, Some("token".into()));
         replica.sync_document(server, doc_id()).expect("sync");
         let hello = drain(&mut replica);
-        assert!(matches!(hello.as_slice(), [Message::Hello { token: Some(t), .. }] if t == "token"));
+        assert!(
+            matches!(hello.as_slice(), [Message::Hello { token: Some(t), .. }] if t == "token")
+        );
         replica
             .handle_message(
                 server,
@@ -94,7 +123,10 @@ fn acks_move_changes_out_of_the_outbox() {
             )
             .expect("welcome");
         let subscribe = drain(&mut replica);
-        assert!(matches!(subscribe.as_slice(), [Message::Subscribe { since_seq: 0, .. }]));
+        assert!(matches!(
+            subscribe.as_slice(),
+            [Message::Subscribe { since_seq: 0, .. }]
+        ));
         replica
             .handle_message(
                 server,
@@ -106,11 +138,16 @@ fn acks_move_changes_out_of_the_outbox() {
                 },
             )
             .expect("subscribed");
-        assert!(!drain(&mut replica).is_empty(), "the first sync message goes out");
+        assert!(
+            !drain(&mut replica).is_empty(),
+            "the first sync message goes out"
+        );
         if kind == DocKind::Yrs {
             // The server's step 1 makes the client resend each unconfirmed change on its own.
             let server_doc = Document::new(kind, ReplicaId::from_bytes([2; 16]), doc_id());
-            let Document::Yrs(y) = &server_doc else { unreachable!() };
+            let Document::Yrs(y) = &server_doc else {
+                unreachable!()
+            };
             replica
                 .handle_message(
                     server,
@@ -167,7 +204,13 @@ fn acks_move_changes_out_of_the_outbox() {
                 },
             )
             .expect("reject");
-        assert!(matches!(events(&mut replica).as_slice(), [Event::Rejected { code: ErrorCode::Forbidden, .. }]));
+        assert!(matches!(
+            events(&mut replica).as_slice(),
+            [Event::Rejected {
+                code: ErrorCode::Forbidden,
+                ..
+            }]
+        ));
         assert_eq!(replica.outbox().count(), 0);
     }
 }
@@ -178,13 +221,19 @@ fn the_outbox_limit_refuses_edits_and_keeps_state() {
         max_outbox_changes: 2,
         ..ReplicaConfig::default()
     };
-    let mut replica = Replica::open(MemoryStorage::new(), ReplicaId::from_bytes([1; 16]), config).expect("replica");
-    replica.create(doc_id(), DocKind::Automerge).expect("create");
+    let mut replica = Replica::open(MemoryStorage::new(), ReplicaId::from_bytes([1; 16]), config)
+        .expect("replica");
+    replica
+        .create(doc_id(), DocKind::Automerge)
+        .expect("create");
     replica.change(doc_id(), &init_ops()).expect("1");
     replica.change(doc_id(), &[put("a", json!(1))]).expect("2");
     let full = replica.change(doc_id(), &[put("b", json!(2))]);
     assert!(matches!(full, Err(ReplicaError::OutboxFull(2))));
-    assert_eq!(replica.json(doc_id()).expect("json"), json!({"m": {"created": true, "a": 1}}));
+    assert_eq!(
+        replica.json(doc_id()).expect("json"),
+        json!({"m": {"created": true, "a": 1}})
+    );
 }
 
 #[test]
@@ -193,7 +242,8 @@ fn a_peer_cannot_make_a_replica_exceed_its_document_limit() {
         max_documents: 1,
         ..ReplicaConfig::default()
     };
-    let mut replica = Replica::open(MemoryStorage::new(), ReplicaId::from_bytes([1; 16]), config).expect("replica");
+    let mut replica = Replica::open(MemoryStorage::new(), ReplicaId::from_bytes([1; 16]), config)
+        .expect("replica");
     replica.create(doc_id(), DocKind::Yrs).expect("create");
     replica.connect_peer(PeerId(3));
     let result = replica.handle_message(
@@ -219,7 +269,9 @@ fn a_corrupt_stored_document_is_a_typed_error() {
             ReplicaConfig::default(),
         )
         .expect("replica");
-        replica.create(doc_id(), DocKind::Automerge).expect("create");
+        replica
+            .create(doc_id(), DocKind::Automerge)
+            .expect("create");
         replica.change(doc_id(), &init_ops()).expect("change");
     }
     let storage = SqliteStorage::open(&path).expect("reopen");
@@ -227,8 +279,12 @@ fn a_corrupt_stored_document_is_a_typed_error() {
         .connection()
         .execute("UPDATE changes SET bytes = x'856f4a83deadbeef'", [])
         .expect("corrupt");
-    let mut replica =
-        Replica::open(storage, ReplicaId::from_bytes([1; 16]), ReplicaConfig::default()).expect("replica opens");
+    let mut replica = Replica::open(
+        storage,
+        ReplicaId::from_bytes([1; 16]),
+        ReplicaConfig::default(),
+    )
+    .expect("replica opens");
     assert!(matches!(
         replica.json(doc_id()),
         Err(ReplicaError::CorruptDocument { .. })
@@ -237,11 +293,21 @@ fn a_corrupt_stored_document_is_a_typed_error() {
 
 #[test]
 fn garbage_frames_are_errors_not_panics() {
-    let mut replica =
-        Replica::open(MemoryStorage::new(), ReplicaId::from_bytes([1; 16]), ReplicaConfig::default()).expect("replica");
+    let mut replica = Replica::open(
+        MemoryStorage::new(),
+        ReplicaId::from_bytes([1; 16]),
+        ReplicaConfig::default(),
+    )
+    .expect("replica");
     replica.connect_peer(PeerId(1));
-    assert!(matches!(replica.handle_frame(PeerId(1), &[0xee, 1, 2]), Err(ReplicaError::Decode(_))));
-    assert!(matches!(replica.handle_frame(PeerId(2), &[1]), Err(ReplicaError::UnknownPeer(_))));
+    assert!(matches!(
+        replica.handle_frame(PeerId(1), &[0xee, 1, 2]),
+        Err(ReplicaError::Decode(_))
+    ));
+    assert!(matches!(
+        replica.handle_frame(PeerId(2), &[1]),
+        Err(ReplicaError::UnknownPeer(_))
+    ));
     let bad_sync = crate::protocol::encode(&Message::Sync {
         document: doc_id(),
         payload: SyncPayload::Automerge(vec![0x42, 1, 2, 3]),

@@ -30,7 +30,10 @@ impl Storage for MemoryStorage {
         Ok(self.documents.iter().map(|(id, d)| (*id, d.kind)).collect())
     }
 
-    fn load_document(&mut self, document: DocumentId) -> Result<Option<StoredDocument>, StorageError> {
+    fn load_document(
+        &mut self,
+        document: DocumentId,
+    ) -> Result<Option<StoredDocument>, StorageError> {
         Ok(self.documents.get(&document).cloned())
     }
 

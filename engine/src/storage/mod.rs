@@ -129,7 +129,10 @@ pub trait Storage {
     /// Every stored document with its kind.
     fn documents(&mut self) -> Result<Vec<(DocumentId, DocKind)>, StorageError>;
     /// One document, if stored.
-    fn load_document(&mut self, document: DocumentId) -> Result<Option<StoredDocument>, StorageError>;
+    fn load_document(
+        &mut self,
+        document: DocumentId,
+    ) -> Result<Option<StoredDocument>, StorageError>;
     /// The outbox, oldest first.
     fn outbox(&mut self) -> Result<Vec<OutboxEntry>, StorageError>;
     /// Applies `batch` atomically and durably.

@@ -89,7 +89,11 @@ fn kind(code: i64) -> Result<DocKind, StorageError> {
 }
 
 /// Reads a column, turning a type mismatch (a corrupt row) into [`StorageError::Corrupt`].
-fn column<T: rusqlite::types::FromSql>(row: &rusqlite::Row<'_>, index: usize, what: &str) -> Result<T, StorageError> {
+fn column<T: rusqlite::types::FromSql>(
+    row: &rusqlite::Row<'_>,
+    index: usize,
+    what: &str,
+) -> Result<T, StorageError> {
     row.get(index).map_err(|e| corrupt(what, e))
 }
 
@@ -97,28 +101,40 @@ impl Storage for SqliteStorage {
     fn replica_id(&mut self) -> Result<Option<ReplicaId>, StorageError> {
         let value: Option<Vec<u8>> = self
             .connection
-            .query_row("SELECT value FROM meta WHERE key = 'replica_id'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'replica_id'", [], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(|e| corrupt("replica id", e))?;
         value
             .map(|v| {
-                let array: [u8; 16] = v.try_into().map_err(|_| corrupt("replica id", "wrong length"))?;
+                let array: [u8; 16] = v
+                    .try_into()
+                    .map_err(|_| corrupt("replica id", "wrong length"))?;
                 Ok(ReplicaId::from_bytes(array))
             })
             .transpose()
     }
 
     fn documents(&mut self) -> Result<Vec<(DocumentId, DocKind)>, StorageError> {
-        let mut statement = self.connection.prepare_cached("SELECT id, kind FROM documents")?;
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT id, kind FROM documents")?;
         let mut rows = statement.query([])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
-            out.push((document_id(column(row, 0, "document id")?)?, kind(column(row, 1, "kind")?)?));
+            out.push((
+                document_id(column(row, 0, "document id")?)?,
+                kind(column(row, 1, "kind")?)?,
+            ));
         }
         Ok(out)
     }
 
-    fn load_document(&mut self, document: DocumentId) -> Result<Option<StoredDocument>, StorageError> {
+    fn load_document(
+        &mut self,
+        document: DocumentId,
+    ) -> Result<Option<StoredDocument>, StorageError> {
         let id = document.as_bytes().as_slice();
         let head = {
             let mut statement = self
@@ -198,21 +214,29 @@ impl Storage for SqliteStorage {
                 }
                 Write::Snapshot { document, bytes } => {
                     let id = document.as_bytes().as_slice();
-                    txn.execute("UPDATE documents SET snapshot = ?2 WHERE id = ?1", params![id, bytes])?;
+                    txn.execute(
+                        "UPDATE documents SET snapshot = ?2 WHERE id = ?1",
+                        params![id, bytes],
+                    )?;
                     txn.execute("DELETE FROM changes WHERE document = ?1", params![id])?;
                 }
                 Write::SetLastSeq { document, seq } => {
-                    let seq = i64::try_from(*seq).map_err(|e| StorageError::Backend(e.to_string()))?;
-                    txn.prepare_cached("UPDATE documents SET last_seq = MAX(last_seq, ?2) WHERE id = ?1")?
-                        .execute(params![document.as_bytes().as_slice(), seq])?;
+                    let seq =
+                        i64::try_from(*seq).map_err(|e| StorageError::Backend(e.to_string()))?;
+                    txn.prepare_cached(
+                        "UPDATE documents SET last_seq = MAX(last_seq, ?2) WHERE id = ?1",
+                    )?
+                    .execute(params![document.as_bytes().as_slice(), seq])?;
                 }
                 Write::PushOutbox(entry) => {
-                    txn.prepare_cached("INSERT INTO outbox (document, change, bytes) VALUES (?1, ?2, ?3)")?
-                        .execute(params![
-                            entry.document.as_bytes().as_slice(),
-                            entry.change.0.as_slice(),
-                            entry.bytes
-                        ])?;
+                    txn.prepare_cached(
+                        "INSERT INTO outbox (document, change, bytes) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![
+                        entry.document.as_bytes().as_slice(),
+                        entry.change.0.as_slice(),
+                        entry.bytes
+                    ])?;
                 }
                 Write::RemoveOutbox { document, change } => {
                     txn.prepare_cached("DELETE FROM outbox WHERE document = ?1 AND change = ?2")?

@@ -26,8 +26,14 @@ fn exercise(storage: &mut dyn Storage) {
     batch.push(Write::SetLastSeq { document, seq: 9 });
     storage.write(&batch).expect("write");
     assert_eq!(storage.replica_id().expect("read"), Some(replica));
-    assert_eq!(storage.documents().expect("list"), vec![(document, DocKind::Yrs)]);
-    let stored = storage.load_document(document).expect("load").expect("present");
+    assert_eq!(
+        storage.documents().expect("list"),
+        vec![(document, DocKind::Yrs)]
+    );
+    let stored = storage
+        .load_document(document)
+        .expect("load")
+        .expect("present");
     assert_eq!(stored.changes, vec![vec![1], vec![2]]);
     assert_eq!(stored.last_seq, 9);
     assert_eq!(storage.outbox().expect("outbox").len(), 1);
@@ -42,11 +48,19 @@ fn exercise(storage: &mut dyn Storage) {
         change: ChangeId([3; 32]),
     });
     storage.write(&compact).expect("compact");
-    let stored = storage.load_document(document).expect("load").expect("present");
+    let stored = storage
+        .load_document(document)
+        .expect("load")
+        .expect("present");
     assert_eq!(stored.snapshot, Some(vec![9, 9]));
     assert!(stored.changes.is_empty());
     assert!(storage.outbox().expect("outbox").is_empty());
-    assert_eq!(storage.load_document(DocumentId::from_bytes([7; 16])).expect("load"), None);
+    assert_eq!(
+        storage
+            .load_document(DocumentId::from_bytes([7; 16]))
+            .expect("load"),
+        None
+    );
 }
 
 #[test]
@@ -77,21 +91,39 @@ fn sqlite_corrupt_rows_are_typed_errors() {
         .execute("INSERT INTO documents (id, kind) VALUES (x'0102', 1)", [])
         .expect("insert bad id");
     assert!(matches!(storage.documents(), Err(StorageError::Corrupt(_))));
-    storage.connection().execute("DELETE FROM documents", []).expect("clear");
+    storage
+        .connection()
+        .execute("DELETE FROM documents", [])
+        .expect("clear");
     let good = DocumentId::from_bytes([1; 16]);
     storage
         .connection()
-        .execute("INSERT INTO documents (id, kind) VALUES (?1, 77)", [good.as_bytes().as_slice()])
+        .execute(
+            "INSERT INTO documents (id, kind) VALUES (?1, 77)",
+            [good.as_bytes().as_slice()],
+        )
         .expect("insert bad kind");
-    assert!(matches!(storage.load_document(good), Err(StorageError::Corrupt(_))));
+    assert!(matches!(
+        storage.load_document(good),
+        Err(StorageError::Corrupt(_))
+    ));
     storage
         .connection()
-        .execute("UPDATE documents SET kind = 1, snapshot = 'text, not a blob'", [])
+        .execute(
+            "UPDATE documents SET kind = 1, snapshot = 'text, not a blob'",
+            [],
+        )
         .expect("bad snapshot type");
-    assert!(matches!(storage.load_document(good), Err(StorageError::Corrupt(_))));
+    assert!(matches!(
+        storage.load_document(good),
+        Err(StorageError::Corrupt(_))
+    ));
     storage
         .connection()
-        .execute("INSERT INTO outbox (document, change, bytes) VALUES (?1, x'00', x'00')", [good.as_bytes().as_slice()])
+        .execute(
+            "INSERT INTO outbox (document, change, bytes) VALUES (?1, x'00', x'00')",
+            [good.as_bytes().as_slice()],
+        )
         .expect("bad outbox row");
     assert!(matches!(storage.outbox(), Err(StorageError::Corrupt(_))));
 }

@@ -85,7 +85,9 @@ impl Net {
         for (x, y) in [(a, b), (b, a)] {
             for document in self.documents.clone() {
                 if self.replicas[x].contains(document) {
-                    self.replicas[x].sync_document(PeerId(y as u64), document).expect("sync");
+                    self.replicas[x]
+                        .sync_document(PeerId(y as u64), document)
+                        .expect("sync");
                 }
             }
             self.collect(x);
@@ -147,7 +149,10 @@ impl Net {
         let Some(frame) = self.links[from][to].remove(index) else {
             return;
         };
-        if self.replicas[to].handle_frame(PeerId(from as u64), &frame).is_err() {
+        if self.replicas[to]
+            .handle_frame(PeerId(from as u64), &frame)
+            .is_err()
+        {
             self.errors += 1;
             self.connect(from, to);
             return;
@@ -221,7 +226,9 @@ impl Net {
         }
         let document = held[rng.below(held.len())];
         let state = self.replicas[i].json(document).expect("json");
-        let text_len = state["m"]["notes"].as_str().map_or(0, |s| s.encode_utf16().count());
+        let text_len = state["m"]["notes"]
+            .as_str()
+            .map_or(0, |s| s.encode_utf16().count());
         let list_len = state["m"]["list"].as_array().map_or(0, Vec::len);
         let key = format!("k{}", rng.below(4));
         let op = match rng.below(6) {
@@ -243,7 +250,11 @@ impl Net {
             },
             _ => {
                 let index = rng.below(text_len + 1);
-                let delete = if rng.chance(30) { rng.below(text_len - index + 1).min(3) } else { 0 };
+                let delete = if rng.chance(30) {
+                    rng.below(text_len - index + 1).min(3)
+                } else {
+                    0
+                };
                 Op::Splice {
                     path: Path::keys(["m", "notes"]),
                     index,
@@ -262,7 +273,10 @@ impl Net {
     }
 
     pub fn states(&mut self, document: DocumentId) -> Vec<serde_json::Value> {
-        self.replicas.iter_mut().map(|r| r.json(document).expect("json")).collect()
+        self.replicas
+            .iter_mut()
+            .map(|r| r.json(document).expect("json"))
+            .collect()
     }
 }
 
