@@ -1,1 +1,241 @@
+//! Accord's sync server: a WebSocket relay where each document is a scope of commit order.
+//!
+//! Every change the server accepts gets its document's next sequence number, is written to
+//! SQLite and committed before the acknowledgement goes back and before it is relayed. The server
+//! drives the engine's own [`accord_engine::sync::DocSync`]: there is no second implementation of
+//! the protocol.
+//!
+//! One file per concern, in the style of tokio's mini-redis:
+//! - [`run`] (here): the HTTP side (`/sync`, `/healthz`, `/metrics`) and graceful shutdown.
+//! - `connection`: one WebSocket: hello and auth, limits, the bounded outbound queue.
+//! - `document`: one task per loaded document, owning it, its head sequence number and one
+//!   sync state per subscriber; group commit; idle eviction.
+//! - [`store`]: the SQLite database.
+//! - [`auth`]: the HMAC-SHA256 tokens.
+//! - [`metrics`]: the Prometheus text.
+//!
+//! Architecture Invariant: documents share no lock, queue or sequence; a slow client never
+//! blocks a document (its queue is bounded and it is disconnected when the queue is full).
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), accord_server::ServerError> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let config = accord_server::Config::new("./accord-data", accord_server::auth::AuthMode::Disabled);
+//! accord_server::run(listener, config, tokio::signal::ctrl_c()).await
+//! # }
+//! ```
 
+#![deny(missing_docs)]
+
+pub mod auth;
+mod connection;
+mod document;
+pub mod metrics;
+pub mod store;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{State, WebSocketUpgrade};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::auth::AuthMode;
+use crate::document::Documents;
+use crate::metrics::Metrics;
+
+/// The server's settings. Every limit has a default; see [`Config::new`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the database lives (created if missing).
+    pub data_dir: PathBuf,
+    /// How clients are authenticated.
+    pub auth: AuthMode,
+    /// The largest WebSocket frame accepted and sent, in bytes (larger messages travel in chunks).
+    pub max_frame_bytes: usize,
+    /// The largest message after joining chunks, in bytes.
+    pub max_message_bytes: usize,
+    /// Documents one connection may subscribe at once.
+    pub max_documents_per_connection: usize,
+    /// Open connections at once; more are refused with `Overloaded`.
+    pub max_connections: usize,
+    /// Messages waiting to be sent to one connection; a connection whose queue is full is closed
+    /// with `Overloaded`.
+    pub outbound_queue: usize,
+    /// Commands waiting for one document.
+    pub document_inbox: usize,
+    /// Commands one document handles before it commits (the group commit batch).
+    pub max_batch: usize,
+    /// A connection that sends nothing (not even a pong) for this long is closed; pings go out
+    /// at a third of it.
+    pub idle_timeout: Duration,
+    /// A document with no subscribers for this long is dropped from memory.
+    pub idle_evict: Duration,
+    /// Changes appended after a snapshot before a new snapshot is stored.
+    pub compact_every: u64,
+    /// Commits of its own a returning client is told about at most, on subscribe.
+    pub max_catchup_acks: usize,
+    /// How long shutdown waits for connections and documents to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Defaults for everything but the data directory and auth.
+    pub fn new(data_dir: impl Into<PathBuf>, auth: AuthMode) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            auth,
+            max_frame_bytes: 1 << 20,
+            max_message_bytes: 64 << 20,
+            max_documents_per_connection: 1_000,
+            max_connections: 10_000,
+            outbound_queue: 4_096,
+            document_inbox: 1_024,
+            max_batch: 4_096,
+            idle_timeout: Duration::from_secs(60),
+            idle_evict: Duration::from_secs(30),
+            compact_every: 1_000,
+            max_catchup_acks: 100_000,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// The path of the SQLite database.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("accord.db")
+    }
+
+    fn limits(&self) -> accord_engine::protocol::Limits {
+        accord_engine::protocol::Limits {
+            max_frame_bytes: self.max_frame_bytes,
+            max_message_bytes: self.max_message_bytes,
+        }
+    }
+}
+
+/// What can stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Socket or file I/O failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The database could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// State shared by every connection and document of one server.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) documents: Arc<Documents>,
+    pub(crate) connections: Arc<Semaphore>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// Every connection task holds a clone; shutdown waits until all are dropped.
+    pub(crate) alive: mpsc::Sender<()>,
+    pub(crate) next_connection: std::sync::atomic::AtomicU64,
+}
+
+/// Runs the server on `listener` until `shutdown` completes, then stops accepting, lets each
+/// document finish its in-flight commit, sends every client an error `ShuttingDown` and a close
+/// frame, and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future,
+) -> Result<(), ServerError> {
+    let metrics = Arc::new(Metrics::default());
+    run_with_metrics(listener, config, metrics, shutdown).await
+}
+
+/// [`run`], reporting into `metrics` (so an embedding app or a test can read them).
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let database = config.database_path();
+    tokio::task::spawn_blocking(move || store::Store::open(&database).map(drop))
+        .await
+        .map_err(|e| store::StoreError::Task(e.to_string()))??;
+    if matches!(config.auth, AuthMode::Disabled) {
+        tracing::warn!("AUTH IS DISABLED: EVERY CLIENT MAY READ AND WRITE EVERY DOCUMENT");
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let documents = Documents::new(
+        config.clone(),
+        metrics.clone(),
+        shutdown_rx.clone(),
+        alive_tx.clone(),
+    );
+    let shared = Arc::new(Shared {
+        connections: Arc::new(Semaphore::new(config.max_connections)),
+        config,
+        metrics,
+        documents,
+        shutdown: shutdown_rx,
+        alive: alive_tx,
+        next_connection: std::sync::atomic::AtomicU64::new(1),
+    });
+    let grace = shared.config.shutdown_grace;
+    let app = Router::new()
+        .route("/sync", get(sync_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics_handler))
+        .with_state(shared.clone());
+    tracing::info!(address = ?listener.local_addr().ok(), "accord-server listening");
+    let mut stop = shared.shutdown.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    });
+    let mut server = Box::pin(std::future::IntoFuture::into_future(server));
+    let served = tokio::select! {
+        served = &mut server => served,
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            let _ = shutdown_tx.send(true);
+            (&mut server).await
+        }
+    };
+    drop(server);
+    let _ = shutdown_tx.send(true);
+    shared.documents.close();
+    drop(shared);
+    // Wait for every connection and document task to finish (each holds an `alive` sender).
+    let _ = tokio::time::timeout(grace, alive_rx.recv()).await;
+    served?;
+    Ok(())
+}
+
+async fn sync_handler(
+    State(shared): State<Arc<Shared>>,
+    upgrade: WebSocketUpgrade,
+) -> impl IntoResponse {
+    let frame_limit = shared
+        .config
+        .max_frame_bytes
+        .saturating_mul(2)
+        .saturating_add(1024);
+    upgrade
+        .max_frame_size(frame_limit)
+        .max_message_size(frame_limit)
+        .on_upgrade(move |socket| connection::serve(socket, shared))
+}
+
+async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        shared.metrics.render(),
+    )
+}

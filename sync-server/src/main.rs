@@ -1,1 +1,170 @@
-fn main(){}
+//! The `accord-server` binary: parses the command line and runs the server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use accord_server::auth::{mint, unix_now, AuthMode, Claims, Rights, Scope};
+use accord_server::Config;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Accord's sync server: a WebSocket relay with per-document commit order.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(Serve),
+    /// Mint an access token (signed with ACCORD_SECRET).
+    Token(TokenArgs),
+}
+
+#[derive(Parser)]
+struct Serve {
+    /// Address to listen on (WebSocket at /sync, /healthz, /metrics).
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    listen: SocketAddr,
+    /// Directory of the database (created if missing).
+    #[arg(long, default_value = "./accord-data")]
+    data_dir: PathBuf,
+    /// Secret that signs access tokens (HMAC-SHA256). Required unless --no-auth.
+    #[arg(long, env = "ACCORD_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Run without authentication: every client may read and write every document.
+    #[arg(long)]
+    no_auth: bool,
+    /// Largest WebSocket frame accepted and sent, in bytes; larger messages travel in chunks.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_frame_bytes: usize,
+    /// Largest message after joining chunks, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_message_bytes: usize,
+    /// Documents one connection may subscribe at once.
+    #[arg(long, default_value_t = 1_000)]
+    max_documents_per_connection: usize,
+    /// Open connections at once; more are refused with Overloaded.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Messages queued for one connection before it is closed as too slow.
+    #[arg(long, default_value_t = 4_096)]
+    outbound_queue: usize,
+    /// Seconds without any frame (pings go out at a third of it) before a connection is closed.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// Seconds a document without subscribers stays in memory.
+    #[arg(long, default_value_t = 30)]
+    idle_evict_secs: u64,
+    /// Changes appended after a snapshot before a new snapshot is stored.
+    #[arg(long, default_value_t = 1_000)]
+    compact_every: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RightsArg {
+    Read,
+    Write,
+}
+
+#[derive(Parser)]
+struct TokenArgs {
+    /// The document the token covers.
+    #[arg(long, conflicts_with = "prefix", required_unless_present = "prefix")]
+    doc: Option<accord_engine::DocumentId>,
+    /// Cover every document whose id starts with this text ("" for all).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// What the token allows.
+    #[arg(long, value_enum, default_value = "read")]
+    rights: RightsArg,
+    /// Seconds until it expires.
+    #[arg(long, default_value_t = 3_600)]
+    ttl_secs: u64,
+    /// The signing secret.
+    #[arg(long, env = "ACCORD_SECRET", hide_env_values = true)]
+    secret: String,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Token(args) => {
+            let scope = match (args.doc, args.prefix) {
+                (Some(doc), _) => Scope::Document(doc),
+                (None, prefix) => Scope::Prefix(prefix.unwrap_or_default()),
+            };
+            let rights = match args.rights {
+                RightsArg::Read => Rights::Read,
+                RightsArg::Write => Rights::Write,
+            };
+            let claims = Claims {
+                scope,
+                rights,
+                exp: unix_now().saturating_add(args.ttl_secs),
+            };
+            println!("{}", mint(args.secret.as_bytes(), &claims));
+            std::process::ExitCode::SUCCESS
+        }
+        Command::Serve(args) => match serve(args).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!(%error, "accord-server failed");
+                std::process::ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
+    let auth = match (args.no_auth, args.secret) {
+        (true, _) => AuthMode::Disabled,
+        (false, Some(secret)) if !secret.is_empty() => AuthMode::Secret(secret.into_bytes()),
+        (false, _) => {
+            return Err("set ACCORD_SECRET (or --secret), or pass --no-auth explicitly".into())
+        }
+    };
+    let mut config = Config::new(args.data_dir, auth);
+    config.max_frame_bytes = args.max_frame_bytes;
+    config.max_message_bytes = args.max_message_bytes;
+    config.max_documents_per_connection = args.max_documents_per_connection;
+    config.max_connections = args.max_connections;
+    config.outbound_queue = args.outbound_queue;
+    config.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
+    config.idle_evict = Duration::from_secs(args.idle_evict_secs);
+    config.compact_every = args.compact_every.max(1);
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    accord_server::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,734 @@
+//! One task per loaded document: the only place its state, head sequence number and subscribers
+//! live.
+//!
+//! The actor drains every queued command of its document, applies the Sync payloads through one
+//! [`DocSync`] per subscriber (role [`SyncRole::Downstream`]), gives each new change the next
+//! sequence number and commits them all in one SQLite transaction (group commit). Only after the
+//! commit does it acknowledge them to every subscriber and relay them; nothing is polled from a
+//! sync state while uncommitted changes sit in the document. A document with no subscribers for
+//! `idle_evict` is dropped from memory and reloaded from SQLite on next use.
+//!
+//! Architecture Invariant: no lock, queue or sequence is shared across documents; the registry's
+//! lock is held only to find or start an actor.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use accord_engine::protocol::{Commit, ErrorCode, Message, SyncPayload};
+use accord_engine::sync::{DocSync, SyncRole};
+use accord_engine::{Change, ChangeId, DocKind, Document, DocumentId, ReplicaId};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::connection::{CloseReason, Outbox};
+use crate::metrics::Metrics;
+use crate::store::{NewCommit, Store, StoreError, StoredDocument};
+use crate::Config;
+
+/// The server's own replica id: it never edits, so one fixed id serves every document.
+fn server_replica() -> ReplicaId {
+    ReplicaId::from_bytes([0; 16])
+}
+
+/// Commits per Ack message on catch-up.
+const ACK_CHUNK: usize = 8_192;
+
+/// What a connection asks of a document.
+pub(crate) enum Command {
+    /// Subscribe a connection.
+    Subscribe {
+        out: Outbox,
+        replica: ReplicaId,
+        kind: DocKind,
+        since_seq: u64,
+        read_only: bool,
+        may_create: bool,
+        reply: oneshot::Sender<bool>,
+    },
+    /// CRDT data from a subscribed connection.
+    Sync {
+        connection: u64,
+        payload: SyncPayload,
+    },
+    /// The connection no longer follows the document.
+    Unsubscribe { connection: u64 },
+}
+
+struct Entry {
+    tx: mpsc::Sender<Command>,
+    leases: Arc<AtomicUsize>,
+}
+
+/// The registry of document actors.
+pub(crate) struct Documents {
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    alive: Mutex<Option<mpsc::Sender<()>>>,
+    entries: Mutex<HashMap<DocumentId, Entry>>,
+}
+
+/// A connection's hold on a document actor: while any lease is held the actor is not evicted.
+pub(crate) struct Lease {
+    tx: mpsc::Sender<Command>,
+    leases: Arc<AtomicUsize>,
+}
+
+impl Lease {
+    /// Sends a command, waiting for room in the document's inbox. False when the actor is gone.
+    pub(crate) async fn send(&self, command: Command) -> bool {
+        self.tx.send(command).await.is_ok()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.leases.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Documents {
+    pub(crate) fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+        alive: mpsc::Sender<()>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            metrics,
+            shutdown,
+            alive: Mutex::new(Some(alive)),
+            entries: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A lease on `document`'s actor, starting it if needed. `None` once shutting down.
+    pub(crate) fn acquire(self: &Arc<Self>, document: DocumentId) -> Option<Lease> {
+        let mut entries = lock(&self.entries);
+        if let Some(entry) = entries.get(&document) {
+            if !entry.tx.is_closed() {
+                entry.leases.fetch_add(1, Ordering::SeqCst);
+                return Some(Lease {
+                    tx: entry.tx.clone(),
+                    leases: entry.leases.clone(),
+                });
+            }
+        }
+        let alive = lock(&self.alive).clone()?;
+        let (tx, rx) = mpsc::channel(self.config.document_inbox.max(1));
+        let leases = Arc::new(AtomicUsize::new(1));
+        entries.insert(
+            document,
+            Entry {
+                tx: tx.clone(),
+                leases: leases.clone(),
+            },
+        );
+        let actor = Actor {
+            document,
+            config: self.config.clone(),
+            database: self.config.database_path(),
+            metrics: self.metrics.clone(),
+            documents: self.clone(),
+            store: None,
+            state: None,
+            subscribers: BTreeMap::new(),
+            pending: Pending::default(),
+        };
+        tokio::spawn(actor.run(rx, leases.clone(), self.shutdown.clone(), alive));
+        Some(Lease { tx, leases })
+    }
+
+    /// Stops starting actors (shutdown).
+    pub(crate) fn close(&self) {
+        lock(&self.alive).take();
+    }
+
+    /// Removes the actor of `document` if nobody holds a lease; true when removed.
+    fn try_evict(&self, document: DocumentId, leases: &Arc<AtomicUsize>) -> bool {
+        let mut entries = lock(&self.entries);
+        if leases.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        if entries
+            .get(&document)
+            .is_some_and(|e| Arc::ptr_eq(&e.leases, leases))
+        {
+            entries.remove(&document);
+        }
+        true
+    }
+
+    /// Forgets the actor of `document` (it stopped).
+    fn remove(&self, document: DocumentId, leases: &Arc<AtomicUsize>) {
+        let mut entries = lock(&self.entries);
+        if entries
+            .get(&document)
+            .is_some_and(|e| Arc::ptr_eq(&e.leases, leases))
+        {
+            entries.remove(&document);
+        }
+    }
+}
+
+struct Loaded {
+    doc: Document,
+    kind: DocKind,
+    head_seq: u64,
+    head_change: Option<ChangeId>,
+    since_snapshot: u64,
+}
+
+struct Subscriber {
+    out: Outbox,
+    sync: DocSync,
+    read_only: bool,
+    replica: ReplicaId,
+}
+
+struct PendingChange {
+    connection: u64,
+    author: ReplicaId,
+    change: Change,
+}
+
+#[derive(Default)]
+struct Pending {
+    changes: Vec<PendingChange>,
+    /// Yrs updates that brought nothing new: acknowledged at the head so the outbox clears.
+    duplicates: Vec<(u64, ChangeId)>,
+    /// Subscribers whose sync state may have something due.
+    dirty: BTreeSet<u64>,
+}
+
+struct Actor {
+    document: DocumentId,
+    config: Config,
+    database: PathBuf,
+    metrics: Arc<Metrics>,
+    documents: Arc<Documents>,
+    store: Option<Store>,
+    state: Option<Loaded>,
+    subscribers: BTreeMap<u64, Subscriber>,
+    pending: Pending,
+}
+
+/// Runs `f` on the store in a blocking thread, opening it first if needed.
+async fn with_store<T, F>(store: &mut Option<Store>, database: &Path, f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+{
+    let taken = store.take();
+    let database = database.to_path_buf();
+    let (returned, result) = tokio::task::spawn_blocking(move || {
+        let mut store = match taken {
+            Some(store) => store,
+            None => match Store::open(&database) {
+                Ok(store) => store,
+                Err(e) => return (None, Err(e)),
+            },
+        };
+        let result = f(&mut store);
+        (Some(store), result)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?;
+    *store = returned;
+    result
+}
+
+enum Found {
+    Stored(StoredDocument),
+    Created,
+    Missing,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        leases: Arc<AtomicUsize>,
+        mut shutdown: watch::Receiver<bool>,
+        _alive: mpsc::Sender<()>,
+    ) {
+        loop {
+            let idle = self.subscribers.is_empty();
+            let command = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                command = rx.recv() => command,
+                _ = tokio::time::sleep(self.config.idle_evict), if idle => {
+                    if self.documents.try_evict(self.document, &leases) {
+                        tracing::debug!(document = %self.document, "evicted");
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some(first) = command else { break };
+            let mut batch = vec![first];
+            while batch.len() < self.config.max_batch {
+                match rx.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            let mut result = Ok(());
+            for command in batch {
+                result = self.handle(command).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            if result.is_ok() {
+                result = self.flush().await;
+            }
+            if let Err(error) = result {
+                self.fail(&error);
+                break;
+            }
+        }
+        self.documents.remove(self.document, &leases);
+        rx.close();
+        if self.state.take().is_some() {
+            self.metrics
+                .documents_loaded
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A commit failed: nothing of it was acknowledged. Every subscriber's connection is closed
+    /// so its client resyncs from what is durable.
+    fn fail(&mut self, error: &StoreError) {
+        tracing::error!(document = %self.document, %error, "document stopped");
+        for subscriber in self.subscribers.values() {
+            let _ = subscriber.out.send(Message::Error {
+                code: ErrorCode::Storage,
+                document: Some(self.document),
+                message: format!("storage failed; nothing was acknowledged: {error}"),
+            });
+            subscriber.out.close_with(CloseReason::flush());
+        }
+        self.subscribers.clear();
+    }
+
+    async fn handle(&mut self, command: Command) -> Result<(), StoreError> {
+        match command {
+            Command::Subscribe {
+                out,
+                replica,
+                kind,
+                since_seq,
+                read_only,
+                may_create,
+                reply,
+            } => {
+                self.flush().await?;
+                let ok = self
+                    .subscribe(out, replica, kind, since_seq, read_only, may_create)
+                    .await?;
+                let _ = reply.send(ok);
+                Ok(())
+            }
+            Command::Sync {
+                connection,
+                payload,
+            } => {
+                self.receive(connection, payload);
+                Ok(())
+            }
+            Command::Unsubscribe { connection } => {
+                self.subscribers.remove(&connection);
+                self.pending.dirty.remove(&connection);
+                Ok(())
+            }
+        }
+    }
+
+    fn error(&self, out: &Outbox, code: ErrorCode, message: impl Into<String>) {
+        let _ = out.send(Message::Error {
+            code,
+            document: Some(self.document),
+            message: message.into(),
+        });
+    }
+
+    async fn load(
+        &mut self,
+        kind: DocKind,
+        may_create: bool,
+    ) -> Result<Option<Loaded>, StoreError> {
+        let document = self.document;
+        let found = with_store(&mut self.store, &self.database, move |store| {
+            Ok(match store.load(document)? {
+                Some(stored) => Found::Stored(stored),
+                None if may_create => {
+                    store.create(document, kind)?;
+                    Found::Created
+                }
+                None => Found::Missing,
+            })
+        })
+        .await?;
+        let loaded = match found {
+            Found::Missing => return Ok(None),
+            Found::Created => Loaded {
+                doc: Document::new(kind, server_replica(), document),
+                kind,
+                head_seq: 0,
+                head_change: None,
+                since_snapshot: 0,
+            },
+            Found::Stored(stored) => {
+                let doc = Document::load(
+                    stored.kind,
+                    server_replica(),
+                    document,
+                    stored.snapshot.as_deref(),
+                    stored.changes.iter().map(Vec::as_slice),
+                )
+                .map_err(|e| StoreError::Corrupt {
+                    document: document.to_string(),
+                    detail: e.to_string(),
+                })?;
+                Loaded {
+                    doc,
+                    kind: stored.kind,
+                    head_seq: stored.head_seq,
+                    head_change: stored.head_change,
+                    since_snapshot: stored.changes.len() as u64,
+                }
+            }
+        };
+        self.metrics
+            .documents_loaded
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Some(loaded))
+    }
+
+    /// Subscribes a connection; false when refused (the connection was told why). Only a failed
+    /// commit is an error; a failed load or read is reported to this subscriber alone.
+    async fn subscribe(
+        &mut self,
+        out: Outbox,
+        replica: ReplicaId,
+        kind: DocKind,
+        since_seq: u64,
+        read_only: bool,
+        may_create: bool,
+    ) -> Result<bool, StoreError> {
+        if self.state.is_none() {
+            match self.load(kind, may_create).await {
+                Ok(Some(loaded)) => self.state = Some(loaded),
+                Ok(None) => {
+                    self.error(&out, ErrorCode::UnknownDocument, "no such document");
+                    return Ok(false);
+                }
+                Err(error) => {
+                    tracing::error!(document = %self.document, %error, "load failed");
+                    self.error(
+                        &out,
+                        ErrorCode::Storage,
+                        format!("the document does not load: {error}"),
+                    );
+                    return Ok(false);
+                }
+            }
+        }
+        let Some(state) = self.state.as_ref() else {
+            return Ok(false);
+        };
+        if state.kind != kind {
+            let message = format!("the document is {}, not {kind}", state.kind);
+            self.error(&out, ErrorCode::KindMismatch, message);
+            return Ok(false);
+        }
+        let (head_seq, head_change) = (state.head_seq, state.head_change);
+        let document = self.document;
+        let limit = self.config.max_catchup_acks;
+        let own = if since_seq < head_seq {
+            match with_store(&mut self.store, &self.database, move |store| {
+                store.commits_by(document, since_seq, replica, limit)
+            })
+            .await
+            {
+                Ok(own) => own,
+                Err(error) => {
+                    self.error(
+                        &out,
+                        ErrorCode::Storage,
+                        format!("the commit log does not read: {error}"),
+                    );
+                    return Ok(false);
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let mut commits: Vec<Commit> = own
+            .into_iter()
+            .map(|(seq, change)| Commit { seq, change })
+            .collect();
+        if let Some(change) = head_change.filter(|_| head_seq > since_seq) {
+            if commits.last().map(|c| c.seq) != Some(head_seq) {
+                commits.push(Commit {
+                    seq: head_seq,
+                    change,
+                });
+            }
+        }
+        let subscribed = out.send(Message::Subscribed {
+            document,
+            kind,
+            head_seq,
+            read_only,
+        });
+        for chunk in commits.chunks(ACK_CHUNK) {
+            let _ = out.send(Message::Ack {
+                document,
+                commits: chunk.to_vec(),
+            });
+        }
+        if !subscribed {
+            return Ok(false);
+        }
+        let connection = out.id();
+        self.subscribers.insert(
+            connection,
+            Subscriber {
+                out,
+                sync: DocSync::new(kind, SyncRole::Downstream),
+                read_only,
+                replica,
+            },
+        );
+        self.pending.dirty.insert(connection);
+        Ok(true)
+    }
+
+    /// Applies a payload from a subscriber; new changes wait in `pending` for the commit.
+    fn receive(&mut self, connection: u64, payload: SyncPayload) {
+        let document = self.document;
+        let (Some(state), Some(subscriber)) =
+            (self.state.as_mut(), self.subscribers.get_mut(&connection))
+        else {
+            return;
+        };
+        if payload.kind() != state.kind {
+            let _ = subscriber.out.send(Message::Error {
+                code: ErrorCode::KindMismatch,
+                document: Some(document),
+                message: format!(
+                    "sync data for {} sent to a {} document",
+                    payload.kind(),
+                    state.kind
+                ),
+            });
+            return;
+        }
+        let update_id = match &payload {
+            SyncPayload::YrsUpdate(bytes) | SyncPayload::YrsStep2(bytes) => {
+                Some(ChangeId::of_bytes(bytes))
+            }
+            _ => None,
+        };
+        let payload = if subscriber.read_only {
+            match refuse_writes(document, &mut state.doc, &subscriber.out, payload) {
+                Some(payload) => payload,
+                None => return,
+            }
+        } else {
+            payload
+        };
+        match subscriber.sync.receive(&mut state.doc, payload) {
+            Ok(received) => {
+                if received.changes.is_empty() {
+                    if let Some(id) = update_id {
+                        self.pending.duplicates.push((connection, id));
+                    }
+                }
+                for change in received.changes {
+                    self.pending.changes.push(PendingChange {
+                        connection,
+                        author: subscriber.replica,
+                        change,
+                    });
+                }
+            }
+            Err(error) => {
+                let message = match update_id {
+                    Some(change) => Message::Reject {
+                        document,
+                        change,
+                        code: ErrorCode::InvalidChange,
+                        reason: error.to_string(),
+                    },
+                    None => Message::Error {
+                        code: ErrorCode::InvalidChange,
+                        document: Some(document),
+                        message: error.to_string(),
+                    },
+                };
+                let _ = subscriber.out.send(message);
+            }
+        }
+        self.pending.dirty.insert(connection);
+    }
+
+    /// Commits what is pending in one transaction, then acknowledges, relays and polls.
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        let pending = std::mem::take(&mut self.pending);
+        let Some(state) = self.state.as_mut() else {
+            return Ok(());
+        };
+        let document = self.document;
+        let mut dirty = pending.dirty;
+        let mut dead = Vec::new();
+        if !pending.changes.is_empty() {
+            let head = state.head_seq;
+            let commits: Vec<NewCommit> = pending
+                .changes
+                .iter()
+                .zip(head + 1..)
+                .map(|(p, seq)| NewCommit {
+                    seq,
+                    change: p.change.id,
+                    author: p.author,
+                    bytes: p.change.bytes.clone(),
+                })
+                .collect();
+            let count = commits.len() as u64;
+            let since_snapshot = state.since_snapshot + count;
+            let snapshot = (since_snapshot >= self.config.compact_every).then(|| state.doc.save());
+            let compacted = snapshot.is_some();
+            let acked: Vec<Commit> = commits
+                .iter()
+                .map(|c| Commit {
+                    seq: c.seq,
+                    change: c.change,
+                })
+                .collect();
+            let started = Instant::now();
+            with_store(&mut self.store, &self.database, move |store| {
+                store.commit(document, head, &commits, snapshot.as_deref())
+            })
+            .await?;
+            self.metrics.observe_commit(started.elapsed());
+            self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .changes_committed
+                .fetch_add(count, Ordering::Relaxed);
+            state.head_seq = head + count;
+            state.head_change = acked.last().map(|c| c.change);
+            state.since_snapshot = if compacted { 0 } else { since_snapshot };
+            let ack = Message::Ack {
+                document,
+                commits: acked,
+            };
+            for (id, subscriber) in &self.subscribers {
+                if !subscriber.out.send(ack.clone()) {
+                    dead.push(*id);
+                }
+            }
+            if state.kind == DocKind::Yrs {
+                for change in &pending.changes {
+                    for (id, subscriber) in self.subscribers.iter_mut() {
+                        if *id != change.connection {
+                            subscriber.sync.queue_update(&change.change.bytes);
+                        }
+                    }
+                }
+            }
+            dirty.extend(self.subscribers.keys().copied());
+        }
+        for (connection, change) in pending.duplicates {
+            if let Some(subscriber) = self.subscribers.get(&connection) {
+                let ack = Message::Ack {
+                    document,
+                    commits: vec![Commit {
+                        seq: state.head_seq,
+                        change,
+                    }],
+                };
+                if !subscriber.out.send(ack) {
+                    dead.push(connection);
+                }
+            }
+        }
+        for connection in dirty {
+            let Some(subscriber) = self.subscribers.get_mut(&connection) else {
+                continue;
+            };
+            for payload in subscriber.sync.poll(&mut state.doc) {
+                if !subscriber.out.send(Message::Sync { document, payload }) {
+                    dead.push(connection);
+                    break;
+                }
+            }
+        }
+        for connection in dead {
+            self.subscribers.remove(&connection);
+        }
+        Ok(())
+    }
+}
+
+/// Strips the writes out of a read-only subscriber's payload, rejecting each change it brought
+/// that the document lacks. Returns what is left to apply, if anything.
+fn refuse_writes(
+    document: DocumentId,
+    doc: &mut Document,
+    out: &Outbox,
+    payload: SyncPayload,
+) -> Option<SyncPayload> {
+    let reject = |change: ChangeId| {
+        let _ = out.send(Message::Reject {
+            document,
+            change,
+            code: ErrorCode::Forbidden,
+            reason: "this connection's token is read-only".into(),
+        });
+    };
+    match payload {
+        SyncPayload::YrsUpdate(bytes) | SyncPayload::YrsStep2(bytes) => {
+            reject(ChangeId::of_bytes(&bytes));
+            None
+        }
+        SyncPayload::YrsStep1(_) => Some(payload),
+        SyncPayload::Automerge(bytes) => {
+            let Ok(mut message) = automerge::sync::Message::decode(&bytes) else {
+                // Let the sync state report the malformed message.
+                return Some(SyncPayload::Automerge(bytes));
+            };
+            if message.changes.is_empty() {
+                return Some(SyncPayload::Automerge(bytes));
+            }
+            let Document::Automerge(am) = doc else {
+                return None;
+            };
+            // The chunks may be single changes or bundles: find what they would add on a fork.
+            let mut fork = am.native().fork();
+            let before = fork.get_heads();
+            for chunk in message.changes.iter() {
+                if fork.load_incremental(chunk).is_err() {
+                    reject(ChangeId::of_bytes(chunk));
+                }
+            }
+            for change in fork.get_changes(&before) {
+                reject(ChangeId(change.hash().0));
+            }
+            message.changes = automerge::sync::ChunkList::empty();
+            Some(SyncPayload::Automerge(message.encode()))
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Counters and gauges, rendered in the Prometheus text format by hand.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use accord_engine::protocol::ErrorCode;
+
+/// Upper bounds of the commit latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Error codes tracked by number (0 collects unknown codes).
+const CODES: usize = 16;
+
+/// The server's metrics. Every field is an atomic: no lock is shared by documents.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open WebSocket connections.
+    pub connections: AtomicI64,
+    /// Document actors holding a document in memory.
+    pub documents_loaded: AtomicI64,
+    /// Changes committed since start.
+    pub changes_committed: AtomicU64,
+    /// Commit transactions since start.
+    pub commits: AtomicU64,
+    /// Bytes received in WebSocket frames.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent in WebSocket frames.
+    pub bytes_out: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+    errors: [AtomicU64; CODES],
+}
+
+impl Metrics {
+    /// Records one commit transaction's latency.
+    pub fn observe_commit(&self, latency: Duration) {
+        let seconds = latency.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Records an error or rejection sent to a client.
+    pub fn count_error(&self, code: ErrorCode) {
+        let index = usize::from(code.code());
+        let index = if index < CODES { index } else { 0 };
+        self.errors[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Errors sent with `code` so far.
+    pub fn errors(&self, code: ErrorCode) -> u64 {
+        let index = usize::from(code.code());
+        self.errors
+            .get(index)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, value: i64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        gauge(
+            &mut out,
+            "accord_connections",
+            "Open WebSocket connections.",
+            self.connections.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "accord_documents_loaded",
+            "Documents held in memory.",
+            self.documents_loaded.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "accord_changes_committed_total",
+            "Changes durably committed.",
+            self.changes_committed.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "accord_bytes_in_total",
+            "Bytes received in WebSocket frames.",
+            self.bytes_in.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "accord_bytes_out_total",
+            "Bytes sent in WebSocket frames.",
+            self.bytes_out.load(Ordering::Relaxed),
+        );
+        let name = "accord_commit_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Latency of one commit transaction (group commit).\n# TYPE {name} histogram"
+        );
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        let name = "accord_errors_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Errors and rejections sent, by code.\n# TYPE {name} counter"
+        );
+        for (index, value) in self.errors.iter().enumerate() {
+            let label = ErrorCode::from_code(index as u16).label();
+            let _ = writeln!(
+                out,
+                "{name}{{code=\"{label}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
