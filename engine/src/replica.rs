@@ -190,7 +190,12 @@ struct Peer {
     wanted: Vec<DocumentId>,
     docs: HashMap<DocumentId, DocSync>,
     reassembler: Reassembler,
+    /// The largest frame to send this peer: ours, or the server's if smaller (from `Welcome`).
+    max_frame_bytes: usize,
 }
+
+/// The smallest frame limit a server can impose on us (a smaller one would shatter messages).
+const MIN_FRAME_BYTES: usize = 4096;
 
 /// A replica of many documents. See the [module docs](self).
 pub struct Replica<S: Storage> {
@@ -509,6 +514,7 @@ impl<S: Storage> Replica<S> {
             wanted: Vec::new(),
             docs: HashMap::new(),
             reassembler: Reassembler::new(self.config.limits),
+            max_frame_bytes: self.config.limits.max_frame_bytes,
         }
     }
 
@@ -587,10 +593,15 @@ impl<S: Storage> Replica<S> {
             .ok_or(ReplicaError::UnknownPeer(peer))?
             .role;
         match message {
-            Message::Welcome { .. } if role == SyncRole::Upstream => {
+            Message::Welcome {
+                max_frame_bytes, ..
+            } if role == SyncRole::Upstream => {
                 let wanted = match self.peers.get_mut(&peer) {
                     Some(state) => {
                         state.welcomed = true;
+                        let theirs = usize::try_from(max_frame_bytes).unwrap_or(usize::MAX);
+                        state.max_frame_bytes =
+                            state.max_frame_bytes.min(theirs).max(MIN_FRAME_BYTES);
                         state.wanted.clone()
                     }
                     None => Vec::new(),
@@ -815,11 +826,11 @@ impl<S: Storage> Replica<S> {
 
     fn send(&mut self, peer: PeerId, message: &Message) {
         self.next_stream = self.next_stream.wrapping_add(1);
-        for frame in encode_frames(
-            message,
-            self.config.limits.max_frame_bytes,
-            self.next_stream,
-        ) {
+        let max_frame_bytes = self
+            .peers
+            .get(&peer)
+            .map_or(self.config.limits.max_frame_bytes, |p| p.max_frame_bytes);
+        for frame in encode_frames(message, max_frame_bytes, self.next_stream) {
             self.transmits.push_back(Transmit { peer, frame });
         }
     }

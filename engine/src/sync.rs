@@ -5,9 +5,9 @@
 //!   date or a message is in flight); [`DocSync::receive`] applies one.
 //! - Yrs: each side sends its state vector (`YrsStep1`); each answers a step 1 with the update the
 //!   other lacks (`YrsStep2`); after that, new changes are queued with [`DocSync::queue_update`]
-//!   and sent as `YrsUpdate`. Towards a server ([`SyncRole::Upstream`]) a step 1 is not answered
-//!   with a merged step 2 but by the replica resending each unconfirmed change on its own, so the
-//!   server can acknowledge each one by its id.
+//!   and sent as `YrsUpdate`. Towards a server ([`SyncRole::Upstream`]) a step 1 is answered by
+//!   the replica resending each unconfirmed change on its own (so the server can acknowledge each
+//!   by its id), then by the step 2, which then carries only what nothing else covered.
 //!
 //! ```
 //! use accord_engine::sync::{DocSync, SyncRole};
@@ -47,6 +47,7 @@ pub enum SyncRole {
 /// Sync state of one document with one peer.
 pub struct DocSync {
     role: SyncRole,
+    read_only: bool,
     state: KindState,
 }
 
@@ -73,6 +74,10 @@ pub struct Received {
     /// Whether the peer asked for what it lacks (a Yrs step 1) and, in the upstream role, the
     /// replica must now resend its unconfirmed changes.
     pub resend_unconfirmed: bool,
+    /// Whether a Yrs update was dropped because changes it depends on are missing here. What it
+    /// brought is not here: a server must not acknowledge it. A step 1 asking the peer for what
+    /// is missing goes out with the next [`DocSync::poll`].
+    pub incomplete: bool,
 }
 
 impl DocSync {
@@ -82,7 +87,26 @@ impl DocSync {
             DocKind::Automerge => KindState::Automerge(Box::default()),
             DocKind::Yrs => KindState::Yrs(YrsState::default()),
         };
-        Self { role, state }
+        Self {
+            role,
+            read_only: false,
+            state,
+        }
+    }
+
+    /// Makes the peer read-only: its changes are refused. Automerge uses its read-only sync state
+    /// (the peer's changes are not applied, ours still flow); a Yrs update from the peer is a
+    /// [`DocError::ReadOnly`].
+    pub fn set_read_only(&mut self, read_only: bool) {
+        self.read_only = read_only;
+        if let KindState::Automerge(state) = &mut self.state {
+            state.set_read_only(read_only);
+        }
+    }
+
+    /// Whether the peer is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// The role of the peer.
@@ -113,13 +137,16 @@ impl DocSync {
                     state.sent_step1 = true;
                     out.push(SyncPayload::YrsStep1(d.state_vector()));
                 }
+                // Queued updates go before the step 2: towards a server they are the unconfirmed
+                // changes resent one by one (each acknowledged by its id), and the step 2 after
+                // them then carries only what nothing else covers.
+                out.extend(state.queued.drain(..).map(SyncPayload::YrsUpdate));
                 if let Some(their_sv) = state.step2_due.take() {
                     // A state vector that was valid on receipt stays valid.
                     if let Ok(update) = d.changes_after(&their_sv) {
                         out.push(SyncPayload::YrsStep2(update));
                     }
                 }
-                out.extend(state.queued.drain(..).map(SyncPayload::YrsUpdate));
             }
             _ => {}
         }
@@ -170,21 +197,24 @@ impl DocSync {
                 // Check it now so a bad state vector is this message's error, not a silent skip.
                 d.changes_after(&sv)?;
                 state.live = true;
-                if self.role == SyncRole::Upstream {
-                    received.resend_unconfirmed = true;
-                } else {
-                    state.step2_due = Some(sv);
-                }
+                // Towards a server, unconfirmed changes are resent one by one first; the step 2
+                // still follows so nothing the server lacks can be left out.
+                received.resend_unconfirmed = self.role == SyncRole::Upstream;
+                state.step2_due = Some(sv);
             }
             (
                 KindState::Yrs(state),
                 Document::Yrs(d),
                 SyncPayload::YrsStep2(bytes) | SyncPayload::YrsUpdate(bytes),
             ) => {
+                if self.read_only {
+                    return Err(DocError::ReadOnly);
+                }
                 received.changes = d.apply_changes(&bytes)?;
                 if d.take_incomplete() {
                     // Something before it was lost: ask for everything after our state again.
                     state.sent_step1 = false;
+                    received.incomplete = true;
                 }
             }
             (_, doc, payload) => {
@@ -197,3 +227,6 @@ impl DocSync {
         Ok(received)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -51,6 +51,9 @@ pub enum DocError {
     /// The Automerge library refused an operation (boxed: the library's error is large).
     #[error("automerge: {0}")]
     Automerge(Box<automerge::AutomergeError>),
+    /// The peer may only read this document.
+    #[error("the peer may only read this document")]
+    ReadOnly,
     /// The sync payload belongs to the other CRDT kind.
     #[error("sync payload for {got:?} sent to a {expected:?} document")]
     KindMismatch {

@@ -111,11 +111,23 @@ impl YrsDoc {
         let update = Update::decode_v1(bytes).map_err(|e| DocError::malformed("yrs update", e))?;
         self.astral = true;
         let mut txn = self.doc.transact_mut();
+        // yrs 0.28 integrates a block that starts past our clock for its client (a gap) without
+        // marking anything missing, leaving a state vector that hides the gap. Refuse such an
+        // update whole and ask again from our state vector.
+        let ours = txn.state_vector();
+        let gap = update
+            .state_vector_lower()
+            .iter()
+            .any(|(client, clock)| *clock > ours.get(client));
+        if gap {
+            self.incomplete = true;
+            return Ok(Vec::new());
+        }
         txn.apply_update(update)
             .map_err(|e| DocError::malformed("yrs update", e))?;
-        // An update whose dependencies have not arrived would wait in Yrs's pending set. Drop it
-        // instead and ask again from our state vector (as y-protocols does): what the state
-        // vector says we have is then always exactly what we have.
+        // An update whose other dependencies (an origin item, a deleted item) have not arrived
+        // would wait in Yrs's pending set. Drop it instead and ask again from our state vector:
+        // what the state vector says we have is then always exactly what we have.
         if txn.has_missing_updates() {
             txn.prune_pending();
             self.incomplete = true;

@@ -314,3 +314,69 @@ fn garbage_frames_are_errors_not_panics() {
     });
     assert!(replica.handle_frame(PeerId(1), &bad_sync).is_err());
 }
+
+#[test]
+fn frames_to_a_server_respect_its_welcome_limit() {
+    let mut replica = Replica::open(
+        MemoryStorage::new(),
+        ReplicaId::from_bytes([1; 16]),
+        ReplicaConfig::default(),
+    )
+    .expect("replica");
+    replica.create(doc_id(), DocKind::Yrs).expect("create");
+    let server = PeerId(1);
+    replica.connect_upstream(server, None);
+    let _ = drain(&mut replica);
+    replica
+        .handle_message(
+            server,
+            Message::Welcome {
+                protocol_version: 1,
+                max_frame_bytes: 8192,
+                max_message_bytes: 1 << 26,
+            },
+        )
+        .expect("welcome");
+    replica.sync_document(server, doc_id()).expect("sync");
+    replica
+        .handle_message(
+            server,
+            Message::Subscribed {
+                document: doc_id(),
+                kind: DocKind::Yrs,
+                head_seq: 0,
+                read_only: false,
+            },
+        )
+        .expect("subscribed");
+    let big = "x".repeat(100_000);
+    replica
+        .change(
+            doc_id(),
+            &[Op::Splice {
+                path: Path::keys(["text"]),
+                index: 0,
+                delete: 0,
+                insert: big,
+            }],
+        )
+        .expect("change");
+    let server_doc = Document::new(DocKind::Yrs, ReplicaId::from_bytes([2; 16]), doc_id());
+    let Document::Yrs(y) = &server_doc else {
+        unreachable!()
+    };
+    replica
+        .handle_message(
+            server,
+            Message::Sync {
+                document: doc_id(),
+                payload: SyncPayload::YrsStep1(y.state_vector()),
+            },
+        )
+        .expect("step1");
+    let frames: Vec<Vec<u8>> = std::iter::from_fn(|| replica.poll_transmit())
+        .map(|t| t.frame)
+        .collect();
+    assert!(frames.len() > 12, "100 KB goes out in chunks");
+    assert!(frames.iter().all(|f| f.len() <= 8192));
+}
