@@ -14,6 +14,7 @@
 
 pub mod doc;
 pub mod ids;
+pub mod invariant;
 pub mod protocol;
 pub mod replica;
 pub mod storage;

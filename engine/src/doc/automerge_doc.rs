@@ -121,6 +121,28 @@ impl AutomergeDoc {
             .unwrap_or(serde_json::Value::Null)
     }
 
+    /// The JSON of the value at `path` only (walks there and serializes that subtree).
+    pub fn get_json(&self, path: &Path) -> Option<serde_json::Value> {
+        let Some((parent, last)) = path.split_last() else {
+            return Some(self.to_json());
+        };
+        let obj = resolve(&self.doc, parent, path).ok()?;
+        let (value, id) = self.doc.get(&obj, prop(last)).ok()??;
+        Some(value_to_json(&self.doc, &value, &id))
+    }
+
+    /// The keys of the map at `path` (the root's keys for the root path).
+    pub fn keys(&self, path: &Path) -> Vec<String> {
+        let obj = match resolve(&self.doc, path.segments(), path) {
+            Ok(obj) => obj,
+            Err(_) => return Vec::new(),
+        };
+        match self.doc.object_type(&obj) {
+            Ok(ObjType::Map) | Ok(ObjType::Table) => self.doc.keys(&obj).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Produces the next Automerge sync message for a peer, if one is due.
     pub fn generate_sync_message(&mut self, state: &mut automerge::sync::State) -> Option<Vec<u8>> {
         self.doc
@@ -374,6 +396,28 @@ fn json_to_scalar(value: &serde_json::Value) -> Result<ScalarValue, DocError> {
             ))
         }
     })
+}
+
+fn value_to_json(doc: &AutoCommit, value: &Value<'_>, id: &ObjId) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value {
+        Value::Scalar(s) => scalar_to_json(s),
+        Value::Object(ObjType::Text) => J::String(doc.text(id).unwrap_or_default()),
+        Value::Object(ObjType::List) => J::Array(
+            (0..doc.length(id))
+                .filter_map(|i| doc.get(id, i).ok().flatten())
+                .map(|(v, child)| value_to_json(doc, &v, &child))
+                .collect(),
+        ),
+        Value::Object(_) => J::Object(
+            doc.keys(id)
+                .filter_map(|k| {
+                    let (v, child) = doc.get(id, k.as_str()).ok().flatten()?;
+                    Some((k, value_to_json(doc, &v, &child)))
+                })
+                .collect(),
+        ),
+    }
 }
 
 fn scalar_to_json(value: &ScalarValue) -> serde_json::Value {

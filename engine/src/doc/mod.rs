@@ -223,19 +223,20 @@ impl Document {
         }
     }
 
-    /// The value at `path` in the JSON view, if any.
-    pub fn get(&self, path: &Path) -> Option<serde_json::Value> {
-        let mut value = self.to_json();
-        for segment in path.segments() {
-            value = match (segment, value) {
-                (Segment::Key(k), serde_json::Value::Object(mut m)) => m.remove(k)?,
-                (Segment::Index(i), serde_json::Value::Array(mut a)) if *i < a.len() => {
-                    a.swap_remove(*i)
-                }
-                _ => return None,
-            };
+    /// The keys of the map at `path` (for the root: the top-level keys, or Yrs root names).
+    pub fn keys(&self, path: &Path) -> Vec<String> {
+        match self {
+            Document::Automerge(d) => d.keys(path),
+            Document::Yrs(d) => d.keys(path),
         }
-        Some(value)
+    }
+
+    /// The value at `path` in the JSON view, if any. Only that subtree is serialized.
+    pub fn get(&self, path: &Path) -> Option<serde_json::Value> {
+        match self {
+            Document::Automerge(d) => d.get_json(path),
+            Document::Yrs(d) => d.get_json(path),
+        }
     }
 }
 

@@ -71,6 +71,13 @@ fn json_api_edits_show_in_the_json_view() {
             "{kind}"
         );
         assert_eq!(doc.get(&Path::keys(["trip", "visits"])), Some(json!(2)));
+        assert_eq!(
+            doc.get(&Path::keys(["trip"])).as_ref(),
+            doc.to_json().get("trip"),
+            "{kind}"
+        );
+        assert_eq!(doc.get(&Path::root()), Some(doc.to_json()));
+        assert_eq!(doc.get(&Path::keys(["trip", "nope"])), None);
     }
 }
 

@@ -165,6 +165,67 @@ impl YrsDoc {
         Ok(self.doc.transact().encode_state_as_update_v1(&sv))
     }
 
+    /// The JSON of the value at `path` only (walks there and serializes that subtree).
+    pub fn get_json(&self, path: &Path) -> Option<serde_json::Value> {
+        let Some((first, rest)) = path.segments().split_first() else {
+            return Some(self.to_json());
+        };
+        let txn = self.doc.transact();
+        let Segment::Key(name) = first else {
+            return None;
+        };
+        let mut out = txn
+            .root_refs()
+            .find(|(root, _)| *root == name.as_str())
+            .map(|(_, value)| value)?;
+        for segment in rest {
+            out = match (&out, segment) {
+                (Out::YMap(m), Segment::Key(k)) => m.get(&txn, k)?,
+                (Out::YArray(a), Segment::Index(i)) => a.get(&txn, u32::try_from(*i).ok()?)?,
+                (Out::UndefinedRef(b), Segment::Key(k)) => MapRef::from(*b).get(&txn, k)?,
+                _ => return None,
+            };
+        }
+        Some(out_to_json(&txn, &out))
+    }
+
+    /// The keys of the map at `path` (the root type names for the root path).
+    pub fn keys(&self, path: &Path) -> Vec<String> {
+        let txn = self.doc.transact();
+        let Some((first, rest)) = path.segments().split_first() else {
+            return txn.root_refs().map(|(name, _)| name.to_owned()).collect();
+        };
+        let Segment::Key(name) = first else {
+            return Vec::new();
+        };
+        let Some(mut out) = txn
+            .root_refs()
+            .find(|(root, _)| *root == name.as_str())
+            .map(|(_, value)| value)
+        else {
+            return Vec::new();
+        };
+        for segment in rest {
+            let next = match (&out, segment) {
+                (Out::YMap(m), Segment::Key(k)) => m.get(&txn, k),
+                (Out::UndefinedRef(b), Segment::Key(k)) => MapRef::from(*b).get(&txn, k),
+                (Out::YArray(a), Segment::Index(i)) => {
+                    u32::try_from(*i).ok().and_then(|i| a.get(&txn, i))
+                }
+                _ => None,
+            };
+            match next {
+                Some(next) => out = next,
+                None => return Vec::new(),
+            }
+        }
+        match out {
+            Out::YMap(m) => m.keys(&txn).map(str::to_owned).collect(),
+            Out::UndefinedRef(b) => MapRef::from(b).keys(&txn).map(str::to_owned).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// A JSON view: each non-empty root type by name. Empty roots are left out because Yrs syncs
     /// a root's contents, not its existence.
     pub fn to_json(&self) -> serde_json::Value {

@@ -1,0 +1,775 @@
+//! The reconciliation loop: observe → compare → act → repeat.
+//!
+//! A [`Reconciler`] watches one document. [`Reconciler::observe`] looks at the document as it is
+//! now (after a merge or a commit), remembers in which commit each collection entry first
+//! appeared, and compares the state with every invariant: the result is the open violations.
+//! [`Reconciler::act`] turns them into ops by policy: a resolution fact, a restored value, or a
+//! conflict for a person. The driver applies the ops as an ordinary change (on the server: a
+//! commit like any other) and observes again, until nothing is open; [`Reconciler::reconcile`]
+//! does exactly that for a replica that applies ops itself. The loop ends: every action writes
+//! the fact keyed by the violation id, after which that violation is no longer open, and a
+//! violation that keeps coming back escalates to a conflict for a person.
+//!
+//! Entry order: the entries of a collection are ranked by the commit sequence number at which
+//! the reconciler first saw them, then by key. On the server, which observes after every commit,
+//! that is commit order, so "the change later in commit order loses" holds. A replica that is not
+//! the authority sees a different order and so only detects (to warn its user) and never writes.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+
+use super::record::{
+    conflict_op, read_records, resolution_op, Action, Conflict, ConflictOption, Records,
+    Resolution, ViolationId,
+};
+use super::spec::{InvariantSpec, Policy, Rule, Schema};
+use crate::doc::{Change, ChangeId, DocError, DocKind, Document, Op, Path};
+use crate::ids::DocumentId;
+
+/// A custom rule written in Rust, for what the built-in kinds cannot say.
+pub trait Invariant: Send {
+    /// A name unique within the document type.
+    fn id(&self) -> &str;
+    /// What to do when it breaks (`Ask` writes a conflict with the violation's options).
+    fn policy(&self) -> Policy;
+    /// Checks the document; each violation names what is involved (for its id), why, and the
+    /// ops that repair it.
+    fn check(&self, doc: &Document) -> Vec<CustomViolation>;
+}
+
+/// What a custom rule found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CustomViolation {
+    /// Ids of what is involved (entry keys, values); the violation id hashes them.
+    pub involved: Vec<String>,
+    /// The path concerned.
+    pub path: Path,
+    /// Why, in words.
+    pub reason: String,
+    /// Ops that repair it.
+    pub repair: Vec<Op>,
+    /// Options for a person, when the policy is `Ask`.
+    pub options: Vec<ConflictOption>,
+}
+
+/// A state that breaks an invariant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Violation {
+    /// Deterministic id.
+    pub id: ViolationId,
+    /// The invariant's id.
+    pub invariant: String,
+    /// The rule's kind ("range", "unique", ... or "custom").
+    pub kind: &'static str,
+    /// The invariant's policy.
+    pub policy: Policy,
+    /// The collection or value concerned.
+    pub path: Path,
+    /// Entries the policy would void (collections), latest in commit order first to go.
+    pub victims: Vec<String>,
+    /// The value a repair would set (value rules).
+    pub proposed: Option<Value>,
+    /// Why, in words.
+    pub reason: String,
+    /// What a person would choose between.
+    pub options: Vec<ConflictOption>,
+    repair: Vec<Op>,
+}
+
+/// Where an entry came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct EntryMeta {
+    seq: u64,
+    change: Option<ChangeId>,
+}
+
+/// Counters of what the loop did, by rule kind and policy (for metrics).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileStats {
+    /// Violations seen for the first time.
+    pub found: BTreeMap<(&'static str, &'static str), u64>,
+    /// Violations resolved by a fact (void, restore).
+    pub resolved: BTreeMap<(&'static str, &'static str), u64>,
+    /// Conflicts opened for a person (ask, or escalation).
+    pub asked: BTreeMap<(&'static str, &'static str), u64>,
+}
+
+/// What [`Reconciler::reconcile`] did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The changes it applied, to send like any local change.
+    pub changes: Vec<Change>,
+    /// The violations it saw.
+    pub violations: Vec<Violation>,
+    /// Rounds of observe → act it ran.
+    pub rounds: u32,
+}
+
+/// The reconciliation loop of one document. See the [module docs](self).
+pub struct Reconciler {
+    document: DocumentId,
+    kind: DocKind,
+    specs: Vec<InvariantSpec>,
+    custom: Vec<Box<dyn Invariant>>,
+    by: String,
+    authority: bool,
+    entries: HashMap<Path, HashMap<String, EntryMeta>>,
+    last_valid: HashMap<String, Value>,
+    attempts: HashMap<ViolationId, u32>,
+    seen: std::collections::HashSet<ViolationId>,
+    local_seq: u64,
+    max_rounds: u32,
+    stats: ReconcileStats,
+}
+
+impl Reconciler {
+    /// A reconciler for `document` under `schema`. `by` names who writes the facts ("server", a
+    /// replica id); only an `authority` writes (the server, which gives commit order).
+    pub fn new(
+        schema: &Schema,
+        document: DocumentId,
+        kind: DocKind,
+        by: impl Into<String>,
+        authority: bool,
+    ) -> Self {
+        Self {
+            document,
+            kind,
+            specs: schema.invariants.clone(),
+            custom: Vec::new(),
+            by: by.into(),
+            authority,
+            entries: HashMap::new(),
+            last_valid: HashMap::new(),
+            attempts: HashMap::new(),
+            seen: std::collections::HashSet::new(),
+            local_seq: 0,
+            max_rounds: 8,
+            stats: ReconcileStats::default(),
+        }
+    }
+
+    /// Adds a custom rule.
+    pub fn with_rule(mut self, rule: Box<dyn Invariant>) -> Self {
+        self.custom.push(rule);
+        self
+    }
+
+    /// Bounds the rounds of [`Reconciler::reconcile`].
+    pub fn with_max_rounds(mut self, rounds: u32) -> Self {
+        self.max_rounds = rounds.max(1);
+        self
+    }
+
+    /// What the loop did so far.
+    pub fn stats(&self) -> &ReconcileStats {
+        &self.stats
+    }
+
+    /// Whether this reconciler writes facts.
+    pub fn is_authority(&self) -> bool {
+        self.authority
+    }
+
+    /// Observes the document after a merge or commit: entries new since the last observation are
+    /// ranked at `seq` (the commit's sequence number; a local counter when `None`) and
+    /// attributed to `changes`. Returns the open violations (those without a recorded fact).
+    pub fn observe(
+        &mut self,
+        doc: &Document,
+        seq: Option<u64>,
+        changes: &[ChangeId],
+    ) -> Vec<Violation> {
+        let seq = seq.unwrap_or_else(|| {
+            self.local_seq += 1;
+            self.local_seq
+        });
+        let records = read_records(doc);
+        let mut violations = Vec::new();
+        for index in 0..self.specs.len() {
+            let spec = self.specs[index].clone();
+            let found = if spec.rule.is_collection() {
+                let entries = self.index_entries(doc, spec.rule.path(), seq, changes);
+                check_collection(self.document, &spec, &entries, &records)
+            } else {
+                self.check_value(doc, &spec, &records)
+            };
+            violations.extend(found);
+        }
+        for rule in &self.custom {
+            for found in rule.check(doc) {
+                violations.push(Violation {
+                    id: ViolationId::compute(rule.id(), self.document, &found.involved),
+                    invariant: rule.id().to_owned(),
+                    kind: "custom",
+                    policy: rule.policy(),
+                    path: found.path,
+                    victims: Vec::new(),
+                    proposed: None,
+                    reason: found.reason,
+                    options: found.options,
+                    repair: found.repair,
+                });
+            }
+        }
+        violations.retain(|v| {
+            let key = v.id.key();
+            let asked = v.policy == Policy::Ask && records.conflicts.contains_key(&key);
+            !records.resolutions.contains_key(&key)
+                && !asked
+                && !records.conflicts.get(&key).is_some_and(|c| c.escalated)
+        });
+        for v in &violations {
+            if self.seen.insert(v.id) {
+                *self
+                    .stats
+                    .found
+                    .entry((v.kind, v.policy.name()))
+                    .or_default() += 1;
+            }
+        }
+        violations
+    }
+
+    /// The ops that act on `violations` by their policies (nothing unless this reconciler is the
+    /// authority). `seq` is the commit the decision is based on.
+    pub fn act(&mut self, violations: &[Violation], seq: Option<u64>) -> Vec<Op> {
+        if !self.authority {
+            return Vec::new();
+        }
+        let mut ops = Vec::new();
+        for v in violations {
+            let attempts = self.attempts.entry(v.id).or_default();
+            *attempts += 1;
+            let max_attempts = self
+                .specs
+                .iter()
+                .find(|s| s.id == v.invariant)
+                .map_or(3, |s| s.max_attempts);
+            let escalate = *attempts > max_attempts;
+            if v.policy == Policy::Ask || escalate {
+                let conflict = Conflict {
+                    invariant: v.invariant.clone(),
+                    path: v.path.clone(),
+                    question: v.reason.clone(),
+                    options: v.options.clone(),
+                    escalated: escalate,
+                };
+                ops.push(conflict_op(self.kind, &v.id, &conflict));
+                *self
+                    .stats
+                    .asked
+                    .entry((v.kind, v.policy.name()))
+                    .or_default() += 1;
+                continue;
+            }
+            let (action, value) = match &v.proposed {
+                Some(value) => {
+                    ops.push(Op::Put {
+                        path: v.path.clone(),
+                        value: value.clone(),
+                    });
+                    self.last_valid.insert(v.invariant.clone(), value.clone());
+                    (Action::Restore, Some(value.clone()))
+                }
+                None if !v.repair.is_empty() => {
+                    ops.extend(v.repair.iter().cloned());
+                    (Action::Restore, None)
+                }
+                None => (Action::Void, None),
+            };
+            let victim_changes = self.victim_changes(&v.path, &v.victims);
+            let resolution = Resolution {
+                invariant: v.invariant.clone(),
+                policy: v.policy,
+                action,
+                path: v.path.clone(),
+                victims: v.victims.clone(),
+                victim_changes,
+                value,
+                reason: v.reason.clone(),
+                by: self.by.clone(),
+                seq,
+            };
+            ops.push(resolution_op(self.kind, &v.id, &resolution));
+            *self
+                .stats
+                .resolved
+                .entry((v.kind, v.policy.name()))
+                .or_default() += 1;
+        }
+        ops
+    }
+
+    /// Runs the loop on a document this replica edits itself: observe, act, apply the ops as a
+    /// change, and again, until nothing is open or the round limit is reached.
+    pub fn reconcile(
+        &mut self,
+        doc: &mut Document,
+        seq: Option<u64>,
+        changes: &[ChangeId],
+    ) -> Result<Outcome, DocError> {
+        let mut outcome = Outcome::default();
+        let mut attribution = changes.to_vec();
+        for _ in 0..self.max_rounds {
+            outcome.rounds += 1;
+            let violations = self.observe(doc, seq, &attribution);
+            if violations.is_empty() {
+                break;
+            }
+            let ops = self.act(&violations, seq);
+            outcome.violations.extend(violations);
+            if ops.is_empty() {
+                break;
+            }
+            match doc.apply_ops(&ops) {
+                Ok(Some(change)) => {
+                    attribution = vec![change.id];
+                    outcome.changes.push(change);
+                }
+                Ok(None) => break,
+                Err(partial) => {
+                    if let Some(change) = partial.change {
+                        outcome.changes.push(change);
+                    }
+                    return Err(partial.error);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The ops that settle the open conflict `key` with option `choice`, decided by `by`.
+    pub fn choose(
+        &self,
+        doc: &Document,
+        key: &str,
+        choice: usize,
+        by: &str,
+    ) -> Result<Vec<Op>, ChooseError> {
+        let records = read_records(doc);
+        if records.resolutions.contains_key(key) {
+            return Err(ChooseError::AlreadyResolved(key.to_owned()));
+        }
+        let conflict = records
+            .conflicts
+            .get(key)
+            .ok_or_else(|| ChooseError::UnknownConflict(key.to_owned()))?;
+        let chosen = conflict
+            .options
+            .get(choice)
+            .ok_or(ChooseError::UnknownOption(choice))?;
+        let mut ops = Vec::new();
+        let victims: Vec<String> = conflict
+            .options
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != choice)
+            .filter_map(|(_, o)| o.entry.clone())
+            .collect();
+        let victim_changes: Vec<String> = conflict
+            .options
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != choice)
+            .filter_map(|(_, o)| o.change.clone())
+            .collect();
+        let value = if chosen.entry.is_none() {
+            ops.push(Op::Put {
+                path: conflict.path.clone(),
+                value: chosen.value.clone(),
+            });
+            Some(chosen.value.clone())
+        } else {
+            None
+        };
+        let id = parse_key(key).ok_or_else(|| ChooseError::UnknownConflict(key.to_owned()))?;
+        let resolution = Resolution {
+            invariant: conflict.invariant.clone(),
+            policy: Policy::Ask,
+            action: Action::Chosen,
+            path: conflict.path.clone(),
+            victims,
+            victim_changes,
+            value,
+            reason: format!("{} chose {}", by, describe(chosen)),
+            by: by.to_owned(),
+            seq: None,
+        };
+        ops.push(resolution_op(self.kind, &id, &resolution));
+        Ok(ops)
+    }
+
+    fn victim_changes(&self, path: &Path, victims: &[String]) -> Vec<String> {
+        let Some(entries) = self.entries.get(path) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = victims
+            .iter()
+            .filter_map(|k| entries.get(k).and_then(|m| m.change))
+            .map(|c| c.to_hex())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Reads the collection, ranking entries first seen now at `seq`. Returns (key, entry, meta)
+    /// in rank order.
+    fn index_entries(
+        &mut self,
+        doc: &Document,
+        path: &Path,
+        seq: u64,
+        changes: &[ChangeId],
+    ) -> Vec<(String, Value, EntryMeta)> {
+        let Some(Value::Object(map)) = doc.get(path) else {
+            return Vec::new();
+        };
+        let known = self.entries.entry(path.clone()).or_default();
+        let mut out: Vec<(String, Value, EntryMeta)> = map
+            .into_iter()
+            .map(|(key, value)| {
+                let meta = *known.entry(key.clone()).or_insert(EntryMeta {
+                    seq,
+                    change: changes.first().copied(),
+                });
+                (key, value, meta)
+            })
+            .collect();
+        out.sort_by(|a, b| (a.2.seq, &a.0).cmp(&(b.2.seq, &b.0)));
+        out
+    }
+
+    fn check_value(
+        &mut self,
+        doc: &Document,
+        spec: &InvariantSpec,
+        records: &Records,
+    ) -> Vec<Violation> {
+        let path = spec.rule.path();
+        let Some(current) = doc.get(path) else {
+            return Vec::new();
+        };
+        // A value a recorded decision set is valid by definition.
+        let decided = records
+            .resolutions
+            .values()
+            .any(|r| r.invariant == spec.id && r.value.as_ref() == Some(&current));
+        let last = self.last_valid.get(&spec.id).cloned();
+        let verdict = match &spec.rule {
+            Rule::Range { min, max, .. } => {
+                let n = current.as_f64();
+                let ok =
+                    n.is_some_and(|n| min.is_none_or(|lo| n >= lo) && max.is_none_or(|hi| n <= hi));
+                if ok || decided {
+                    None
+                } else {
+                    let fallback = n.map(|n| {
+                        let n = min.map_or(n, |lo| n.max(lo));
+                        let n = max.map_or(n, |hi| n.min(hi));
+                        serde_json::json!(n)
+                    });
+                    let proposed = last.clone().or(fallback);
+                    Some((format!("{path} is {current}, outside its bounds"), proposed))
+                }
+            }
+            Rule::Transitions { allowed, order, .. } => {
+                let ok = match &last {
+                    None => true,
+                    Some(prev) if *prev == current => true,
+                    Some(prev) => prev
+                        .as_str()
+                        .and_then(|p| allowed.get(p))
+                        .is_some_and(|next| {
+                            current
+                                .as_str()
+                                .is_some_and(|c| next.iter().any(|n| n == c))
+                        }),
+                };
+                if ok || decided {
+                    None
+                } else {
+                    let prev = last.clone().unwrap_or(Value::Null);
+                    let proposed = match spec.policy {
+                        Policy::Auto => {
+                            let rank = |v: &Value| {
+                                v.as_str()
+                                    .and_then(|s| order.iter().position(|o| o == s))
+                                    .map_or(-1, |p| p as i64)
+                            };
+                            if rank(&current) >= rank(&prev) {
+                                current.clone()
+                            } else {
+                                prev.clone()
+                            }
+                        }
+                        _ => prev.clone(),
+                    };
+                    Some((
+                        format!("{path} cannot go from {prev} to {current}"),
+                        Some(proposed),
+                    ))
+                }
+            }
+            _ => None,
+        };
+        let Some((reason, proposed)) = verdict else {
+            self.last_valid.insert(spec.id.clone(), current);
+            return Vec::new();
+        };
+        // Auto may accept the new value as it is (a forward jump): then nothing is wrong.
+        if proposed.as_ref() == Some(&current) {
+            self.last_valid.insert(spec.id.clone(), current);
+            return Vec::new();
+        }
+        let previous = last.unwrap_or(Value::Null);
+        let involved = vec![format!("{path}={current}"), format!("from={previous}")];
+        let options = vec![
+            ConflictOption {
+                entry: None,
+                value: previous,
+                author: None,
+                at: None,
+                change: None,
+                seq: None,
+            },
+            ConflictOption {
+                entry: None,
+                value: current,
+                author: None,
+                at: None,
+                change: None,
+                seq: None,
+            },
+        ];
+        vec![Violation {
+            id: ViolationId::compute(&spec.id, self.document, &involved),
+            invariant: spec.id.clone(),
+            kind: spec.rule.kind(),
+            policy: spec.policy,
+            path: path.clone(),
+            victims: Vec::new(),
+            proposed,
+            reason,
+            options,
+            repair: Vec::new(),
+        }]
+    }
+}
+
+/// The total a `range` rule with a fold derives from its ledger: the sum over entries that no
+/// resolution voided. Apps show this (the balance), never a stored running total.
+pub fn folded_total(doc: &Document, spec: &InvariantSpec) -> Option<f64> {
+    let Rule::Range {
+        path,
+        fold: Some(fold),
+        ..
+    } = &spec.rule
+    else {
+        return None;
+    };
+    let records = read_records(doc);
+    let voided = records.voided(path);
+    let Some(Value::Object(entries)) = doc.get(path) else {
+        return Some(0.0);
+    };
+    Some(
+        entries
+            .iter()
+            .filter(|(k, _)| !voided.contains(k.as_str()))
+            .map(|(_, e)| contribution(fold, e))
+            .sum(),
+    )
+}
+
+/// Why a conflict choice failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChooseError {
+    /// No conflict with that key.
+    #[error("no conflict {0}")]
+    UnknownConflict(String),
+    /// The conflict is settled already.
+    #[error("conflict {0} is already resolved")]
+    AlreadyResolved(String),
+    /// The option does not exist.
+    #[error("no option {0}")]
+    UnknownOption(usize),
+}
+
+fn parse_key(key: &str) -> Option<ViolationId> {
+    if key.len() != 32 || !key.is_ascii() {
+        return None;
+    }
+    let mut id = [0u8; 32];
+    for (i, byte) in id.iter_mut().take(16).enumerate() {
+        *byte = u8::from_str_radix(&key[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(ViolationId(id))
+}
+
+fn describe(option: &ConflictOption) -> String {
+    match (&option.author, &option.entry) {
+        (Some(author), _) => format!("{author}'s {}", option.value),
+        (None, Some(entry)) => format!("entry {entry}"),
+        (None, None) => option.value.to_string(),
+    }
+}
+
+/// What one ledger entry adds to the fold.
+fn contribution(fold: &super::spec::Fold, entry: &Value) -> f64 {
+    let amount = entry
+        .get(&fold.amount)
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let negative = fold.sign.as_ref().is_some_and(|s| {
+        entry
+            .get(&s.field)
+            .and_then(Value::as_str)
+            .is_some_and(|v| s.negative.iter().any(|n| n == v))
+    });
+    if negative {
+        -amount
+    } else {
+        amount
+    }
+}
+
+fn author_of(entry: &Value) -> Option<String> {
+    ["by", "author", "holder"]
+        .iter()
+        .find_map(|f| entry.get(*f).and_then(Value::as_str).map(str::to_owned))
+}
+
+fn option_for(key: &str, entry: &Value, value: Value, meta: &EntryMeta) -> ConflictOption {
+    ConflictOption {
+        entry: Some(key.to_owned()),
+        value,
+        author: author_of(entry),
+        at: entry.get("at").cloned(),
+        change: meta.change.map(|c| c.to_hex()),
+        seq: Some(meta.seq),
+    }
+}
+
+/// Checks a rule over a collection's entries (in rank order, voided ones already known).
+fn check_collection(
+    document: DocumentId,
+    spec: &InvariantSpec,
+    entries: &[(String, Value, EntryMeta)],
+    records: &Records,
+) -> Vec<Violation> {
+    let path = spec.rule.path();
+    let voided = records.voided(path);
+    let live: Vec<&(String, Value, EntryMeta)> = entries
+        .iter()
+        .filter(|(k, _, _)| !voided.contains(k.as_str()))
+        .collect();
+    let violation = |involved: Vec<String>,
+                     victims: Vec<String>,
+                     reason: String,
+                     options: Vec<ConflictOption>| Violation {
+        id: ViolationId::compute(&spec.id, document, &involved),
+        invariant: spec.id.clone(),
+        kind: spec.rule.kind(),
+        policy: spec.policy,
+        path: path.clone(),
+        victims,
+        proposed: None,
+        reason,
+        options,
+        repair: Vec::new(),
+    };
+    match &spec.rule {
+        Rule::Range {
+            fold: Some(fold),
+            min,
+            max,
+            ..
+        } => {
+            let contribution = |entry: &Value| contribution(fold, entry);
+            let total: f64 = live.iter().map(|(_, e, _)| contribution(e)).sum();
+            let within = |n: f64| min.is_none_or(|lo| n >= lo) && max.is_none_or(|hi| n <= hi);
+            if within(total) {
+                return Vec::new();
+            }
+            // Keep the longest run in commit order that holds; what would break it goes.
+            let mut running = 0.0;
+            let mut victims = Vec::new();
+            let mut options = Vec::new();
+            for (key, entry, meta) in &live {
+                let c = contribution(entry);
+                let breaks = (c < 0.0 && min.is_some_and(|lo| running + c < lo))
+                    || (c > 0.0 && max.is_some_and(|hi| running + c > hi));
+                if breaks {
+                    victims.push(key.clone());
+                    options.push(option_for(key, entry, entry.clone(), meta));
+                } else {
+                    running += c;
+                }
+            }
+            if victims.is_empty() {
+                return Vec::new();
+            }
+            let reason = format!(
+                "{path} would come to {total}; {} voided to keep it at {running}",
+                victims.join(", ")
+            );
+            vec![violation(victims.clone(), victims, reason, options)]
+        }
+        Rule::Unique { field, .. }
+        | Rule::Once {
+            key_field: field, ..
+        } => {
+            let mut groups: BTreeMap<String, Vec<&(String, Value, EntryMeta)>> = BTreeMap::new();
+            for item in &live {
+                if let Some(value) = item.1.get(field) {
+                    if !value.is_null() {
+                        groups.entry(value.to_string()).or_default().push(item);
+                    }
+                }
+            }
+            groups
+                .into_iter()
+                .filter(|(_, claims)| claims.len() > 1)
+                .map(|(value, claims)| {
+                    let involved: Vec<String> = claims.iter().map(|(k, _, _)| k.clone()).collect();
+                    let victims: Vec<String> = involved[1..].to_vec();
+                    let options = claims
+                        .iter()
+                        .map(|(k, e, m)| option_for(k, e, e.clone(), m))
+                        .collect();
+                    let reason = match &spec.rule {
+                        Rule::Once { .. } => format!(
+                            "{field} {value} was recorded {} times; it counts once",
+                            claims.len()
+                        ),
+                        _ => {
+                            let who: Vec<String> = claims
+                                .iter()
+                                .map(|(k, e, _)| author_of(e).unwrap_or_else(|| k.clone()))
+                                .collect();
+                            format!("{} all claimed {field} {value}", who.join(" and "))
+                        }
+                    };
+                    violation(involved, victims, reason, options)
+                })
+                .collect()
+        }
+        Rule::Capacity { max, .. } => {
+            if live.len() <= *max {
+                return Vec::new();
+            }
+            let over = &live[*max..];
+            let victims: Vec<String> = over.iter().map(|(k, _, _)| k.clone()).collect();
+            let options = over
+                .iter()
+                .map(|(k, e, m)| option_for(k, e, e.clone(), m))
+                .collect();
+            let reason = format!("{path} holds {} entries, at most {max} allowed", live.len());
+            vec![violation(victims.clone(), victims, reason, options)]
+        }
+        _ => Vec::new(),
+    }
+}

@@ -1,0 +1,439 @@
+//! Scenario tests of the seed's invariants on both CRDT kinds: replicas diverge offline, an
+//! authority (standing in for the server) merges their changes in commit order and reconciles,
+//! and every replica ends identical with the invariant holding and the resolution recorded.
+
+use serde_json::json;
+
+use super::*;
+use crate::doc::{Change, DocKind, Document, Op, Path};
+use crate::ids::{DocumentId, ReplicaId};
+
+const SCHEMA: &str = r#"{
+  "document_type": "trip",
+  "invariants": [
+    {"id": "wallet-non-negative", "kind": "range", "path": ["wallet", "entries"],
+     "fold": {"amount": "amount", "sign": {"field": "kind", "negative": ["spend"]}},
+     "min": 0, "policy": "compensate"},
+    {"id": "seat-once", "kind": "unique", "path": ["trip", "bookings"], "field": "seat", "policy": "ask"},
+    {"id": "status-forward", "kind": "transitions", "path": ["trip", "status"],
+     "allowed": {"planning": ["booked", "cancelled"], "booked": ["travelling", "cancelled"], "travelling": ["done"]},
+     "order": ["planning", "booked", "travelling", "done"], "policy": "reject"},
+    {"id": "payment-once", "kind": "once", "path": ["trip", "payments"], "key_field": "ref", "policy": "auto"},
+    {"id": "bus-capacity", "kind": "capacity", "path": ["trip", "bus"], "max": 2, "policy": "reject"}
+  ]
+}"#;
+
+const KINDS: [DocKind; 2] = [DocKind::Automerge, DocKind::Yrs];
+
+fn schema() -> Schema {
+    Schema::from_json(SCHEMA).expect("schema")
+}
+
+fn doc_id() -> DocumentId {
+    DocumentId::from_bytes([3; 16])
+}
+
+struct World {
+    kind: DocKind,
+    server: Document,
+    reconciler: Reconciler,
+    seq: u64,
+    replicas: Vec<Document>,
+}
+
+impl World {
+    fn new(kind: DocKind, clients: usize) -> Self {
+        let mut server = Document::new(kind, ReplicaId::from_bytes([100; 16]), doc_id());
+        let init = server
+            .apply_ops(&[
+                Op::Put {
+                    path: Path::keys(["wallet"]),
+                    value: json!({"entries": {"d1": {"amount": 100, "kind": "deposit", "by": "ana"}}}),
+                },
+                Op::Put {
+                    path: Path::keys(["trip"]),
+                    value: json!({"status": "planning", "bookings": {}, "payments": {}, "bus": {}}),
+                },
+            ])
+            .expect("init")
+            .expect("change");
+        let mut reconciler = Reconciler::new(&schema(), doc_id(), kind, "server", true);
+        assert!(reconciler.observe(&server, Some(1), &[init.id]).is_empty());
+        let replicas = (0..clients)
+            .map(|i| {
+                Document::load(
+                    kind,
+                    ReplicaId::from_bytes([i as u8 + 1; 16]),
+                    doc_id(),
+                    None,
+                    [init.bytes.as_slice()],
+                )
+                .expect("fork")
+            })
+            .collect();
+        Self {
+            kind,
+            server,
+            reconciler,
+            seq: 1,
+            replicas,
+        }
+    }
+
+    fn edit(&mut self, replica: usize, ops: &[Op]) -> Change {
+        self.replicas[replica]
+            .apply_ops(ops)
+            .expect("edit")
+            .expect("change")
+    }
+
+    /// The server commits `change` (next seq) and runs the loop, as the server does after every
+    /// commit; returns the repairs it wrote.
+    fn commit(&mut self, change: &Change) -> Vec<Change> {
+        self.server.apply_changes(&change.bytes).expect("commit");
+        self.seq += 1;
+        let outcome = self
+            .reconciler
+            .reconcile(&mut self.server, Some(self.seq), &[change.id])
+            .expect("reconcile");
+        self.seq += outcome.changes.len() as u64;
+        outcome.changes
+    }
+
+    /// Every replica receives everything.
+    fn sync_all(&mut self) {
+        let everything = self.server.save();
+        for r in &mut self.replicas {
+            r.apply_changes(&everything).expect("sync");
+        }
+    }
+
+    fn assert_identical(&self) {
+        for r in &self.replicas {
+            assert_eq!(r.to_json(), self.server.to_json(), "{}", self.kind);
+        }
+    }
+}
+
+fn spec(id: &str) -> InvariantSpec {
+    schema()
+        .invariants
+        .into_iter()
+        .find(|s| s.id == id)
+        .expect("spec")
+}
+
+#[test]
+fn a_balance_never_below_zero_is_compensated_once() {
+    for kind in KINDS {
+        let mut w = World::new(kind, 2);
+        let ana = w.edit(
+            0,
+            &[Op::Put {
+                path: Path::keys(["wallet", "entries", "s-ana"]),
+                value: json!({"amount": 80, "kind": "spend", "by": "ana"}),
+            }],
+        );
+        let ben = w.edit(
+            1,
+            &[Op::Put {
+                path: Path::keys(["wallet", "entries", "s-ben"]),
+                value: json!({"amount": 70, "kind": "spend", "by": "ben"}),
+            }],
+        );
+        assert!(w.commit(&ana).is_empty(), "ana's spend fits");
+        let repairs = w.commit(&ben);
+        assert_eq!(repairs.len(), 1, "{kind}: one compensation");
+        w.sync_all();
+        w.assert_identical();
+        for r in w.replicas.iter().chain([&w.server]) {
+            assert_eq!(
+                folded_total(r, &spec("wallet-non-negative")),
+                Some(20.0),
+                "{kind}"
+            );
+        }
+        let records = read_records(&w.server);
+        let ben_hex = ben.id.to_hex();
+        let affecting: Vec<_> = records.affecting_change(&ben_hex).collect();
+        assert_eq!(
+            affecting.len(),
+            1,
+            "{kind}: ben can see what happened to his spend"
+        );
+        assert_eq!(affecting[0].1.victims, vec!["s-ben".to_string()]);
+        assert!(
+            affecting[0].1.reason.contains("-50"),
+            "{}",
+            affecting[0].1.reason
+        );
+        assert_eq!(records.affecting_change(&ana.id.to_hex()).count(), 0);
+        // The entries themselves are untouched: a compensation is a fact, not a delta.
+        assert!(w
+            .server
+            .get(&Path::keys(["wallet", "entries", "s-ben"]))
+            .is_some());
+        assert_eq!(
+            w.reconciler.stats().resolved.get(&("range", "compensate")),
+            Some(&1)
+        );
+    }
+}
+
+#[test]
+fn double_repair_applies_the_compensation_once() {
+    for kind in KINDS {
+        let mut w = World::new(kind, 4);
+        let ana = w.edit(
+            0,
+            &[Op::Put {
+                path: Path::keys(["wallet", "entries", "s-ana"]),
+                value: json!({"amount": 80, "kind": "spend", "by": "ana"}),
+            }],
+        );
+        let ben = w.edit(
+            1,
+            &[Op::Put {
+                path: Path::keys(["wallet", "entries", "s-ben"]),
+                value: json!({"amount": 70, "kind": "spend", "by": "ben"}),
+            }],
+        );
+        // Two clients (2 and 3) also reconcile: they received the commits in commit order, as
+        // the server relays them, so they rank the entries as the server does.
+        let mut repairs = Vec::new();
+        for client in 2..4 {
+            let mut reconciler =
+                Reconciler::new(&schema(), doc_id(), kind, format!("client-{client}"), true);
+            let doc = &mut w.replicas[client];
+            reconciler.observe(doc, Some(1), &[]);
+            doc.apply_changes(&ana.bytes).expect("ana");
+            assert!(reconciler
+                .reconcile(doc, Some(2), &[ana.id])
+                .expect("loop")
+                .changes
+                .is_empty());
+            doc.apply_changes(&ben.bytes).expect("ben");
+            let outcome = reconciler.reconcile(doc, Some(3), &[ben.id]).expect("loop");
+            assert_eq!(outcome.changes.len(), 1);
+            repairs.extend(outcome.changes);
+        }
+        assert!(w.commit(&ana).is_empty());
+        repairs.extend(w.commit(&ben));
+        assert_eq!(repairs.len(), 3, "three replicas repaired concurrently");
+        for repair in &repairs {
+            w.server
+                .apply_changes(&repair.bytes)
+                .expect("merge repairs");
+        }
+        w.sync_all();
+        w.assert_identical();
+        let records = read_records(&w.server);
+        assert_eq!(
+            records.resolutions.len(),
+            1,
+            "{kind}: one resolution for one violation"
+        );
+        for r in w.replicas.iter().chain([&w.server]) {
+            assert_eq!(
+                folded_total(r, &spec("wallet-non-negative")),
+                Some(20.0),
+                "{kind}: refunded once"
+            );
+        }
+        let mut again = Reconciler::new(&schema(), doc_id(), kind, "late", true);
+        assert!(
+            again
+                .reconcile(&mut w.server, Some(99), &[])
+                .expect("loop")
+                .changes
+                .is_empty(),
+            "check before acting"
+        );
+    }
+}
+
+#[test]
+fn a_seat_booked_twice_asks_and_a_choice_settles_it_everywhere() {
+    for kind in KINDS {
+        let mut w = World::new(kind, 2);
+        let ana = w.edit(
+            0,
+            &[Op::Put {
+                path: Path::keys(["trip", "bookings", "b-ana"]),
+                value: json!({"seat": "12A", "by": "ana"}),
+            }],
+        );
+        let ben = w.edit(
+            1,
+            &[Op::Put {
+                path: Path::keys(["trip", "bookings", "b-ben"]),
+                value: json!({"seat": "12A", "by": "ben"}),
+            }],
+        );
+        w.commit(&ana);
+        assert_eq!(w.commit(&ben).len(), 1, "a conflict record");
+        w.sync_all();
+        let records = read_records(&w.replicas[0]);
+        let open: Vec<_> = records.open_conflicts().collect();
+        assert_eq!(open.len(), 1, "{kind}");
+        let (key, conflict) = open[0];
+        assert!(
+            conflict.question.contains("ana and ben"),
+            "{}",
+            conflict.question
+        );
+        assert_eq!(conflict.options.len(), 2);
+        let ben_option = conflict
+            .options
+            .iter()
+            .position(|o| o.author.as_deref() == Some("ben"))
+            .expect("ben's option");
+        // Ana's app resolves it: Ben keeps the seat.
+        let reconciler = Reconciler::new(&schema(), doc_id(), kind, "ana", false);
+        let ops = reconciler
+            .choose(&w.replicas[0], key, ben_option, "ana")
+            .expect("choose");
+        let choice = w.replicas[0]
+            .apply_ops(&ops)
+            .expect("apply")
+            .expect("change");
+        assert_eq!(
+            reconciler.choose(&w.replicas[0], key, 0, "ana"),
+            Err(ChooseError::AlreadyResolved(key.clone()))
+        );
+        w.commit(&choice);
+        w.sync_all();
+        w.assert_identical();
+        let records = read_records(&w.server);
+        assert_eq!(records.open_conflicts().count(), 0, "{kind}");
+        assert_eq!(
+            records.affecting_change(&ana.id.to_hex()).count(),
+            1,
+            "ana's booking lost"
+        );
+        let mut check = Reconciler::new(&schema(), doc_id(), kind, "check", false);
+        assert!(
+            check.observe(&w.server, None, &[]).is_empty(),
+            "{kind}: nothing open"
+        );
+    }
+}
+
+#[test]
+fn a_status_never_goes_backwards() {
+    for kind in KINDS {
+        let mut w = World::new(kind, 2);
+        let booked = w.edit(
+            0,
+            &[Op::Put {
+                path: Path::keys(["trip", "status"]),
+                value: json!("booked"),
+            }],
+        );
+        assert!(w.commit(&booked).is_empty());
+        w.sync_all();
+        let back = w.edit(
+            1,
+            &[Op::Put {
+                path: Path::keys(["trip", "status"]),
+                value: json!("planning"),
+            }],
+        );
+        assert_eq!(w.commit(&back).len(), 1, "{kind}: rejected and restored");
+        w.sync_all();
+        w.assert_identical();
+        assert_eq!(
+            w.server.get(&Path::keys(["trip", "status"])),
+            Some(json!("booked"))
+        );
+        let records = read_records(&w.server);
+        let r = records.resolutions.values().next().expect("resolution");
+        assert_eq!((r.action, r.policy), (Action::Restore, Policy::Reject));
+        assert!(r.reason.contains("planning"), "{}", r.reason);
+        // Forward moves pass.
+        let on = w.edit(
+            1,
+            &[Op::Put {
+                path: Path::keys(["trip", "status"]),
+                value: json!("travelling"),
+            }],
+        );
+        assert!(w.commit(&on).is_empty(), "{kind}");
+    }
+}
+
+#[test]
+fn a_payment_counts_once_and_capacity_holds() {
+    for kind in KINDS {
+        let mut w = World::new(kind, 2);
+        let a = w.edit(
+            0,
+            &[
+                Op::Put {
+                    path: Path::keys(["trip", "payments", "p1"]),
+                    value: json!({"ref": "p-991", "amount": 20}),
+                },
+                Op::Put {
+                    path: Path::keys(["trip", "bus", "ana"]),
+                    value: json!({"by": "ana"}),
+                },
+                Op::Put {
+                    path: Path::keys(["trip", "bus", "cy"]),
+                    value: json!({"by": "cy"}),
+                },
+            ],
+        );
+        let b = w.edit(
+            1,
+            &[
+                Op::Put {
+                    path: Path::keys(["trip", "payments", "p2"]),
+                    value: json!({"ref": "p-991", "amount": 20}),
+                },
+                Op::Put {
+                    path: Path::keys(["trip", "bus", "ben"]),
+                    value: json!({"by": "ben"}),
+                },
+            ],
+        );
+        w.commit(&a);
+        let repairs = w.commit(&b);
+        assert_eq!(repairs.len(), 1, "{kind}: both repairs in one change");
+        w.sync_all();
+        w.assert_identical();
+        let records = read_records(&w.server);
+        let victims: Vec<(&str, Vec<String>)> = records
+            .resolutions
+            .values()
+            .map(|r| (r.invariant.as_str(), r.victims.clone()))
+            .collect();
+        assert!(
+            victims.contains(&("payment-once", vec!["p2".to_string()])),
+            "{victims:?}"
+        );
+        assert!(
+            victims.contains(&("bus-capacity", vec!["ben".to_string()])),
+            "{victims:?}"
+        );
+        assert_eq!(records.affecting_change(&b.id.to_hex()).count(), 2);
+    }
+}
+
+#[test]
+fn schemas_are_validated() {
+    assert!(matches!(Schema::from_json("{"), Err(SchemaError::Json(_))));
+    let dup = r#"{"document_type":"t","invariants":[
+        {"id":"a","kind":"capacity","path":["x"],"max":1,"policy":"reject"},
+        {"id":"a","kind":"capacity","path":["y"],"max":1,"policy":"reject"}]}"#;
+    assert!(matches!(
+        Schema::from_json(dup),
+        Err(SchemaError::DuplicateId(_))
+    ));
+    let unbounded = r#"{"document_type":"t","invariants":[
+        {"id":"a","kind":"range","path":["x"],"policy":"auto"}]}"#;
+    assert!(matches!(
+        Schema::from_json(unbounded),
+        Err(SchemaError::Invalid { .. })
+    ));
+    assert_eq!(schema().invariants.len(), 5);
+}
