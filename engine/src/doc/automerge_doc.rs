@@ -18,6 +18,8 @@ const TEXT_ENCODING: TextEncoding = TextEncoding::Utf16CodeUnit;
 /// An Automerge document with the replica's actor id.
 pub struct AutomergeDoc {
     doc: AutoCommit,
+    /// Whether changed paths are being tracked (the diff cursor is on).
+    tracking: bool,
     /// Whether texts may hold characters outside the BMP, so splice positions must be checked
     /// against surrogate pairs (a scan of the text, skipped while it is known to be BMP-only).
     astral: bool,
@@ -28,7 +30,11 @@ impl AutomergeDoc {
     pub fn new(replica: ReplicaId) -> Self {
         let doc = AutoCommit::new_with_encoding(TEXT_ENCODING)
             .with_actor(automerge::ActorId::from(replica.as_bytes().as_slice()));
-        Self { doc, astral: false }
+        Self {
+            doc,
+            tracking: false,
+            astral: false,
+        }
     }
 
     /// Loads a saved document (snapshot and/or changes concatenated).
@@ -37,7 +43,11 @@ impl AutomergeDoc {
         let doc = AutoCommit::load_with_options(bytes, options)
             .map_err(|e| DocError::malformed("automerge document", e))?
             .with_actor(automerge::ActorId::from(replica.as_bytes().as_slice()));
-        Ok(Self { doc, astral: true })
+        Ok(Self {
+            doc,
+            tracking: false,
+            astral: true,
+        })
     }
 
     /// Direct access to the Automerge document, for apps that need all of it. Changes made here
@@ -131,6 +141,25 @@ impl AutomergeDoc {
         Some(value_to_json(&self.doc, &value, &id))
     }
 
+    /// Starts tracking which paths change (Automerge's indexed diff cursor).
+    pub fn track_changes(&mut self) {
+        if !self.tracking {
+            self.doc.update_diff_cursor();
+            self.tracking = !self.doc.diff_cursor().is_empty();
+        }
+    }
+
+    /// The paths changed since the last call, or `None` when tracking was not on (then
+    /// everything must be assumed changed, and tracking starts now).
+    pub fn take_touched(&mut self) -> Option<Vec<Path>> {
+        if !self.tracking {
+            self.track_changes();
+            return None;
+        }
+        let patches = self.doc.diff_incremental();
+        Some(patches.iter().map(patch_path).collect())
+    }
+
     /// The keys of the map at `path` (the root's keys for the root path).
     pub fn keys(&self, path: &Path) -> Vec<String> {
         let obj = match resolve(&self.doc, path.segments(), path) {
@@ -190,6 +219,29 @@ impl AutomergeDoc {
             }
         }
         Ok(out)
+    }
+}
+
+/// The path a patch touched: the object's path, plus the key or index it changed.
+fn patch_path(patch: &automerge::Patch) -> Path {
+    use automerge::PatchAction as A;
+    let mut path = Path(patch.path.iter().map(|(_, p)| segment(p)).collect());
+    let last = match &patch.action {
+        A::PutMap { key, .. } | A::DeleteMap { key } => Some(Segment::Key(key.clone())),
+        A::Increment { prop, .. } | A::Conflict { prop } => Some(segment(prop)),
+        A::PutSeq { index, .. } | A::Insert { index, .. } | A::DeleteSeq { index, .. } => {
+            Some(Segment::Index(*index))
+        }
+        A::SpliceText { .. } | A::Mark { .. } => None,
+    };
+    path.0.extend(last);
+    path
+}
+
+fn segment(prop: &Prop) -> Segment {
+    match prop {
+        Prop::Map(key) => Segment::Key(key.clone()),
+        Prop::Seq(index) => Segment::Index(*index),
     }
 }
 

@@ -223,6 +223,23 @@ impl Document {
         }
     }
 
+    /// Starts tracking which paths change. For Yrs, only paths under the root maps `roots`.
+    pub fn track_changes(&mut self, roots: &[String]) {
+        match self {
+            Document::Automerge(d) => d.track_changes(),
+            Document::Yrs(d) => d.track_changes(roots),
+        }
+    }
+
+    /// The paths changed (by local edits or merges) since the last call, or `None` when that is
+    /// not known (tracking just started, or too much changed): then assume everything changed.
+    pub fn take_touched(&mut self) -> Option<Vec<Path>> {
+        match self {
+            Document::Automerge(d) => d.take_touched(),
+            Document::Yrs(d) => d.take_touched(),
+        }
+    }
+
     /// The keys of the map at `path` (for the root: the top-level keys, or Yrs root names).
     pub fn keys(&self, path: &Path) -> Vec<String> {
         match self {

@@ -264,3 +264,38 @@ fn every_effective_edit_is_a_change() {
         );
     }
 }
+
+#[test]
+fn changed_paths_are_tracked_for_local_edits_and_merges() {
+    for kind in both() {
+        let mut a = Document::new(kind, replica(1), doc_id());
+        let init = a
+            .apply_ops(&[put(&["wallet"], json!({"entries": {"d1": {"amount": 1}}}))])
+            .expect("ops")
+            .expect("change");
+        let mut b = Document::load(kind, replica(2), doc_id(), None, [init.bytes.as_slice()])
+            .expect("load");
+        let roots = vec!["wallet".to_string()];
+        b.track_changes(&roots);
+        let first = b.take_touched();
+        assert!(
+            first.is_none() || first == Some(vec![]),
+            "{kind}: {first:?}"
+        );
+        let change = a
+            .apply_ops(&[put(&["wallet", "entries", "s1"], json!({"amount": 5}))])
+            .expect("ops")
+            .expect("change");
+        b.apply_changes(&change.bytes).expect("merge");
+        b.apply_ops(&[put(&["wallet", "entries", "d1"], json!({"amount": 2}))])
+            .expect("local");
+        let touched = b.take_touched().expect("tracked");
+        for key in ["s1", "d1"] {
+            assert!(
+                touched.contains(&Path::keys(["wallet", "entries", key])),
+                "{kind}: {key} in {touched:?}"
+            );
+        }
+        assert_eq!(b.take_touched(), Some(vec![]), "{kind}: drained");
+    }
+}

@@ -23,12 +23,40 @@ use super::ops::{Op, Path, Segment};
 use super::{Change, ChangeId};
 use crate::ids::{DocumentId, ReplicaId};
 
+/// Paths collected by deep observers, bounded: past the limit only "many" is remembered.
+#[derive(Debug, Default)]
+struct Touched {
+    paths: Vec<Path>,
+    overflow: bool,
+}
+
+/// Paths kept before a change counts as touching everything.
+const TOUCHED_MAX: usize = 4096;
+
+impl Touched {
+    fn push(&mut self, path: Path) {
+        if self.paths.len() >= TOUCHED_MAX {
+            self.overflow = true;
+            self.paths.clear();
+        } else if !self.overflow {
+            self.paths.push(path);
+        }
+    }
+
+    fn into_paths(self) -> Option<Vec<Path>> {
+        (!self.overflow).then_some(self.paths)
+    }
+}
+
 /// The key that marks a map as a counter.
 pub const COUNTER_MARKER: &str = "$counter";
 
 /// A Yrs document with a client id derived from the replica and the document.
 pub struct YrsDoc {
     doc: Doc,
+    /// Root maps observed for changed paths, and what the observers collected.
+    tracked: std::collections::BTreeSet<String>,
+    touched: std::sync::Arc<std::sync::Mutex<Touched>>,
     /// Whether texts may hold characters outside the BMP (see `AutomergeDoc`).
     astral: bool,
     /// Whether an update was dropped for lack of its dependencies since the last
@@ -59,6 +87,8 @@ impl YrsDoc {
         };
         Self {
             doc: Doc::with_options(options),
+            tracked: std::collections::BTreeSet::new(),
+            touched: std::sync::Arc::default(),
             astral: false,
             incomplete: false,
         }
@@ -187,6 +217,50 @@ impl YrsDoc {
             };
         }
         Some(out_to_json(&txn, &out))
+    }
+
+    /// Starts tracking which paths under the root maps `roots` change (deep observers).
+    pub fn track_changes(&mut self, roots: &[String]) {
+        for root in roots {
+            if self.tracked.contains(root) {
+                continue;
+            }
+            self.tracked.insert(root.clone());
+            let map = self.doc.get_or_insert_map(root.as_str());
+            let touched = self.touched.clone();
+            let name = root.clone();
+            yrs::DeepObservable::observe_deep(&map, "accord-track", move |txn, events| {
+                let Ok(mut touched) = touched.lock() else {
+                    return;
+                };
+                for event in events.iter() {
+                    let mut base = Path::keys([name.clone()]);
+                    for segment in event.path() {
+                        base.0.push(match segment {
+                            yrs::types::PathSegment::Key(k) => Segment::Key(k.to_string()),
+                            yrs::types::PathSegment::Index(i) => Segment::Index(i as usize),
+                        });
+                    }
+                    match event {
+                        yrs::types::Event::Map(map_event) => {
+                            for key in map_event.keys(txn).keys() {
+                                touched.push(base.clone().key(key.to_string()));
+                            }
+                        }
+                        _ => touched.push(base),
+                    }
+                }
+            });
+        }
+    }
+
+    /// The paths changed under tracked roots since the last call, or `None` when too many
+    /// changed to list (then everything must be assumed changed).
+    pub fn take_touched(&mut self) -> Option<Vec<Path>> {
+        let Ok(mut touched) = self.touched.lock() else {
+            return None;
+        };
+        std::mem::take(&mut *touched).into_paths()
     }
 
     /// The keys of the map at `path` (the root type names for the root path).

@@ -10,6 +10,7 @@
 //! The server is the canonical repairer (it gives commit order); other replicas run the same
 //! checks to warn early, and all of them read the same facts, so derived values agree everywhere.
 
+mod collection;
 pub mod reconcile;
 pub mod record;
 pub mod spec;

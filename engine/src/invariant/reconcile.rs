@@ -19,6 +19,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
+use super::collection::{contribution, Collection, EntryMeta};
+use super::record::is_reserved;
 use super::record::{
     conflict_op, read_records, resolution_op, Action, Conflict, ConflictOption, Records,
     Resolution, ViolationId,
@@ -77,13 +79,6 @@ pub struct Violation {
     repair: Vec<Op>,
 }
 
-/// Where an entry came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct EntryMeta {
-    seq: u64,
-    change: Option<ChangeId>,
-}
-
 /// Counters of what the loop did, by rule kind and policy (for metrics).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReconcileStats {
@@ -114,7 +109,10 @@ pub struct Reconciler {
     custom: Vec<Box<dyn Invariant>>,
     by: String,
     authority: bool,
-    entries: HashMap<Path, HashMap<String, EntryMeta>>,
+    collections: Vec<Collection>,
+    records: Records,
+    loaded: bool,
+    roots: Vec<String>,
     last_valid: HashMap<String, Value>,
     attempts: HashMap<ViolationId, u32>,
     seen: std::collections::HashSet<ViolationId>,
@@ -133,6 +131,32 @@ impl Reconciler {
         by: impl Into<String>,
         authority: bool,
     ) -> Self {
+        let mut collections: Vec<Collection> = Vec::new();
+        for (index, spec) in schema.invariants.iter().enumerate() {
+            if !spec.rule.is_collection() {
+                continue;
+            }
+            let path = spec.rule.path();
+            let at = match collections.iter().position(|c| &c.path == path) {
+                Some(at) => at,
+                None => {
+                    collections.push(Collection::new(path.clone()));
+                    collections.len() - 1
+                }
+            };
+            collections[at].watch(index, &spec.rule);
+        }
+        let mut roots: Vec<String> = schema
+            .invariants
+            .iter()
+            .filter_map(|s| match s.rule.path().segments().first() {
+                Some(crate::doc::Segment::Key(k)) => Some(k.clone()),
+                _ => None,
+            })
+            .collect();
+        roots.push("_accord".to_owned());
+        roots.sort();
+        roots.dedup();
         Self {
             document,
             kind,
@@ -140,7 +164,10 @@ impl Reconciler {
             custom: Vec::new(),
             by: by.into(),
             authority,
-            entries: HashMap::new(),
+            collections,
+            records: Records::default(),
+            loaded: false,
+            roots,
             last_valid: HashMap::new(),
             attempts: HashMap::new(),
             seen: std::collections::HashSet::new(),
@@ -175,9 +202,12 @@ impl Reconciler {
     /// Observes the document after a merge or commit: entries new since the last observation are
     /// ranked at `seq` (the commit's sequence number; a local counter when `None`) and
     /// attributed to `changes`. Returns the open violations (those without a recorded fact).
+    ///
+    /// Incremental: after the first call only what changed since the previous one is read (the
+    /// document tracks changed paths), and rules are checked against running aggregates.
     pub fn observe(
         &mut self,
-        doc: &Document,
+        doc: &mut Document,
         seq: Option<u64>,
         changes: &[ChangeId],
     ) -> Vec<Violation> {
@@ -185,15 +215,25 @@ impl Reconciler {
             self.local_seq += 1;
             self.local_seq
         });
-        let records = read_records(doc);
+        let meta = EntryMeta {
+            seq,
+            change: changes.first().copied(),
+        };
+        self.refresh(doc, meta);
         let mut violations = Vec::new();
         for index in 0..self.specs.len() {
             let spec = self.specs[index].clone();
             let found = if spec.rule.is_collection() {
-                let entries = self.index_entries(doc, spec.rule.path(), seq, changes);
-                check_collection(self.document, &spec, &entries, &records)
+                match self
+                    .collections
+                    .iter()
+                    .find(|c| &c.path == spec.rule.path())
+                {
+                    Some(collection) => check_collection(self.document, index, &spec, collection),
+                    None => Vec::new(),
+                }
             } else {
-                self.check_value(doc, &spec, &records)
+                self.check_value(doc, &spec)
             };
             violations.extend(found);
         }
@@ -213,12 +253,12 @@ impl Reconciler {
                 });
             }
         }
+        let records = &self.records;
         violations.retain(|v| {
             let key = v.id.key();
             let asked = v.policy == Policy::Ask && records.conflicts.contains_key(&key);
-            !records.resolutions.contains_key(&key)
-                && !asked
-                && !records.conflicts.get(&key).is_some_and(|c| c.escalated)
+            let escalated = records.conflicts.get(&key).is_some_and(|c| c.escalated);
+            !records.resolutions.contains_key(&key) && !asked && !escalated
         });
         for v in &violations {
             if self.seen.insert(v.id) {
@@ -230,6 +270,61 @@ impl Reconciler {
             }
         }
         violations
+    }
+
+    /// Brings the cached records and collections up to date with what changed.
+    fn refresh(&mut self, doc: &mut Document, meta: EntryMeta) {
+        let touched = if self.loaded {
+            doc.take_touched()
+        } else {
+            doc.track_changes(&self.roots);
+            let _ = doc.take_touched();
+            self.loaded = true;
+            None
+        };
+        let Some(paths) = touched else {
+            self.records = read_records(doc);
+            for collection in &mut self.collections {
+                collection.load(doc, meta);
+                collection.set_voided(voided_of(&self.records, &collection.path));
+            }
+            return;
+        };
+        let records_touched = paths.iter().any(|p| match p.segments().first() {
+            Some(crate::doc::Segment::Key(k)) => is_reserved(k),
+            _ => false,
+        });
+        if records_touched {
+            self.records = read_records(doc);
+            for collection in &mut self.collections {
+                collection.set_voided(voided_of(&self.records, &collection.path));
+            }
+        }
+        for collection in &mut self.collections {
+            let depth = collection.path.segments().len();
+            let mut keys = std::collections::BTreeSet::new();
+            let mut reload = false;
+            for path in &paths {
+                if path.starts_with(&collection.path) {
+                    match path.segments().get(depth) {
+                        Some(crate::doc::Segment::Key(key)) => {
+                            keys.insert(key.clone());
+                        }
+                        Some(_) => {}
+                        None => reload = true,
+                    }
+                } else if collection.path.starts_with(path) {
+                    reload = true;
+                }
+            }
+            if reload {
+                collection.load(doc, meta);
+            } else {
+                for key in keys {
+                    collection.refresh(doc, &key, meta);
+                }
+            }
+        }
     }
 
     /// The ops that act on `violations` by their policies (nothing unless this reconciler is the
@@ -402,12 +497,12 @@ impl Reconciler {
     }
 
     fn victim_changes(&self, path: &Path, victims: &[String]) -> Vec<String> {
-        let Some(entries) = self.entries.get(path) else {
+        let Some(collection) = self.collections.iter().find(|c| &c.path == path) else {
             return Vec::new();
         };
         let mut out: Vec<String> = victims
             .iter()
-            .filter_map(|k| entries.get(k).and_then(|m| m.change))
+            .filter_map(|k| collection.entry(k).and_then(|e| e.meta.change))
             .map(|c| c.to_hex())
             .collect();
         out.sort();
@@ -415,39 +510,8 @@ impl Reconciler {
         out
     }
 
-    /// Reads the collection, ranking entries first seen now at `seq`. Returns (key, entry, meta)
-    /// in rank order.
-    fn index_entries(
-        &mut self,
-        doc: &Document,
-        path: &Path,
-        seq: u64,
-        changes: &[ChangeId],
-    ) -> Vec<(String, Value, EntryMeta)> {
-        let Some(Value::Object(map)) = doc.get(path) else {
-            return Vec::new();
-        };
-        let known = self.entries.entry(path.clone()).or_default();
-        let mut out: Vec<(String, Value, EntryMeta)> = map
-            .into_iter()
-            .map(|(key, value)| {
-                let meta = *known.entry(key.clone()).or_insert(EntryMeta {
-                    seq,
-                    change: changes.first().copied(),
-                });
-                (key, value, meta)
-            })
-            .collect();
-        out.sort_by(|a, b| (a.2.seq, &a.0).cmp(&(b.2.seq, &b.0)));
-        out
-    }
-
-    fn check_value(
-        &mut self,
-        doc: &Document,
-        spec: &InvariantSpec,
-        records: &Records,
-    ) -> Vec<Violation> {
+    fn check_value(&mut self, doc: &Document, spec: &InvariantSpec) -> Vec<Violation> {
+        let records = &self.records;
         let path = spec.rule.path();
         let Some(current) = doc.get(path) else {
             return Vec::new();
@@ -617,25 +681,6 @@ fn describe(option: &ConflictOption) -> String {
     }
 }
 
-/// What one ledger entry adds to the fold.
-fn contribution(fold: &super::spec::Fold, entry: &Value) -> f64 {
-    let amount = entry
-        .get(&fold.amount)
-        .and_then(Value::as_f64)
-        .unwrap_or(0.0);
-    let negative = fold.sign.as_ref().is_some_and(|s| {
-        entry
-            .get(&s.field)
-            .and_then(Value::as_str)
-            .is_some_and(|v| s.negative.iter().any(|n| n == v))
-    });
-    if negative {
-        -amount
-    } else {
-        amount
-    }
-}
-
 fn author_of(entry: &Value) -> Option<String> {
     ["by", "author", "holder"]
         .iter()
@@ -653,19 +698,23 @@ fn option_for(key: &str, entry: &Value, value: Value, meta: &EntryMeta) -> Confl
     }
 }
 
-/// Checks a rule over a collection's entries (in rank order, voided ones already known).
+fn voided_of(records: &Records, path: &Path) -> std::collections::HashSet<String> {
+    records
+        .voided(path)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Checks rule `index` over its collection using the running aggregates; only a broken rule
+/// pays for ranking the entries.
 fn check_collection(
     document: DocumentId,
+    index: usize,
     spec: &InvariantSpec,
-    entries: &[(String, Value, EntryMeta)],
-    records: &Records,
+    collection: &Collection,
 ) -> Vec<Violation> {
     let path = spec.rule.path();
-    let voided = records.voided(path);
-    let live: Vec<&(String, Value, EntryMeta)> = entries
-        .iter()
-        .filter(|(k, _, _)| !voided.contains(k.as_str()))
-        .collect();
     let violation = |involved: Vec<String>,
                      victims: Vec<String>,
                      reason: String,
@@ -688,8 +737,7 @@ fn check_collection(
             max,
             ..
         } => {
-            let contribution = |entry: &Value| contribution(fold, entry);
-            let total: f64 = live.iter().map(|(_, e, _)| contribution(e)).sum();
+            let total = collection.total(index);
             let within = |n: f64| min.is_none_or(|lo| n >= lo) && max.is_none_or(|hi| n <= hi);
             if within(total) {
                 return Vec::new();
@@ -698,13 +746,18 @@ fn check_collection(
             let mut running = 0.0;
             let mut victims = Vec::new();
             let mut options = Vec::new();
-            for (key, entry, meta) in &live {
-                let c = contribution(entry);
+            for (key, entry) in collection.ranked_live() {
+                let c = contribution(fold, &entry.value);
                 let breaks = (c < 0.0 && min.is_some_and(|lo| running + c < lo))
                     || (c > 0.0 && max.is_some_and(|hi| running + c > hi));
                 if breaks {
                     victims.push(key.clone());
-                    options.push(option_for(key, entry, entry.clone(), meta));
+                    options.push(option_for(
+                        key,
+                        &entry.value,
+                        entry.value.clone(),
+                        &entry.meta,
+                    ));
                 } else {
                     running += c;
                 }
@@ -721,53 +774,52 @@ fn check_collection(
         Rule::Unique { field, .. }
         | Rule::Once {
             key_field: field, ..
-        } => {
-            let mut groups: BTreeMap<String, Vec<&(String, Value, EntryMeta)>> = BTreeMap::new();
-            for item in &live {
-                if let Some(value) = item.1.get(field) {
-                    if !value.is_null() {
-                        groups.entry(value.to_string()).or_default().push(item);
+        } => collection
+            .contested(index)
+            .into_iter()
+            .map(|(value, keys)| {
+                let mut claims: Vec<(&String, &super::collection::Entry)> = keys
+                    .iter()
+                    .filter_map(|k| collection.entry(k).map(|e| (k, e)))
+                    .collect();
+                claims.sort_by(|a, b| (a.1.meta.seq, a.0).cmp(&(b.1.meta.seq, b.0)));
+                let involved: Vec<String> = claims.iter().map(|(k, _)| (*k).clone()).collect();
+                let victims: Vec<String> = involved[1..].to_vec();
+                let options = claims
+                    .iter()
+                    .map(|(k, e)| option_for(k, &e.value, e.value.clone(), &e.meta))
+                    .collect();
+                let reason = match &spec.rule {
+                    Rule::Once { .. } => format!(
+                        "{field} {value} was recorded {} times; it counts once",
+                        claims.len()
+                    ),
+                    _ => {
+                        let who: Vec<String> = claims
+                            .iter()
+                            .map(|(k, e)| author_of(&e.value).unwrap_or_else(|| (*k).clone()))
+                            .collect();
+                        format!("{} all claimed {field} {value}", who.join(" and "))
                     }
-                }
-            }
-            groups
-                .into_iter()
-                .filter(|(_, claims)| claims.len() > 1)
-                .map(|(value, claims)| {
-                    let involved: Vec<String> = claims.iter().map(|(k, _, _)| k.clone()).collect();
-                    let victims: Vec<String> = involved[1..].to_vec();
-                    let options = claims
-                        .iter()
-                        .map(|(k, e, m)| option_for(k, e, e.clone(), m))
-                        .collect();
-                    let reason = match &spec.rule {
-                        Rule::Once { .. } => format!(
-                            "{field} {value} was recorded {} times; it counts once",
-                            claims.len()
-                        ),
-                        _ => {
-                            let who: Vec<String> = claims
-                                .iter()
-                                .map(|(k, e, _)| author_of(e).unwrap_or_else(|| k.clone()))
-                                .collect();
-                            format!("{} all claimed {field} {value}", who.join(" and "))
-                        }
-                    };
-                    violation(involved, victims, reason, options)
-                })
-                .collect()
-        }
+                };
+                violation(involved, victims, reason, options)
+            })
+            .collect(),
         Rule::Capacity { max, .. } => {
-            if live.len() <= *max {
+            if collection.live_count() <= *max {
                 return Vec::new();
             }
-            let over = &live[*max..];
-            let victims: Vec<String> = over.iter().map(|(k, _, _)| k.clone()).collect();
+            let ranked = collection.ranked_live();
+            let over = &ranked[*max..];
+            let victims: Vec<String> = over.iter().map(|(k, _)| (*k).clone()).collect();
             let options = over
                 .iter()
-                .map(|(k, e, m)| option_for(k, e, e.clone(), m))
+                .map(|(k, e)| option_for(k, &e.value, e.value.clone(), &e.meta))
                 .collect();
-            let reason = format!("{path} holds {} entries, at most {max} allowed", live.len());
+            let reason = format!(
+                "{path} holds {} entries, at most {max} allowed",
+                ranked.len()
+            );
             vec![violation(victims.clone(), victims, reason, options)]
         }
         _ => Vec::new(),

@@ -58,7 +58,9 @@ impl World {
             .expect("init")
             .expect("change");
         let mut reconciler = Reconciler::new(&schema(), doc_id(), kind, "server", true);
-        assert!(reconciler.observe(&server, Some(1), &[init.id]).is_empty());
+        assert!(reconciler
+            .observe(&mut server, Some(1), &[init.id])
+            .is_empty());
         let replicas = (0..clients)
             .map(|i| {
                 Document::load(
@@ -313,7 +315,7 @@ fn a_seat_booked_twice_asks_and_a_choice_settles_it_everywhere() {
         );
         let mut check = Reconciler::new(&schema(), doc_id(), kind, "check", false);
         assert!(
-            check.observe(&w.server, None, &[]).is_empty(),
+            check.observe(&mut w.server, None, &[]).is_empty(),
             "{kind}: nothing open"
         );
     }
