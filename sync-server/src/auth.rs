@@ -192,6 +192,16 @@ impl std::fmt::Debug for AuthMode {
     }
 }
 
+/// The admin token given to the server (`ACCORD_ADMIN_TOKEN`); its `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(pub String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
 /// What one connection may do, decided at its hello.
 #[derive(Clone, Debug)]
 pub enum Grant {
@@ -243,6 +253,20 @@ impl Grant {
     }
 }
 
+/// The admin token derived from the server secret: base64url of the HMAC-SHA256 of a fixed
+/// label. It authenticates `POST /v1/tokens` (as does `ACCORD_ADMIN_TOKEN` when set) and can be
+/// printed with `accord-server admin-token`.
+pub fn admin_token(secret: &[u8]) -> String {
+    let mut mac = mac(secret);
+    mac.update(b"accord admin token v1");
+    URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Seconds since the unix epoch, from the system clock (0 if the clock is before 1970).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -273,6 +297,9 @@ mod tests {
             verify(b"k", "garbage", 10),
             Err(AuthError::Malformed(_))
         ));
+        assert_ne!(admin_token(b"k"), admin_token(b"x"));
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"abc", b"ab"));
         let mut tampered = token.clone();
         tampered.insert(3, 'A');
         assert!(verify(b"k", &tampered, 10).is_err());

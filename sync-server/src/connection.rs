@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::{unix_now, Grant};
-use crate::document::{Command, Lease};
+use crate::document::{server_replica, Command, Lease, SubscribeRequest};
 use crate::Shared;
 
 /// How long a close (last messages, then a close frame) may take.
@@ -90,15 +90,19 @@ impl Outbox {
 
     /// Asks the connection to close (the first reason wins).
     pub(crate) fn close_with(&self, reason: CloseReason) {
-        self.close.send_if_modified(|current| {
-            if current.is_none() {
-                *current = Some(reason);
-                true
-            } else {
-                false
-            }
-        });
+        close_once(&self.close, reason);
     }
+}
+
+/// Records `reason` unless a reason is already recorded (the first one wins).
+fn close_once(close: &watch::Sender<Option<CloseReason>>, reason: CloseReason) {
+    close.send_if_modified(|current| {
+        let first = current.is_none();
+        if first {
+            *current = Some(reason);
+        }
+        first
+    });
 }
 
 struct Subscription {
@@ -355,6 +359,11 @@ impl Reader {
             self.fail(ErrorCode::UnsupportedVersion, None, text);
             return false;
         }
+        if replica == server_replica() {
+            let text = "the all-zero replica id is the server's own (it authors REST changes)";
+            self.fail(ErrorCode::ProtocolViolation, None, text);
+            return false;
+        }
         let now = unix_now();
         match Grant::check(&self.shared.config.auth, token.as_deref(), now) {
             Ok(grant) => {
@@ -409,14 +418,14 @@ impl Reader {
         let (reply, answer) = oneshot::channel();
         let read_only = !grant.can_write();
         let command = Command::Subscribe {
-            out: self.outbox.clone(),
-            replica: self
-                .replica
-                .unwrap_or_else(|| ReplicaId::from_bytes([0; 16])),
-            kind,
-            since_seq,
-            read_only,
-            may_create: !read_only,
+            request: SubscribeRequest {
+                out: self.outbox.clone(),
+                replica: self.replica.unwrap_or_else(server_replica),
+                kind,
+                since_seq,
+                read_only,
+                may_create: !read_only,
+            },
             reply,
         };
         if !lease.send(command).await {
@@ -454,14 +463,14 @@ async fn write_loop(
                     written = writer.write(&mut sink, &message) => written,
                 };
                 if !written {
-                    close.send_if_modified(|c| { let new = c.is_none(); if new { *c = Some(CloseReason::flush()); } new });
+                    close_once(&close, CloseReason::flush());
                     return;
                 }
             }
             _ = ping.tick() => {
                 let sent = timeout(writer.shared.config.idle_timeout, sink.send(WsMessage::Ping(Default::default()))).await;
                 if !matches!(sent, Ok(Ok(()))) {
-                    close.send_if_modified(|c| { let new = c.is_none(); if new { *c = Some(CloseReason::flush()); } new });
+                    close_once(&close, CloseReason::flush());
                     return;
                 }
             }

@@ -15,11 +15,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use accord_engine::protocol::{Commit, ErrorCode, Message, SyncPayload};
 use accord_engine::sync::{DocSync, SyncRole};
-use accord_engine::{Change, ChangeId, DocKind, Document, DocumentId, ReplicaId};
+use accord_engine::{Change, ChangeId, DocKind, Document, DocumentId, Op, ReplicaId};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::connection::{CloseReason, Outbox};
@@ -27,25 +27,73 @@ use crate::metrics::Metrics;
 use crate::store::{NewCommit, Store, StoreError, StoredDocument};
 use crate::Config;
 
-/// The server's own replica id: it never edits, so one fixed id serves every document.
-fn server_replica() -> ReplicaId {
+/// The server's own replica id: the author of the changes made over the REST API. Only a
+/// document's actor edits it, so one fixed id serves every document.
+pub(crate) fn server_replica() -> ReplicaId {
     ReplicaId::from_bytes([0; 16])
 }
+
+/// The connection id of REST changes (WebSocket connections count from 1).
+const REST_CONNECTION: u64 = 0;
+
+/// How long an actor whose document is not loaded (unknown, or refused) lingers.
+const UNLOADED_LINGER: Duration = Duration::from_millis(100);
 
 /// Commits per Ack message on catch-up.
 const ACK_CHUNK: usize = 8_192;
 
-/// What a connection asks of a document.
+/// A connection's request to follow a document.
+pub(crate) struct SubscribeRequest {
+    pub(crate) out: Outbox,
+    pub(crate) replica: ReplicaId,
+    pub(crate) kind: DocKind,
+    pub(crate) since_seq: u64,
+    pub(crate) read_only: bool,
+    pub(crate) may_create: bool,
+}
+
+/// The committed state of a document, for the REST API.
+pub(crate) struct DocState {
+    pub(crate) kind: DocKind,
+    pub(crate) head_seq: u64,
+    pub(crate) json: serde_json::Value,
+}
+
+/// What became of ops sent over the REST API.
+pub(crate) enum Applied {
+    /// They made one change, committed at `seq`.
+    Committed { seq: u64, change: ChangeId },
+    /// They changed nothing; the head is still `head_seq`.
+    Unchanged { head_seq: u64 },
+}
+
+/// Why a REST request to a document failed.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// The document does not exist.
+    Missing,
+    /// The ops do not apply (nothing was committed).
+    BadOps(String),
+    /// Storage failed.
+    Storage(String),
+}
+
+/// What a connection or a REST request asks of a document.
 pub(crate) enum Command {
     /// Subscribe a connection.
     Subscribe {
-        out: Outbox,
-        replica: ReplicaId,
-        kind: DocKind,
-        since_seq: u64,
-        read_only: bool,
-        may_create: bool,
+        request: SubscribeRequest,
         reply: oneshot::Sender<bool>,
+    },
+    /// Read the committed state (REST).
+    Read {
+        reply: oneshot::Sender<Result<DocState, Refusal>>,
+    },
+    /// Apply ops as one change made by the server, committed, acknowledged and relayed like
+    /// any other (REST).
+    Apply {
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<Applied, Refusal>>,
     },
     /// CRDT data from a subscribed connection.
     Sync {
@@ -204,10 +252,14 @@ struct PendingChange {
 #[derive(Default)]
 struct Pending {
     changes: Vec<PendingChange>,
-    /// Yrs updates that brought nothing new: acknowledged at the head so the outbox clears.
+    /// Yrs updates (sent on their own, so their author tracks their id) that brought nothing
+    /// new: acknowledged with the sequence number they were committed at (or the head, if they
+    /// arrived inside another update) so the author's outbox clears.
     duplicates: Vec<(u64, ChangeId)>,
     /// Subscribers whose sync state may have something due.
     dirty: BTreeSet<u64>,
+    /// REST requests waiting for the commit of `changes[index]`.
+    replies: Vec<(usize, oneshot::Sender<Result<Applied, Refusal>>)>,
 }
 
 struct Actor {
@@ -249,7 +301,7 @@ where
 
 enum Found {
     Stored(StoredDocument),
-    Created,
+    Created(DocKind),
     Missing,
 }
 
@@ -263,11 +315,16 @@ impl Actor {
     ) {
         loop {
             let idle = self.subscribers.is_empty();
+            let linger = if self.state.is_some() {
+                self.config.idle_evict
+            } else {
+                self.config.idle_evict.min(UNLOADED_LINGER)
+            };
             let command = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 command = rx.recv() => command,
-                _ = tokio::time::sleep(self.config.idle_evict), if idle => {
+                _ = tokio::time::sleep(linger), if idle => {
                     if self.documents.try_evict(self.document, &leases) {
                         tracing::debug!(document = %self.document, "evicted");
                         break;
@@ -324,22 +381,26 @@ impl Actor {
 
     async fn handle(&mut self, command: Command) -> Result<(), StoreError> {
         match command {
-            Command::Subscribe {
-                out,
-                replica,
-                kind,
-                since_seq,
-                read_only,
-                may_create,
-                reply,
-            } => {
+            Command::Subscribe { request, reply } => {
                 self.flush().await?;
-                let ok = self
-                    .subscribe(out, replica, kind, since_seq, read_only, may_create)
-                    .await?;
+                let ok = self.subscribe(request).await?;
                 let _ = reply.send(ok);
                 Ok(())
             }
+            Command::Read { reply } => {
+                self.flush().await?;
+                let read = self.ensure_loaded().await.map(|()| {
+                    let state = self.state.as_ref();
+                    DocState {
+                        kind: state.map_or(DocKind::Automerge, |s| s.kind),
+                        head_seq: state.map_or(0, |s| s.head_seq),
+                        json: state.map_or(serde_json::Value::Null, |s| s.doc.to_json()),
+                    }
+                });
+                let _ = reply.send(read);
+                Ok(())
+            }
+            Command::Apply { ops, reply } => self.apply(ops, reply).await,
             Command::Sync {
                 connection,
                 payload,
@@ -363,26 +424,25 @@ impl Actor {
         });
     }
 
-    async fn load(
-        &mut self,
-        kind: DocKind,
-        may_create: bool,
-    ) -> Result<Option<Loaded>, StoreError> {
+    /// Loads the document, creating it as `create` when it is missing and that is given.
+    async fn load(&mut self, create: Option<DocKind>) -> Result<Option<Loaded>, StoreError> {
         let document = self.document;
         let found = with_store(&mut self.store, &self.database, move |store| {
             Ok(match store.load(document)? {
                 Some(stored) => Found::Stored(stored),
-                None if may_create => {
-                    store.create(document, kind)?;
-                    Found::Created
-                }
-                None => Found::Missing,
+                None => match create {
+                    Some(kind) => {
+                        store.create(document, kind)?;
+                        Found::Created(kind)
+                    }
+                    None => Found::Missing,
+                },
             })
         })
         .await?;
         let loaded = match found {
             Found::Missing => return Ok(None),
-            Found::Created => Loaded {
+            Found::Created(kind) => Loaded {
                 doc: Document::new(kind, server_replica(), document),
                 kind,
                 head_seq: 0,
@@ -416,19 +476,96 @@ impl Actor {
         Ok(Some(loaded))
     }
 
+    /// Loads the document if needed (never creating it), for the REST API.
+    async fn ensure_loaded(&mut self) -> Result<(), Refusal> {
+        if self.state.is_some() {
+            return Ok(());
+        }
+        match self.load(None).await {
+            Ok(Some(loaded)) => {
+                self.state = Some(loaded);
+                Ok(())
+            }
+            Ok(None) => Err(Refusal::Missing),
+            Err(error) => {
+                tracing::error!(document = %self.document, %error, "load failed");
+                Err(Refusal::Storage(format!(
+                    "the document does not load: {error}"
+                )))
+            }
+        }
+    }
+
+    /// Applies REST ops as one change of the server's; it waits in `pending` for the commit,
+    /// which answers `reply`. Ops that fail leave nothing behind: a Yrs document that took part
+    /// of them is reloaded from storage (it was flushed first, so only that part is lost).
+    async fn apply(
+        &mut self,
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<Applied, Refusal>>,
+    ) -> Result<(), StoreError> {
+        if self.state.as_ref().is_some_and(|s| s.kind == DocKind::Yrs) {
+            self.flush().await?;
+        }
+        if let Err(refusal) = self.ensure_loaded().await {
+            let _ = reply.send(Err(refusal));
+            return Ok(());
+        }
+        // Nothing is pending for a Yrs document here: it was flushed above, or it was not loaded
+        // (and nothing is received for a document that is not loaded).
+        let Some(state) = self.state.as_mut() else {
+            let _ = reply.send(Err(Refusal::Missing));
+            return Ok(());
+        };
+        match state.doc.apply_ops(&ops) {
+            Ok(Some(change)) => {
+                self.pending
+                    .replies
+                    .push((self.pending.changes.len(), reply));
+                self.pending.changes.push(PendingChange {
+                    connection: REST_CONNECTION,
+                    author: server_replica(),
+                    change,
+                });
+            }
+            Ok(None) => {
+                let head_seq = state.head_seq;
+                let _ = reply.send(Ok(Applied::Unchanged { head_seq }));
+            }
+            Err(partial) => {
+                if partial.change.is_some() {
+                    // Memory never runs ahead of storage: drop the half-applied document.
+                    self.state = None;
+                    self.metrics
+                        .documents_loaded
+                        .fetch_sub(1, Ordering::Relaxed);
+                    let Some(loaded) = self.load(None).await? else {
+                        return Err(StoreError::Corrupt {
+                            document: self.document.to_string(),
+                            detail: "vanished while loaded".into(),
+                        });
+                    };
+                    self.state = Some(loaded);
+                }
+                let _ = reply.send(Err(Refusal::BadOps(partial.error.to_string())));
+            }
+        }
+        Ok(())
+    }
+
     /// Subscribes a connection; false when refused (the connection was told why). Only a failed
     /// commit is an error; a failed load or read is reported to this subscriber alone.
-    async fn subscribe(
-        &mut self,
-        out: Outbox,
-        replica: ReplicaId,
-        kind: DocKind,
-        since_seq: u64,
-        read_only: bool,
-        may_create: bool,
-    ) -> Result<bool, StoreError> {
+    async fn subscribe(&mut self, request: SubscribeRequest) -> Result<bool, StoreError> {
+        let SubscribeRequest {
+            out,
+            replica,
+            kind,
+            since_seq,
+            read_only,
+            may_create,
+        } = request;
         if self.state.is_none() {
-            match self.load(kind, may_create).await {
+            match self.load(may_create.then_some(kind)).await {
                 Ok(Some(loaded)) => self.state = Some(loaded),
                 Ok(None) => {
                     self.error(&out, ErrorCode::UnknownDocument, "no such document");
@@ -542,6 +679,8 @@ impl Actor {
             }
             _ => None,
         };
+        // A step 2 is a merge its sender does not track by id: it is never acknowledged as such.
+        let single_update = matches!(payload, SyncPayload::YrsUpdate(_));
         let payload = if subscriber.read_only {
             match refuse_writes(document, &mut state.doc, &subscriber.out, payload) {
                 Some(payload) => payload,
@@ -552,7 +691,8 @@ impl Actor {
         };
         match subscriber.sync.receive(&mut state.doc, payload) {
             Ok(received) => {
-                if received.changes.is_empty() {
+                // An incomplete update (its dependencies are missing) is not here: no ack.
+                if received.changes.is_empty() && single_update && !received.incomplete {
                     if let Some(id) = update_id {
                         self.pending.duplicates.push((connection, id));
                     }
@@ -630,6 +770,14 @@ impl Actor {
                 .fetch_add(count, Ordering::Relaxed);
             state.head_seq = head + count;
             state.head_change = acked.last().map(|c| c.change);
+            for (index, reply) in pending.replies {
+                if let Some(commit) = acked.get(index) {
+                    let _ = reply.send(Ok(Applied::Committed {
+                        seq: commit.seq,
+                        change: commit.change,
+                    }));
+                }
+            }
             state.since_snapshot = if compacted { 0 } else { since_snapshot };
             let ack = Message::Ack {
                 document,
@@ -651,12 +799,29 @@ impl Actor {
             }
             dirty.extend(self.subscribers.keys().copied());
         }
-        for (connection, change) in pending.duplicates {
+        let duplicates = if pending.duplicates.is_empty() {
+            Vec::new()
+        } else {
+            let ids: Vec<ChangeId> = pending.duplicates.iter().map(|(_, id)| *id).collect();
+            let found = with_store(&mut self.store, &self.database, move |store| {
+                store.seqs_of(document, &ids)
+            })
+            .await;
+            match found {
+                Ok(seqs) => pending.duplicates.into_iter().zip(seqs).collect(),
+                Err(error) => {
+                    // Not acknowledged now; the author resends them on its next sync.
+                    tracing::warn!(document = %document, %error, "duplicate lookup failed");
+                    Vec::new()
+                }
+            }
+        };
+        for ((connection, change), seq) in duplicates {
             if let Some(subscriber) = self.subscribers.get(&connection) {
                 let ack = Message::Ack {
                     document,
                     commits: vec![Commit {
-                        seq: state.head_seq,
+                        seq: seq.unwrap_or(state.head_seq),
                         change,
                     }],
                 };
@@ -700,10 +865,13 @@ fn refuse_writes(
         });
     };
     match payload {
-        SyncPayload::YrsUpdate(bytes) | SyncPayload::YrsStep2(bytes) => {
+        SyncPayload::YrsUpdate(bytes) => {
             reject(ChangeId::of_bytes(&bytes));
             None
         }
+        // A step 2 is a merge its sender does not track by id (its own changes travel as single
+        // updates, each rejected above): ignored, not rejected.
+        SyncPayload::YrsStep2(_) => None,
         SyncPayload::YrsStep1(_) => Some(payload),
         SyncPayload::Automerge(bytes) => {
             let Ok(mut message) = automerge::sync::Message::decode(&bytes) else {

@@ -7,6 +7,7 @@
 //!
 //! One file per concern, in the style of tokio's mini-redis:
 //! - [`run`] (here): the HTTP side (`/sync`, `/healthz`, `/metrics`) and graceful shutdown.
+//! - `rest`: the JSON REST API under `/v1` (documents, ops, the change feed, token minting).
 //! - `connection`: one WebSocket: hello and auth, limits, the bounded outbound queue.
 //! - `document`: one task per loaded document, owning it, its head sequence number and one
 //!   sync state per subscriber; group commit; idle eviction.
@@ -31,6 +32,7 @@ pub mod auth;
 mod connection;
 mod document;
 pub mod metrics;
+mod rest;
 pub mod store;
 
 use std::future::Future;
@@ -82,6 +84,13 @@ pub struct Config {
     pub max_catchup_acks: usize,
     /// How long shutdown waits for connections and documents to finish.
     pub shutdown_grace: Duration,
+    /// The largest REST request body, in bytes (larger ones get 413).
+    pub max_rest_body_bytes: usize,
+    /// REST requests served at once; more get 503 `overloaded`.
+    pub max_rest_in_flight: usize,
+    /// An admin token for `POST /v1/tokens`, besides the one derived from the secret
+    /// ([`auth::admin_token`]).
+    pub admin_token: Option<auth::AdminToken>,
 }
 
 impl Config {
@@ -102,6 +111,9 @@ impl Config {
             compact_every: 1_000,
             max_catchup_acks: 100_000,
             shutdown_grace: Duration::from_secs(10),
+            max_rest_body_bytes: 1 << 20,
+            max_rest_in_flight: 256,
+            admin_token: None,
         }
     }
 
@@ -139,6 +151,10 @@ pub(crate) struct Shared {
     /// Every connection task holds a clone; shutdown waits until all are dropped.
     pub(crate) alive: mpsc::Sender<()>,
     pub(crate) next_connection: std::sync::atomic::AtomicU64,
+    /// SQLite connections for REST requests that do not go through an actor.
+    pub(crate) pool: Arc<rest::StorePool>,
+    /// Permits for REST requests in flight.
+    pub(crate) rest_permits: Arc<Semaphore>,
 }
 
 /// Runs the server on `listener` until `shutdown` completes, then stops accepting, lets each
@@ -162,6 +178,7 @@ pub async fn run_with_metrics(
 ) -> Result<(), ServerError> {
     std::fs::create_dir_all(&config.data_dir)?;
     let database = config.database_path();
+    let database_path = database.clone();
     tokio::task::spawn_blocking(move || store::Store::open(&database).map(drop))
         .await
         .map_err(|e| store::StoreError::Task(e.to_string()))??;
@@ -178,18 +195,21 @@ pub async fn run_with_metrics(
     );
     let shared = Arc::new(Shared {
         connections: Arc::new(Semaphore::new(config.max_connections)),
+        rest_permits: Arc::new(Semaphore::new(config.max_rest_in_flight.max(1))),
         config,
         metrics,
         documents,
         shutdown: shutdown_rx,
         alive: alive_tx,
         next_connection: std::sync::atomic::AtomicU64::new(1),
+        pool: Arc::new(rest::StorePool::new(database_path)),
     });
     let grace = shared.config.shutdown_grace;
     let app = Router::new()
         .route("/sync", get(sync_handler))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_handler))
+        .merge(rest::router(&shared))
         .with_state(shared.clone());
     tracing::info!(address = ?listener.local_addr().ok(), "accord-server listening");
     let mut stop = shared.shutdown.clone();

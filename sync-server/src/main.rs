@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use accord_server::auth::{mint, unix_now, AuthMode, Claims, Rights, Scope};
+use accord_server::auth::{
+    admin_token, mint, unix_now, AdminToken, AuthMode, Claims, Rights, Scope,
+};
 use accord_server::Config;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -22,11 +24,20 @@ enum Command {
     Serve(Serve),
     /// Mint an access token (signed with ACCORD_SECRET).
     Token(TokenArgs),
+    /// Print the admin token derived from ACCORD_SECRET (for POST /v1/tokens).
+    AdminToken(AdminTokenArgs),
+}
+
+#[derive(Parser)]
+struct AdminTokenArgs {
+    /// The signing secret.
+    #[arg(long, env = "ACCORD_SECRET", hide_env_values = true)]
+    secret: String,
 }
 
 #[derive(Parser)]
 struct Serve {
-    /// Address to listen on (WebSocket at /sync, /healthz, /metrics).
+    /// Address to listen on (WebSocket at /sync, /healthz, /metrics, the REST API under /v1).
     #[arg(long, default_value = "127.0.0.1:8787")]
     listen: SocketAddr,
     /// Directory of the database (created if missing).
@@ -62,6 +73,15 @@ struct Serve {
     /// Changes appended after a snapshot before a new snapshot is stored.
     #[arg(long, default_value_t = 1_000)]
     compact_every: u64,
+    /// Largest REST request body, in bytes (larger ones get 413).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_rest_body_bytes: usize,
+    /// REST requests served at once; more get 503 overloaded.
+    #[arg(long, default_value_t = 256)]
+    max_rest_in_flight: usize,
+    /// Admin token for POST /v1/tokens (the token printed by `admin-token` works too).
+    #[arg(long, env = "ACCORD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -115,6 +135,10 @@ async fn main() -> std::process::ExitCode {
             println!("{}", mint(args.secret.as_bytes(), &claims));
             std::process::ExitCode::SUCCESS
         }
+        Command::AdminToken(args) => {
+            println!("{}", admin_token(args.secret.as_bytes()));
+            std::process::ExitCode::SUCCESS
+        }
         Command::Serve(args) => match serve(args).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(error) => {
@@ -142,6 +166,12 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
     config.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
     config.idle_evict = Duration::from_secs(args.idle_evict_secs);
     config.compact_every = args.compact_every.max(1);
+    config.max_rest_body_bytes = args.max_rest_body_bytes.max(1);
+    config.max_rest_in_flight = args.max_rest_in_flight.max(1);
+    config.admin_token = args
+        .admin_token
+        .filter(|token| !token.is_empty())
+        .map(AdminToken);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     accord_server::run(listener, config, shutdown_signal()).await?;
     Ok(())

@@ -51,64 +51,61 @@ impl Metrics {
 
     /// Records an error or rejection sent to a client.
     pub fn count_error(&self, code: ErrorCode) {
-        let index = usize::from(code.code());
-        let index = if index < CODES { index } else { 0 };
-        self.errors[index].fetch_add(1, Ordering::Relaxed);
+        self.error_counter(code).fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Errors sent with `code` so far.
+    /// Errors sent with `code` so far (codes past the tracked range share one counter).
     pub fn errors(&self, code: ErrorCode) -> u64 {
+        self.error_counter(code).load(Ordering::Relaxed)
+    }
+
+    /// The counter of `code`; unknown codes share slot 0.
+    fn error_counter(&self, code: ErrorCode) -> &AtomicU64 {
         let index = usize::from(code.code());
-        self.errors
-            .get(index)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+        &self.errors[if index < CODES { index } else { 0 }]
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let gauge = |out: &mut String, name: &str, help: &str, value: i64| {
+        let scalars: [(&str, &str, &str, String); 5] = [
+            (
+                "accord_connections",
+                "gauge",
+                "Open WebSocket connections.",
+                self.connections.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "accord_documents_loaded",
+                "gauge",
+                "Documents held in memory.",
+                self.documents_loaded.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "accord_changes_committed_total",
+                "counter",
+                "Changes durably committed.",
+                self.changes_committed.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "accord_bytes_in_total",
+                "counter",
+                "Bytes received in WebSocket frames.",
+                self.bytes_in.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "accord_bytes_out_total",
+                "counter",
+                "Bytes sent in WebSocket frames.",
+                self.bytes_out.load(Ordering::Relaxed).to_string(),
+            ),
+        ];
+        for (name, kind, help, value) in scalars {
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
-        };
-        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
-        gauge(
-            &mut out,
-            "accord_connections",
-            "Open WebSocket connections.",
-            self.connections.load(Ordering::Relaxed),
-        );
-        gauge(
-            &mut out,
-            "accord_documents_loaded",
-            "Documents held in memory.",
-            self.documents_loaded.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "accord_changes_committed_total",
-            "Changes durably committed.",
-            self.changes_committed.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "accord_bytes_in_total",
-            "Bytes received in WebSocket frames.",
-            self.bytes_in.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "accord_bytes_out_total",
-            "Bytes sent in WebSocket frames.",
-            self.bytes_out.load(Ordering::Relaxed),
-        );
+        }
         let name = "accord_commit_latency_seconds";
         let _ = writeln!(
             out,

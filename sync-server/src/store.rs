@@ -74,6 +74,19 @@ pub struct NewCommit {
     pub bytes: Vec<u8>,
 }
 
+/// One entry of the commit log, as the change feed reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedCommit {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its id.
+    pub change: ChangeId,
+    /// The replica whose connection sent it (all zeros: the server itself, for REST changes).
+    pub author: ReplicaId,
+    /// Its bytes, until a snapshot covers it.
+    pub bytes: Option<Vec<u8>>,
+}
+
 /// A connection to the server database.
 pub struct Store {
     conn: Connection,
@@ -106,6 +119,16 @@ fn to_u64(document: DocumentId, value: i64) -> Result<u64, StoreError> {
         document: document.to_string(),
         detail: format!("negative number {value}"),
     })
+}
+
+fn to_kind(document: DocumentId, kind: i64) -> Result<DocKind, StoreError> {
+    u8::try_from(kind)
+        .ok()
+        .and_then(DocKind::from_code)
+        .ok_or_else(|| StoreError::Corrupt {
+            document: document.to_string(),
+            detail: format!("unknown kind {kind}"),
+        })
 }
 
 fn change_id(document: DocumentId, bytes: &[u8]) -> Result<ChangeId, StoreError> {
@@ -153,13 +176,7 @@ impl Store {
         let Some((kind, snapshot, snapshot_seq, head_seq)) = row else {
             return Ok(None);
         };
-        let kind = u8::try_from(kind)
-            .ok()
-            .and_then(DocKind::from_code)
-            .ok_or_else(|| StoreError::Corrupt {
-                document: document.to_string(),
-                detail: format!("unknown kind {kind}"),
-            })?;
+        let kind = to_kind(document, kind)?;
         let snapshot_seq = to_u64(document, snapshot_seq)?;
         let head_seq = to_u64(document, head_seq)?;
         let mut changes = Vec::new();
@@ -214,11 +231,16 @@ impl Store {
 
     /// Creates an empty document.
     pub fn create(&mut self, document: DocumentId, kind: DocKind) -> Result<(), StoreError> {
-        self.conn.execute(
+        self.create_new(document, kind).map(drop)
+    }
+
+    /// Creates an empty document unless one with this id exists; false when it existed.
+    pub fn create_new(&mut self, document: DocumentId, kind: DocKind) -> Result<bool, StoreError> {
+        let inserted = self.conn.execute(
             "INSERT OR IGNORE INTO documents (id, kind) VALUES (?1, ?2)",
             params![document.as_bytes().as_slice(), i64::from(kind.code())],
         )?;
-        Ok(())
+        Ok(inserted == 1)
     }
 
     /// Commits `commits` (consecutive, after `head_seq`) in one transaction and, when given,
@@ -288,22 +310,15 @@ impl Store {
         author: ReplicaId,
         limit: usize,
     ) -> Result<Vec<(u64, ChangeId)>, StoreError> {
-        let mut statement = self.conn.prepare_cached(
-            "SELECT seq, change_id FROM commits WHERE document = ?1 AND seq > ?2 AND author = ?3 ORDER BY seq LIMIT ?4",
+        let rows = self.read_commits(
+            document,
+            "SELECT seq, change_id FROM commits WHERE document = ?1 AND seq > ?2 AND author = ?4 ORDER BY seq LIMIT ?3",
+            since_seq,
+            limit,
+            Some(author),
+            usize::MAX,
         )?;
-        let mut rows = statement.query(params![
-            document.as_bytes().as_slice(),
-            to_i64(since_seq),
-            author.as_bytes().as_slice(),
-            i64::try_from(limit).unwrap_or(i64::MAX)
-        ])?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            let seq = to_u64(document, row.get(0)?)?;
-            let id: Vec<u8> = row.get(1)?;
-            out.push((seq, change_id(document, &id)?));
-        }
-        Ok(out)
+        Ok(rows.into_iter().map(|c| (c.seq, c.change)).collect())
     }
 
     /// Every commit after `since_seq`, at most `limit`, ascending (for tools and tests).
@@ -313,19 +328,135 @@ impl Store {
         since_seq: u64,
         limit: usize,
     ) -> Result<Vec<(u64, ChangeId)>, StoreError> {
-        let mut statement = self.conn.prepare_cached(
+        let rows = self.read_commits(
+            document,
             "SELECT seq, change_id FROM commits WHERE document = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            since_seq,
+            limit,
+            None,
+            usize::MAX,
         )?;
-        let mut rows = statement.query(params![
-            document.as_bytes().as_slice(),
-            to_i64(since_seq),
-            i64::try_from(limit).unwrap_or(i64::MAX)
-        ])?;
+        Ok(rows.into_iter().map(|c| (c.seq, c.change)).collect())
+    }
+
+    /// The change feed: every commit after `since_seq` with its author and bytes (`None` once a
+    /// snapshot covers it), at most `limit` commits and, past the first, at most `max_bytes` of
+    /// change bytes, ascending.
+    pub fn feed(
+        &mut self,
+        document: DocumentId,
+        since_seq: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LoggedCommit>, StoreError> {
+        self.read_commits(
+            document,
+            "SELECT seq, change_id, author, bytes FROM commits WHERE document = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            since_seq,
+            limit,
+            None,
+            max_bytes,
+        )
+    }
+
+    /// The sequence number each change in `changes` was committed at, if it was (a scan of the
+    /// document's log per id: for the rare duplicate, not for the hot path).
+    pub fn seqs_of(
+        &mut self,
+        document: DocumentId,
+        changes: &[ChangeId],
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT seq FROM commits WHERE document = ?1 AND change_id = ?2 ORDER BY seq LIMIT 1",
+        )?;
+        let key = document.as_bytes().as_slice();
+        let mut out = Vec::with_capacity(changes.len());
+        for change in changes {
+            let seq: Option<i64> = statement
+                .query_row(params![key, change.0.as_slice()], |r| r.get(0))
+                .optional()?;
+            out.push(seq.map(|seq| to_u64(document, seq)).transpose()?);
+        }
+        Ok(out)
+    }
+
+    /// The kind and head sequence number of a stored document, without loading it.
+    pub fn head(&mut self, document: DocumentId) -> Result<Option<(DocKind, u64)>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT kind, head_seq FROM documents WHERE id = ?1",
+                [document.as_bytes().as_slice()],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()?;
+        let Some((kind, head_seq)) = row else {
+            return Ok(None);
+        };
+        Ok(Some((
+            to_kind(document, kind)?,
+            to_u64(document, head_seq)?,
+        )))
+    }
+
+    /// Runs a commit-log query whose parameters are `?1` document, `?2` since, `?3` limit and
+    /// optionally `?4` author, and whose columns are `seq, change_id[, author, bytes]`. Stops
+    /// before the byte budget is exceeded (the first row always fits).
+    fn read_commits(
+        &mut self,
+        document: DocumentId,
+        sql: &str,
+        since_seq: u64,
+        limit: usize,
+        author: Option<ReplicaId>,
+        max_bytes: usize,
+    ) -> Result<Vec<LoggedCommit>, StoreError> {
+        let mut statement = self.conn.prepare_cached(sql)?;
+        let full = statement.column_count() >= 4;
+        let key = document.as_bytes().as_slice();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = match author {
+            Some(author) => statement.query(params![
+                key,
+                to_i64(since_seq),
+                limit,
+                author.as_bytes().as_slice()
+            ])?,
+            None => statement.query(params![key, to_i64(since_seq), limit])?,
+        };
         let mut out = Vec::new();
+        let mut bytes_read = 0usize;
         while let Some(row) = rows.next()? {
             let seq = to_u64(document, row.get(0)?)?;
             let id: Vec<u8> = row.get(1)?;
-            out.push((seq, change_id(document, &id)?));
+            let (author, bytes) = if full {
+                let author: Vec<u8> = row.get(2)?;
+                let author: [u8; 16] =
+                    author
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt {
+                            document: document.to_string(),
+                            detail: format!("author of {} bytes", author.len()),
+                        })?;
+                (
+                    ReplicaId::from_bytes(author),
+                    row.get::<_, Option<Vec<u8>>>(3)?,
+                )
+            } else {
+                (ReplicaId::from_bytes([0; 16]), None)
+            };
+            let size = bytes.as_ref().map_or(0, Vec::len);
+            if !out.is_empty() && bytes_read.saturating_add(size) > max_bytes {
+                break;
+            }
+            bytes_read = bytes_read.saturating_add(size);
+            out.push(LoggedCommit {
+                seq,
+                change: change_id(document, &id)?,
+                author,
+                bytes,
+            });
         }
         Ok(out)
     }
@@ -369,6 +500,27 @@ mod tests {
                 .unwrap()
                 .len(),
             0
+        );
+        assert_eq!(store.head(doc).unwrap(), Some((DocKind::Yrs, 4)));
+        assert_eq!(store.head(DocumentId::from_bytes([5; 16])).unwrap(), None);
+        assert!(!store.create_new(doc, DocKind::Automerge).unwrap());
+        let feed = store.feed(doc, 1, 10, usize::MAX).unwrap();
+        assert_eq!(
+            feed.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert_eq!(feed[0].author, author);
+        assert_eq!(feed[0].bytes, None, "compacted");
+        assert_eq!(feed[2].bytes, Some(vec![4u8]));
+        assert_eq!(store.feed(doc, 0, 2, usize::MAX).unwrap().len(), 2);
+        // The byte budget stops after the first row that does not fit (the first always does).
+        assert_eq!(store.feed(doc, 3, 10, 0).unwrap().len(), 1);
+        assert_eq!(store.commits_after(doc, 2, 10).unwrap().len(), 2);
+        assert_eq!(
+            store
+                .seqs_of(doc, &[ChangeId([3; 32]), ChangeId([7; 32])])
+                .unwrap(),
+            vec![Some(3), None]
         );
         store
             .connection()

@@ -290,3 +290,78 @@ pub fn error_codes(messages: &[Message]) -> Vec<ErrorCode> {
         })
         .collect()
 }
+
+/// A response of [`http`].
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The `code` of a JSON error body.
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close` (enough for tests; no client crate needed).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    request.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    ));
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // The server may answer (413) before reading all of a large body.
+    let _ = stream.write_all(body).await;
+    let mut raw = Vec::new();
+    timeout(Duration::from_secs(20), stream.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "chunked bodies are not parsed here"
+    );
+    HttpResponse {
+        status,
+        headers: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// Parses a JSON-lines change feed into `(seq, change hex, the whole line)`.
+pub fn feed_lines(body: &str) -> Vec<serde_json::Value> {
+    body.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

@@ -1,0 +1,159 @@
+//! Liveness: the idle timeout with ping/pong, and a slow consumer cut off while another
+//! subscriber's fan-out latency holds.
+
+mod common;
+
+use std::time::Duration;
+
+use accord_engine::protocol::{ErrorCode, Message, SyncPayload, PROTOCOL_VERSION};
+use accord_engine::storage::MemoryStorage;
+use accord_engine::{DocKind, DocumentId, Op, Path, ReplicaId};
+use common::*;
+use serde_json::json;
+use tokio::time::Instant;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn hello(ws: &mut Ws, id: u8) {
+    let hello = Message::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        replica: ReplicaId::from_bytes([id; 16]),
+        token: None,
+    };
+    send(ws, &hello).await;
+}
+
+#[tokio::test]
+async fn idle_timeout_drops_the_unresponsive_and_keeps_the_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.idle_timeout = Duration::from_millis(600);
+    let server = Server::start(config).await;
+    // Both say hello, then send nothing more. `quiet` keeps reading, so tungstenite answers
+    // the server's pings; `deaf` never reads again, so its pongs never go out.
+    let mut quiet = connect_ws(server.addr).await;
+    let mut deaf = connect_ws(server.addr).await;
+    hello(&mut quiet, 1).await;
+    hello(&mut deaf, 2).await;
+    let started = Instant::now();
+    let (messages, closed) = read_all(&mut quiet, Duration::from_millis(2_400)).await;
+    assert!(!closed, "a quiet client that answers pings stays connected");
+    assert!(matches!(messages.first(), Some(Message::Welcome { .. })));
+    assert!(started.elapsed() >= Duration::from_millis(2_000));
+    // The deaf client was cut off long ago: reading now finds the close.
+    let (_, closed) = read_all(&mut deaf, Duration::from_secs(5)).await;
+    assert!(closed, "a client that stops answering is disconnected");
+    // The quiet one still works.
+    let document = DocumentId::from_bytes([3; 16]);
+    let subscribe = Message::Subscribe {
+        document,
+        kind: DocKind::Yrs,
+        since_seq: 0,
+    };
+    send(&mut quiet, &subscribe).await;
+    let deadline = Instant::now() + WAIT;
+    let mut subscribed = false;
+    while !subscribed && Instant::now() < deadline {
+        let (messages, closed) = read_all(&mut quiet, Duration::from_millis(200)).await;
+        subscribed = messages
+            .iter()
+            .any(|m| matches!(m, Message::Subscribed { .. }));
+        assert!(!closed);
+    }
+    assert!(subscribed);
+    assert_eq!(
+        server
+            .metrics
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_cut_off_while_fan_out_latency_holds() {
+    const UPDATES: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.outbound_queue = 8;
+    let server = Server::start(config).await;
+    let document = DocumentId::from_bytes([7; 16]);
+    let kind = DocKind::Yrs;
+    let mut writer = Client::new(MemoryStorage::new(), 1, replica_config(1 << 20));
+    let mut fast = Client::new(MemoryStorage::new(), 2, replica_config(1 << 20));
+    for client in [&mut writer, &mut fast] {
+        client.replica.create(document, kind).unwrap();
+        client.connect(server.addr, None).await;
+        client.subscribe(document).await;
+        assert!(client.pump_until(WAIT, |c| c.is_subscribed(document)).await);
+    }
+    // A subscriber that never reads after subscribing.
+    let mut slow = connect_ws(server.addr).await;
+    hello(&mut slow, 3).await;
+    let subscribe = Message::Subscribe {
+        document,
+        kind,
+        since_seq: 0,
+    };
+    send(&mut slow, &subscribe).await;
+    send(
+        &mut slow,
+        &Message::Sync {
+            document,
+            payload: SyncPayload::YrsStep1(vec![0]),
+        },
+    )
+    .await;
+    // Let both finish their sync handshake (the loop below pumps one client at a time).
+    for _ in 0..3 {
+        writer.pump_for(Duration::from_millis(50)).await;
+        fast.pump_for(Duration::from_millis(50)).await;
+    }
+
+    // Large updates until the slow consumer's queue overflows, then small ones; the fast
+    // subscriber's latency is measured from the writer's send to its receipt of the commit.
+    let blob = "z".repeat(64 << 10);
+    let mut latencies = Vec::with_capacity(UPDATES);
+    for i in 0..UPDATES {
+        let cut_off = server.metrics.errors(ErrorCode::Overloaded) > 0;
+        let value = if cut_off { json!(i) } else { json!(blob) };
+        let ops = vec![Op::Put {
+            path: Path::keys(["m".to_string(), format!("k{i}")]),
+            value,
+        }];
+        writer.replica.change(document, &ops).unwrap();
+        writer.flush().await;
+        let sent = Instant::now();
+        let seq = i as u64 + 1;
+        assert!(
+            fast.pump_until(WAIT, |c| c.acks.contains_key(&seq)).await,
+            "the fast subscriber got commit {seq} (closed {}, errors {:?})",
+            fast.closed,
+            fast.peer_errors()
+        );
+        latencies.push(sent.elapsed());
+        assert!(writer.pump_until(WAIT, |c| c.acks.contains_key(&seq)).await);
+    }
+    assert!(
+        server.metrics.errors(ErrorCode::Overloaded) >= 1,
+        "the slow subscriber was cut off"
+    );
+    latencies.sort();
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+    eprintln!("fan-out latency to the fast subscriber: p50 {p50:?}, p99 {p99:?}");
+    assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+    assert!(
+        fast.pump_until(WAIT, |c| {
+            c.replica.json(document).unwrap()["m"]
+                .as_object()
+                .is_some_and(|m| m.len() == UPDATES)
+        })
+        .await,
+        "the fast subscriber has every update"
+    );
+    assert!(!fast.closed && !writer.closed);
+    drop(slow);
+    server.stop().await;
+}
