@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::doc::{Change, ChangeId, DocError, DocKind, Document, Op};
 use crate::ids::{DocumentId, PeerId, ReplicaId};
+use crate::invariant::{self, ChooseError, Conflict, Reconciler, Schema};
 use crate::protocol::{
     encode_frames, DecodeError, ErrorCode, Limits, Message, Reassembler, PROTOCOL_VERSION,
 };
@@ -32,6 +33,8 @@ pub struct ReplicaConfig {
     pub compact_every: usize,
     /// Frame and message size limits, for decoding and for splitting outgoing messages.
     pub limits: Limits,
+    /// Settled changes (confirmed or rejected) whose status is remembered, oldest forgotten first.
+    pub max_tracked_statuses: usize,
 }
 
 impl Default for ReplicaConfig {
@@ -41,6 +44,7 @@ impl Default for ReplicaConfig {
             max_documents: 100_000,
             compact_every: 500,
             limits: Limits::default(),
+            max_tracked_statuses: 100_000,
         }
     }
 }
@@ -90,6 +94,9 @@ pub enum ReplicaError {
     /// No such peer.
     #[error("unknown peer {0}")]
     UnknownPeer(PeerId),
+    /// A conflict choice that cannot be made.
+    #[error(transparent)]
+    Choose(#[from] ChooseError),
     /// The peer broke the protocol.
     #[error("protocol violation by {peer}: {reason}")]
     Protocol {
@@ -155,6 +162,14 @@ pub enum Event {
         /// Whether we may only read.
         read_only: bool,
     },
+    /// The document breaks invariants (checked locally after a change or merge): a warning
+    /// for the app ("this may be rejected"); the server decides.
+    Violations {
+        /// The document.
+        document: DocumentId,
+        /// (invariant id, reason) of each open violation.
+        violations: Vec<(String, String)>,
+    },
     /// A peer reported an error.
     PeerError {
         /// Who.
@@ -166,6 +181,44 @@ pub enum Event {
         /// What, in words.
         message: String,
     },
+}
+
+/// Where one of this replica's changes stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeStatus {
+    /// Not yet confirmed by the server.
+    Pending,
+    /// Committed by the server with this sequence number.
+    Confirmed {
+        /// The commit sequence number.
+        seq: u64,
+    },
+    /// Refused by the server.
+    Rejected {
+        /// Why, as a code.
+        code: ErrorCode,
+        /// Why, in words.
+        reason: String,
+    },
+    /// Committed, then repaired by the invariant layer: a resolution voided or overrode it.
+    Compensated {
+        /// The violation's key (the resolution's key in the document).
+        violation: String,
+        /// The invariant.
+        invariant: String,
+        /// Why, in words.
+        reason: String,
+        /// Who decided.
+        by: String,
+    },
+    /// Not a change this replica knows about (or its status was forgotten).
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Settled {
+    Confirmed(u64),
+    Rejected(ErrorCode, String),
 }
 
 /// A frame to send to a peer.
@@ -211,6 +264,10 @@ pub struct Replica<S: Storage> {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     next_stream: u32,
+    statuses: HashMap<(DocumentId, ChangeId), Settled>,
+    status_order: VecDeque<(DocumentId, ChangeId)>,
+    schemas: BTreeMap<String, Schema>,
+    checkers: HashMap<DocumentId, Reconciler>,
 }
 
 impl<S: Storage> Replica<S> {
@@ -244,6 +301,10 @@ impl<S: Storage> Replica<S> {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             next_stream: 0,
+            statuses: HashMap::new(),
+            status_order: VecDeque::new(),
+            schemas: BTreeMap::new(),
+            checkers: HashMap::new(),
         };
         for entry in replica.storage.outbox()? {
             replica.outbox_insert(entry);
@@ -427,6 +488,7 @@ impl<S: Storage> Replica<S> {
             document,
             origin: Origin::Local,
         });
+        self.warn(document);
         self.offer(document, std::slice::from_ref(&change), None)?;
         Ok(change.id)
     }
@@ -669,6 +731,7 @@ impl<S: Storage> Replica<S> {
                 }
                 for commit in confirmed {
                     self.outbox_remove(document, commit.change);
+                    self.settle(document, commit.change, Settled::Confirmed(commit.seq));
                     self.events.push_back(Event::Confirmed {
                         document,
                         change: commit.change,
@@ -689,6 +752,7 @@ impl<S: Storage> Replica<S> {
                     })?;
                     self.outbox_remove(document, change);
                 }
+                self.settle(document, change, Settled::Rejected(code, reason.clone()));
                 self.events.push_back(Event::Rejected {
                     document,
                     change,
@@ -777,6 +841,7 @@ impl<S: Storage> Replica<S> {
                 document,
                 origin: Origin::Peer(peer),
             });
+            self.warn(document);
         }
         self.offer(document, &received.changes, Some(peer))?;
         self.flush(peer, document)
@@ -845,6 +910,125 @@ impl<S: Storage> Replica<S> {
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// Adds the invariants of a document type. Documents that declare that type
+    /// ([`invariant::type_op`]) are then checked after every change and merge, and
+    /// [`Event::Violations`] warns the app; the server remains the one that repairs.
+    pub fn add_schema(&mut self, schema: Schema) {
+        self.schemas.insert(schema.document_type.clone(), schema);
+        self.checkers.clear();
+    }
+
+    /// The open violations of `document` under its schema (empty without one).
+    pub fn check_invariants(
+        &mut self,
+        document: DocumentId,
+    ) -> Result<Vec<invariant::Violation>, ReplicaError> {
+        let kind = *self
+            .kinds
+            .get(&document)
+            .ok_or(ReplicaError::UnknownDocument(document))?;
+        let entry = load(&mut self.docs, &mut self.storage, self.id, document)?;
+        if !self.checkers.contains_key(&document) {
+            let Some(schema) = invariant::read_type(&entry.doc).and_then(|t| self.schemas.get(&t))
+            else {
+                return Ok(Vec::new());
+            };
+            let checker = Reconciler::new(schema, document, kind, self.id.to_string(), false);
+            self.checkers.insert(document, checker);
+        }
+        Ok(match self.checkers.get_mut(&document) {
+            Some(checker) => checker.observe(&mut entry.doc, None, &[]),
+            None => Vec::new(),
+        })
+    }
+
+    fn warn(&mut self, document: DocumentId) {
+        if self.schemas.is_empty() {
+            return;
+        }
+        if let Ok(violations) = self.check_invariants(document) {
+            if !violations.is_empty() {
+                self.events.push_back(Event::Violations {
+                    document,
+                    violations: violations
+                        .into_iter()
+                        .map(|v| (v.invariant, v.reason))
+                        .collect(),
+                });
+            }
+        }
+    }
+
+    /// Where one of this replica's changes stands: pending, confirmed, rejected, or compensated
+    /// by a resolution of the invariant layer (with the reason).
+    pub fn change_status(
+        &mut self,
+        document: DocumentId,
+        change: ChangeId,
+    ) -> Result<ChangeStatus, ReplicaError> {
+        let entry = self.entry(document)?;
+        let records = invariant::read_records(&entry.doc);
+        let hex = change.to_hex();
+        if let Some((key, r)) = records.affecting_change(&hex).next() {
+            return Ok(ChangeStatus::Compensated {
+                violation: key.clone(),
+                invariant: r.invariant.clone(),
+                reason: r.reason.clone(),
+                by: r.by.clone(),
+            });
+        }
+        Ok(match self.statuses.get(&(document, change)) {
+            Some(Settled::Confirmed(seq)) => ChangeStatus::Confirmed { seq: *seq },
+            Some(Settled::Rejected(code, reason)) => ChangeStatus::Rejected {
+                code: *code,
+                reason: reason.clone(),
+            },
+            None if self.is_pending(document, change) => ChangeStatus::Pending,
+            None => ChangeStatus::Unknown,
+        })
+    }
+
+    /// The open conflicts of `document` (the conflict inbox), by key.
+    pub fn conflicts(
+        &mut self,
+        document: DocumentId,
+    ) -> Result<Vec<(String, Conflict)>, ReplicaError> {
+        let entry = self.entry(document)?;
+        let records = invariant::read_records(&entry.doc);
+        Ok(records
+            .open_conflicts()
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect())
+    }
+
+    /// Settles the open conflict `key` with option `choice`, decided by `by`: a change like any
+    /// other, which closes the conflict on every replica once it syncs.
+    pub fn resolve_conflict(
+        &mut self,
+        document: DocumentId,
+        key: &str,
+        choice: usize,
+        by: &str,
+    ) -> Result<Option<ChangeId>, ReplicaError> {
+        let entry = self.entry(document)?;
+        let ops = invariant::choose(&entry.doc, key, choice, by)?;
+        self.change(document, &ops)
+    }
+
+    fn settle(&mut self, document: DocumentId, change: ChangeId, settled: Settled) {
+        if self.config.max_tracked_statuses == 0 {
+            return;
+        }
+        if self.statuses.insert((document, change), settled).is_none() {
+            self.status_order.push_back((document, change));
+        }
+        while self.status_order.len() > self.config.max_tracked_statuses {
+            if let Some(old) = self.status_order.pop_front() {
+                self.statuses.remove(&old);
+            }
+        }
     }
 
     /// The token given for an upstream peer.

@@ -40,7 +40,6 @@ struct Client {
 }
 
 struct Run {
-    kind: DocKind,
     hub: Document,
     reconciler: Reconciler,
     seq: u64,
@@ -83,7 +82,6 @@ impl Run {
             })
             .collect();
         Self {
-            kind,
             hub,
             reconciler,
             seq: 1,

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use accord_engine::invariant::{self, Conflict, Reconciler};
 use accord_engine::protocol::{Commit, ErrorCode, Message, SyncPayload};
 use accord_engine::sync::{DocSync, SyncRole};
 use accord_engine::{Change, ChangeId, DocKind, Document, DocumentId, Op, ReplicaId};
@@ -35,6 +36,13 @@ pub(crate) fn server_replica() -> ReplicaId {
 
 /// The connection id of REST changes (WebSocket connections count from 1).
 const REST_CONNECTION: u64 = 0;
+
+/// The "connection" of changes the reconciliation loop writes.
+const RECONCILER_CONNECTION: u64 = u64::MAX;
+
+/// Rounds of observe → act after one change; every round writes a fact that closes what it
+/// acted on, so a second round is rare and a third means a rule keeps breaking.
+const MAX_RECONCILE_ROUNDS: usize = 4;
 
 /// How long an actor whose document is not loaded (unknown, or refused) lingers.
 const UNLOADED_LINGER: Duration = Duration::from_millis(100);
@@ -102,6 +110,17 @@ pub(crate) enum Command {
     },
     /// The connection no longer follows the document.
     Unsubscribe { connection: u64 },
+    /// The open conflicts (REST).
+    Conflicts {
+        reply: oneshot::Sender<Result<Vec<(String, Conflict)>, Refusal>>,
+    },
+    /// Settle an open conflict with one of its options, decided by `by` (REST).
+    Choose {
+        key: String,
+        choice: usize,
+        by: String,
+        reply: oneshot::Sender<Result<Applied, Refusal>>,
+    },
 }
 
 struct Entry {
@@ -191,6 +210,7 @@ impl Documents {
             state: None,
             subscribers: BTreeMap::new(),
             pending: Pending::default(),
+            tick: self.config.reconcile_interval,
         };
         tokio::spawn(actor.run(rx, leases.clone(), self.shutdown.clone(), alive));
         Some(Lease { tx, leases })
@@ -229,6 +249,10 @@ impl Documents {
 }
 
 struct Loaded {
+    /// The reconciliation loop, once the document declared a type the server has rules for.
+    reconciler: Option<Reconciler>,
+    /// Whether the document's type was looked for already.
+    typed: bool,
     doc: Document,
     kind: DocKind,
     head_seq: u64,
@@ -247,6 +271,8 @@ struct PendingChange {
     connection: u64,
     author: ReplicaId,
     change: Change,
+    /// For a repair: when the violation it repairs was detected.
+    detected: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -272,6 +298,8 @@ struct Actor {
     state: Option<Loaded>,
     subscribers: BTreeMap<u64, Subscriber>,
     pending: Pending,
+    /// The level-triggered reconciliation period; doubled while violations stay open.
+    tick: Duration,
 }
 
 /// Runs `f` on the store in a blocking thread, opening it first if needed.
@@ -323,7 +351,8 @@ impl Actor {
             let command = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => break,
-                command = rx.recv() => command,
+                command = rx.recv() => Some(command),
+                _ = tokio::time::sleep(self.tick), if !idle && self.reconciling() => None,
                 _ = tokio::time::sleep(linger), if idle => {
                     if self.documents.try_evict(self.document, &leases) {
                         tracing::debug!(document = %self.document, "evicted");
@@ -332,7 +361,25 @@ impl Actor {
                     continue;
                 }
             };
-            let Some(first) = command else { break };
+            let first = match command {
+                Some(Some(command)) => command,
+                Some(None) => break,
+                None => {
+                    // Level-triggered: look again even though nothing was committed.
+                    let open = self.reconcile(None);
+                    let base = self.config.reconcile_interval;
+                    self.tick = if open {
+                        (self.tick * 2).min(base * 16)
+                    } else {
+                        base
+                    };
+                    if let Err(error) = self.flush().await {
+                        self.fail(&error);
+                        break;
+                    }
+                    continue;
+                }
+            };
             let mut batch = vec![first];
             while batch.len() < self.config.max_batch {
                 match rx.try_recv() {
@@ -408,6 +455,45 @@ impl Actor {
                 self.receive(connection, payload);
                 Ok(())
             }
+            Command::Conflicts { reply } => {
+                self.flush().await?;
+                let answer = self.ensure_loaded().await.map(|()| {
+                    self.state.as_ref().map_or_else(Vec::new, |state| {
+                        invariant::read_records(&state.doc)
+                            .open_conflicts()
+                            .map(|(k, c)| (k.clone(), c.clone()))
+                            .collect()
+                    })
+                });
+                let _ = reply.send(answer);
+                Ok(())
+            }
+            Command::Choose {
+                key,
+                choice,
+                by,
+                reply,
+            } => {
+                self.flush().await?;
+                if let Err(refusal) = self.ensure_loaded().await {
+                    let _ = reply.send(Err(refusal));
+                    return Ok(());
+                }
+                let ops = match self.state.as_ref() {
+                    Some(state) => invariant::choose(&state.doc, &key, choice, &by),
+                    None => {
+                        let _ = reply.send(Err(Refusal::Missing));
+                        return Ok(());
+                    }
+                };
+                match ops {
+                    Ok(ops) => self.apply(ops, reply).await,
+                    Err(error) => {
+                        let _ = reply.send(Err(Refusal::BadOps(error.to_string())));
+                        Ok(())
+                    }
+                }
+            }
             Command::Unsubscribe { connection } => {
                 self.subscribers.remove(&connection);
                 self.pending.dirty.remove(&connection);
@@ -443,6 +529,8 @@ impl Actor {
         let loaded = match found {
             Found::Missing => return Ok(None),
             Found::Created(kind) => Loaded {
+                reconciler: None,
+                typed: false,
                 doc: Document::new(kind, server_replica(), document),
                 kind,
                 head_seq: 0,
@@ -462,6 +550,8 @@ impl Actor {
                     detail: e.to_string(),
                 })?;
                 Loaded {
+                    reconciler: None,
+                    typed: false,
                     doc,
                     kind: stored.kind,
                     head_seq: stored.head_seq,
@@ -525,8 +615,10 @@ impl Actor {
                 self.pending.changes.push(PendingChange {
                     connection: REST_CONNECTION,
                     author: server_replica(),
-                    change,
+                    change: change.clone(),
+                    detected: None,
                 });
+                self.reconcile(Some(change.id));
             }
             Ok(None) => {
                 let head_seq = state.head_seq;
@@ -697,13 +789,18 @@ impl Actor {
                         self.pending.duplicates.push((connection, id));
                     }
                 }
+                let author = subscriber.replica;
                 for change in received.changes {
+                    let id = change.id;
                     self.pending.changes.push(PendingChange {
                         connection,
-                        author: subscriber.replica,
+                        author,
                         change,
+                        detected: None,
                     });
+                    self.reconcile(Some(id));
                 }
+                return self.mark_dirty(connection);
             }
             Err(error) => {
                 let message = match update_id {
@@ -723,6 +820,99 @@ impl Actor {
             }
         }
         self.pending.dirty.insert(connection);
+    }
+
+    fn reconciling(&self) -> bool {
+        self.state.as_ref().is_some_and(|s| s.reconciler.is_some())
+    }
+
+    fn mark_dirty(&mut self, connection: u64) {
+        self.pending.dirty.insert(connection);
+    }
+
+    /// The reconciliation loop after the change just queued (it commits as the next sequence
+    /// number): observe, compare, act, and again, bounded. Repairs queue behind it in the same
+    /// group commit, so they are durable before anything about them is acknowledged. Returns
+    /// whether violations stay open (waiting for a person, or failing to repair).
+    fn reconcile(&mut self, change: Option<ChangeId>) -> bool {
+        let document = self.document;
+        let Some(state) = self.state.as_mut() else {
+            return false;
+        };
+        if state.reconciler.is_none() && !state.typed {
+            if let Some(document_type) = invariant::read_type(&state.doc) {
+                state.typed = true;
+                if let Some(schema) = self
+                    .config
+                    .schemas
+                    .iter()
+                    .find(|s| s.document_type == document_type)
+                {
+                    state.reconciler = Some(Reconciler::new(
+                        schema, document, state.kind, "server", true,
+                    ));
+                }
+            }
+        }
+        let Some(reconciler) = state.reconciler.as_mut() else {
+            return false;
+        };
+        let mut changes: Vec<ChangeId> = change.into_iter().collect();
+        for _ in 0..MAX_RECONCILE_ROUNDS {
+            let seq = state.head_seq + self.pending.changes.len() as u64;
+            let detected = Instant::now();
+            let violations = reconciler.observe(&mut state.doc, Some(seq), &changes);
+            if violations.is_empty() {
+                return false;
+            }
+            let before = reconciler.stats().clone();
+            let ops = reconciler.act(&violations, Some(seq));
+            let after = reconciler.stats();
+            for v in &violations {
+                self.metrics
+                    .count_invariant(v.kind, v.policy.name(), "found");
+            }
+            for (outcome, now, then) in [
+                ("resolved", &after.resolved, &before.resolved),
+                ("asked", &after.asked, &before.asked),
+            ] {
+                for ((kind, policy), n) in now {
+                    for _ in then.get(&(*kind, *policy)).copied().unwrap_or(0)..*n {
+                        self.metrics.count_invariant(kind, policy, outcome);
+                    }
+                }
+            }
+            if ops.is_empty() {
+                return true;
+            }
+            match state.doc.apply_ops(&ops) {
+                Ok(Some(repair)) => {
+                    tracing::info!(%document, seq, repairs = violations.len(), "reconciled");
+                    changes = vec![repair.id];
+                    self.pending.changes.push(PendingChange {
+                        connection: RECONCILER_CONNECTION,
+                        author: server_replica(),
+                        change: repair,
+                        detected: Some(detected),
+                    });
+                }
+                Ok(None) => return true,
+                Err(partial) => {
+                    tracing::error!(%document, error = %partial.error, "a repair did not apply");
+                    if let Some(repair) = partial.change {
+                        // Applied in part (Yrs): it is in the document, so it is committed.
+                        self.pending.changes.push(PendingChange {
+                            connection: RECONCILER_CONNECTION,
+                            author: server_replica(),
+                            change: repair,
+                            detected: Some(detected),
+                        });
+                    }
+                    return true;
+                }
+            }
+        }
+        true
     }
 
     /// Commits what is pending in one transaction, then acknowledges, relays and polls.
@@ -764,6 +954,11 @@ impl Actor {
             })
             .await?;
             self.metrics.observe_commit(started.elapsed());
+            for change in &pending.changes {
+                if let Some(detected) = change.detected {
+                    self.metrics.observe_repair(detected.elapsed());
+                }
+            }
             self.metrics.commits.fetch_add(1, Ordering::Relaxed);
             self.metrics
                 .changes_committed

@@ -88,6 +88,12 @@ pub struct Config {
     pub max_rest_body_bytes: usize,
     /// REST requests served at once; more get 503 `overloaded`.
     pub max_rest_in_flight: usize,
+    /// Invariants by document type: a document that declares its type
+    /// (`accord_engine::invariant::type_op`) is reconciled by the server after every commit.
+    pub schemas: Vec<accord_engine::invariant::Schema>,
+    /// How often a loaded document with invariants is re-checked even without commits (the
+    /// level-triggered half of the loop); doubled while violations persist, up to 16 times.
+    pub reconcile_interval: Duration,
     /// An admin token for `POST /v1/tokens`, besides the one derived from the secret
     /// ([`auth::admin_token`]).
     pub admin_token: Option<auth::AdminToken>,
@@ -114,6 +120,8 @@ impl Config {
             max_rest_body_bytes: 1 << 20,
             max_rest_in_flight: 256,
             admin_token: None,
+            schemas: Vec::new(),
+            reconcile_interval: Duration::from_secs(5),
         }
     }
 

@@ -82,6 +82,13 @@ struct Serve {
     /// Admin token for POST /v1/tokens (the token printed by `admin-token` works too).
     #[arg(long, env = "ACCORD_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// A JSON file of invariants for one document type (repeat for more types). Documents that
+    /// declare that type are reconciled after every commit.
+    #[arg(long = "schema", value_name = "FILE")]
+    schemas: Vec<std::path::PathBuf>,
+    /// Milliseconds between level-triggered re-checks of a document with invariants.
+    #[arg(long, default_value_t = 5_000)]
+    reconcile_interval_ms: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -172,6 +179,15 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
         .admin_token
         .filter(|token| !token.is_empty())
         .map(AdminToken);
+    for path in &args.schemas {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read schema {}: {e}", path.display()))?;
+        let schema = accord_engine::invariant::Schema::from_json(&text)
+            .map_err(|e| format!("schema {}: {e}", path.display()))?;
+        tracing::info!(document_type = %schema.document_type, rules = schema.invariants.len(), "invariants loaded");
+        config.schemas.push(schema);
+    }
+    config.reconcile_interval = Duration::from_millis(args.reconcile_interval_ms.max(10));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     accord_server::run(listener, config, shutdown_signal()).await?;
     Ok(())

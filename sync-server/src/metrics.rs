@@ -33,6 +33,12 @@ pub struct Metrics {
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
     errors: [AtomicU64; CODES],
+    /// Invariant loop counters by (rule kind, policy, outcome); behind a lock taken only when a
+    /// violation is found, never on the commit path of a healthy document.
+    invariants: std::sync::Mutex<std::collections::BTreeMap<(String, String, &'static str), u64>>,
+    repair_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    repair_count: AtomicU64,
+    repair_sum_micros: AtomicU64,
 }
 
 impl Metrics {
@@ -47,6 +53,39 @@ impl Metrics {
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Counts one event of the invariant loop: `outcome` is "found", "resolved" or "asked".
+    pub fn count_invariant(&self, kind: &str, policy: &str, outcome: &'static str) {
+        if let Ok(mut map) = self.invariants.lock() {
+            *map.entry((kind.to_owned(), policy.to_owned(), outcome))
+                .or_default() += 1;
+        }
+    }
+
+    /// Invariant loop events so far for (kind, policy, outcome).
+    pub fn invariant_count(&self, kind: &str, policy: &str, outcome: &'static str) -> u64 {
+        self.invariants
+            .lock()
+            .map(|m| {
+                m.get(&(kind.to_owned(), policy.to_owned(), outcome))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Records the time from detecting a violation to its repair being durable.
+    pub fn observe_repair(&self, latency: Duration) {
+        let seconds = latency.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.repair_buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.repair_count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.repair_sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
     /// Records an error or rejection sent to a client.
@@ -121,6 +160,35 @@ impl Metrics {
         let count = self.latency_count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let sum = self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        let name = "accord_invariant_events_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Invariant violations found, resolved by a fact, or asked of a person, by rule kind and policy.\n# TYPE {name} counter"
+        );
+        if let Ok(map) = self.invariants.lock() {
+            for ((kind, policy, outcome), value) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{kind=\"{kind}\",policy=\"{policy}\",outcome=\"{outcome}\"}} {value}"
+                );
+            }
+        }
+        let name = "accord_repair_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} From detecting a violation to its repair being durable.\n# TYPE {name} histogram"
+        );
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.repair_buckets) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.repair_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.repair_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
         let name = "accord_errors_total";
         let _ = writeln!(

@@ -65,6 +65,9 @@ pub(crate) fn router(shared: &Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/v1/documents", post(create))
         .route("/v1/documents/{id}", get(read))
         .route("/v1/documents/{id}/changes", post(apply).get(feed))
+        .route("/v1/documents/{id}/conflicts", get(conflicts))
+        .route("/v1/documents/{id}/conflicts/{key}", post(choose))
+        .route("/v1/schemas", get(schemas))
         .route("/v1/tokens", post(mint_token))
         .layer(DefaultBodyLimit::max(shared.config.max_rest_body_bytes))
         .route_layer(middleware::from_fn_with_state(shared.clone(), in_flight))
@@ -383,6 +386,59 @@ async fn apply(
         }
     };
     Ok(Json(body).into_response())
+}
+
+/// The conflict inbox of a document: open conflicts with their options.
+async fn conflicts(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let document = parse_id(&id)?;
+    authorize(&shared, &headers, document, false)?;
+    let open = ask(&shared, document, |reply| Command::Conflicts { reply }).await??;
+    let body: Vec<serde_json::Value> = open
+        .into_iter()
+        .map(|(key, conflict)| json!({ "key": key, "conflict": conflict }))
+        .collect();
+    Ok(Json(json!({ "conflicts": body })).into_response())
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    choice: usize,
+    by: String,
+}
+
+/// Settles an open conflict with one of its options: a change like any other, committed,
+/// acknowledged and relayed.
+async fn choose(
+    State(shared): State<Arc<Shared>>,
+    Path((id, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let document = parse_id(&id)?;
+    authorize(&shared, &headers, document, true)?;
+    let body = body.map_err(ApiError::body)?;
+    let Choice { choice, by } = parse_json(&body, "bad_choice")?;
+    let applied = ask(&shared, document, |reply| Command::Choose {
+        key,
+        choice,
+        by,
+        reply,
+    })
+    .await??;
+    let body = match applied {
+        Applied::Committed { seq, change } => json!({ "seq": seq, "change": change.to_hex() }),
+        Applied::Unchanged { head_seq } => json!({ "seq": null, "head_seq": head_seq }),
+    };
+    Ok(Json(body).into_response())
+}
+
+/// The invariants the server enforces, by document type (clients fetch them to warn early).
+async fn schemas(State(shared): State<Arc<Shared>>) -> ApiResult {
+    Ok(Json(json!({ "schemas": shared.config.schemas })).into_response())
 }
 
 #[derive(Deserialize)]

@@ -16,11 +16,12 @@ pub mod record;
 pub mod spec;
 
 pub use reconcile::{
-    folded_total, ChooseError, CustomViolation, Invariant, Outcome, ReconcileStats, Reconciler,
-    Violation,
+    choose, folded_total, ChooseError, CustomViolation, Invariant, Outcome, ReconcileStats,
+    Reconciler, Violation,
 };
 pub use record::{
-    read_records, Action, Conflict, ConflictOption, Records, Resolution, ViolationId,
+    read_records, read_type, type_op, Action, Conflict, ConflictOption, Records, Resolution,
+    ViolationId,
 };
 pub use spec::{Fold, InvariantSpec, Policy, Rule, Schema, SchemaError, Sign};
 

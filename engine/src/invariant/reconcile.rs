@@ -117,6 +117,8 @@ pub struct Reconciler {
     attempts: HashMap<ViolationId, u32>,
     seen: std::collections::HashSet<ViolationId>,
     local_seq: u64,
+    /// The changes of the last observation: the authors of a value a repair overrides.
+    last_changes: Vec<ChangeId>,
     max_rounds: u32,
     stats: ReconcileStats,
 }
@@ -172,6 +174,7 @@ impl Reconciler {
             attempts: HashMap::new(),
             seen: std::collections::HashSet::new(),
             local_seq: 0,
+            last_changes: Vec::new(),
             max_rounds: 8,
             stats: ReconcileStats::default(),
         }
@@ -219,6 +222,7 @@ impl Reconciler {
             seq,
             change: changes.first().copied(),
         };
+        self.last_changes = changes.to_vec();
         self.refresh(doc, meta);
         let mut violations = Vec::new();
         for index in 0..self.specs.len() {
@@ -321,6 +325,13 @@ impl Reconciler {
                 collection.load(doc, meta);
             } else {
                 for key in keys {
+                    // Several changes may have arrived together: credit the one that wrote
+                    // this entry when the document can tell (Automerge).
+                    let path = collection.path.clone().key(key.clone());
+                    let meta = EntryMeta {
+                        change: writer_of(doc, &path).or(meta.change),
+                        ..meta
+                    };
                     collection.refresh(doc, &key, meta);
                 }
             }
@@ -374,7 +385,12 @@ impl Reconciler {
                 }
                 None => (Action::Void, None),
             };
-            let victim_changes = self.victim_changes(&v.path, &v.victims);
+            let victim_changes = if v.proposed.is_some() {
+                // A value rule: the change that wrote the value being overridden.
+                self.last_changes.iter().map(|c| c.to_hex()).collect()
+            } else {
+                self.victim_changes(&v.path, &v.victims)
+            };
             let resolution = Resolution {
                 invariant: v.invariant.clone(),
                 policy: v.policy,
@@ -443,57 +459,7 @@ impl Reconciler {
         choice: usize,
         by: &str,
     ) -> Result<Vec<Op>, ChooseError> {
-        let records = read_records(doc);
-        if records.resolutions.contains_key(key) {
-            return Err(ChooseError::AlreadyResolved(key.to_owned()));
-        }
-        let conflict = records
-            .conflicts
-            .get(key)
-            .ok_or_else(|| ChooseError::UnknownConflict(key.to_owned()))?;
-        let chosen = conflict
-            .options
-            .get(choice)
-            .ok_or(ChooseError::UnknownOption(choice))?;
-        let mut ops = Vec::new();
-        let victims: Vec<String> = conflict
-            .options
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != choice)
-            .filter_map(|(_, o)| o.entry.clone())
-            .collect();
-        let victim_changes: Vec<String> = conflict
-            .options
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != choice)
-            .filter_map(|(_, o)| o.change.clone())
-            .collect();
-        let value = if chosen.entry.is_none() {
-            ops.push(Op::Put {
-                path: conflict.path.clone(),
-                value: chosen.value.clone(),
-            });
-            Some(chosen.value.clone())
-        } else {
-            None
-        };
-        let id = parse_key(key).ok_or_else(|| ChooseError::UnknownConflict(key.to_owned()))?;
-        let resolution = Resolution {
-            invariant: conflict.invariant.clone(),
-            policy: Policy::Ask,
-            action: Action::Chosen,
-            path: conflict.path.clone(),
-            victims,
-            victim_changes,
-            value,
-            reason: format!("{} chose {}", by, describe(chosen)),
-            by: by.to_owned(),
-            seq: None,
-        };
-        ops.push(resolution_op(self.kind, &id, &resolution));
-        Ok(ops)
+        choose(doc, key, choice, by)
     }
 
     fn victim_changes(&self, path: &Path, victims: &[String]) -> Vec<String> {
@@ -579,6 +545,11 @@ impl Reconciler {
             }
             _ => None,
         };
+        if verdict.is_some() {
+            if let Some(writer) = writer_of(doc, path) {
+                self.last_changes = vec![writer];
+            }
+        }
         let Some((reason, proposed)) = verdict else {
             self.last_valid.insert(spec.id.clone(), current);
             return Vec::new();
@@ -646,6 +617,84 @@ pub fn folded_total(doc: &Document, spec: &InvariantSpec) -> Option<f64> {
             .map(|(_, e)| contribution(fold, e))
             .sum(),
     )
+}
+
+/// The ops that settle the open conflict `key` of `doc` with option `choice`, decided by `by`:
+/// a resolution naming the losing options (and, for a value, the chosen value written back).
+pub fn choose(doc: &Document, key: &str, choice: usize, by: &str) -> Result<Vec<Op>, ChooseError> {
+    let records = read_records(doc);
+    if records.resolutions.contains_key(key) {
+        return Err(ChooseError::AlreadyResolved(key.to_owned()));
+    }
+    let conflict = records
+        .conflicts
+        .get(key)
+        .ok_or_else(|| ChooseError::UnknownConflict(key.to_owned()))?;
+    let chosen = conflict
+        .options
+        .get(choice)
+        .ok_or(ChooseError::UnknownOption(choice))?;
+    let mut ops = Vec::new();
+    let victims: Vec<String> = conflict
+        .options
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != choice)
+        .filter_map(|(_, o)| o.entry.clone())
+        .collect();
+    let victim_changes: Vec<String> = conflict
+        .options
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != choice)
+        .filter_map(|(_, o)| o.change.clone())
+        .collect();
+    let value = if chosen.entry.is_none() {
+        ops.push(Op::Put {
+            path: conflict.path.clone(),
+            value: chosen.value.clone(),
+        });
+        Some(chosen.value.clone())
+    } else {
+        None
+    };
+    let id = parse_key(key).ok_or_else(|| ChooseError::UnknownConflict(key.to_owned()))?;
+    let resolution = Resolution {
+        invariant: conflict.invariant.clone(),
+        policy: Policy::Ask,
+        action: Action::Chosen,
+        path: conflict.path.clone(),
+        victims,
+        victim_changes,
+        value,
+        reason: format!("{} chose {}", by, describe(chosen)),
+        by: by.to_owned(),
+        seq: None,
+    };
+    ops.push(resolution_op(doc.kind(), &id, &resolution));
+    Ok(ops)
+}
+
+/// The change that wrote the value at `path`, when the document keeps that (Automerge keeps the
+/// op behind every value; Yrs does not expose it).
+fn writer_of(doc: &Document, path: &Path) -> Option<ChangeId> {
+    use automerge::ReadDoc;
+    let Document::Automerge(am) = doc else {
+        return None;
+    };
+    let native = am.native_ref();
+    let mut obj = automerge::ROOT;
+    let (last, parents) = path.segments().split_last()?;
+    let prop = |segment: &crate::doc::Segment| match segment {
+        crate::doc::Segment::Key(k) => automerge::Prop::Map(k.clone()),
+        crate::doc::Segment::Index(i) => automerge::Prop::Seq(*i),
+    };
+    for segment in parents {
+        let (_, id) = native.get(&obj, prop(segment)).ok()??;
+        obj = id;
+    }
+    let (_, id) = native.get(&obj, prop(last)).ok()??;
+    native.hash_for_opid(&id).map(|h| ChangeId(h.0))
 }
 
 /// Why a conflict choice failed.

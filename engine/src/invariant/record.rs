@@ -179,6 +179,31 @@ pub fn conflict_op(kind: DocKind, id: &ViolationId, conflict: &Conflict) -> Op {
     }
 }
 
+const AUTOMERGE_TYPE: &str = "_accord:type";
+const YRS_TYPE: &str = "type";
+
+fn type_path(kind: DocKind) -> Path {
+    match kind {
+        DocKind::Automerge => Path::keys([AUTOMERGE_TYPE]),
+        DocKind::Yrs => Path::keys([YRS_ROOT, YRS_TYPE]),
+    }
+}
+
+/// The op that declares a document's type (which [`super::Schema`] governs it). Write it once,
+/// when the document is created.
+pub fn type_op(kind: DocKind, document_type: &str) -> Op {
+    Op::Put {
+        path: type_path(kind),
+        value: serde_json::Value::String(document_type.to_owned()),
+    }
+}
+
+/// The document's declared type, if any.
+pub fn read_type(doc: &Document) -> Option<String> {
+    doc.get(&type_path(doc.kind()))
+        .and_then(|v| v.as_str().map(str::to_owned))
+}
+
 /// Whether a top-level key (Automerge) or root name (Yrs) belongs to the invariant layer.
 pub fn is_reserved(key: &str) -> bool {
     key == YRS_ROOT || key.starts_with("_accord:")
