@@ -1,0 +1,783 @@
+//! `accord-loadgen`: measures an accord-server on 127.0.0.1.
+//!
+//! - `commits`: N writer connections each send small Yrs changes as fast as acknowledgements
+//!   allow (at most `--window` unacknowledged per connection) and count the changes the server
+//!   acknowledged, which it does only after their SQLite transaction committed (durable,
+//!   `synchronous=FULL`).
+//! - `fanout`: one document, `--subscribers` live subscribers and a few paced writers; measures
+//!   the time from a writer sending a change to each subscriber receiving it (p50/p99) and the
+//!   delivered updates per second.
+//!
+//! The changes are generated before the clock starts (real Yrs updates made by the engine's
+//! `Document`), and the generator speaks the wire protocol directly, so the measured cost is the
+//! server's. Every loop is bounded by `--duration` (plus a grace period to drain) and by
+//! `--max-changes`. Traffic goes to 127.0.0.1 only: an embedded server on a temporary data
+//! directory (auth off), or `--url ws://127.0.0.1:PORT/sync`.
+
+mod conn;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use accord_engine::protocol::{Message, SyncPayload};
+use accord_engine::{Change, ChangeId, DocKind, Document, DocumentId, Op, Path, ReplicaId};
+use accord_server::metrics::Metrics;
+use clap::{Parser, ValueEnum};
+use tokio::sync::{watch, Barrier};
+use tokio::time::{timeout_at, Instant};
+
+use conn::{Conn, Result};
+
+/// Time allowed after `--duration` for acknowledgements and deliveries still in flight.
+const GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Durable acknowledged changes per second.
+    Commits,
+    /// Writer-to-subscriber latency with many subscribers of one document.
+    Fanout,
+    /// Both, one after the other.
+    All,
+}
+
+/// Load generator for accord-server (traffic to 127.0.0.1 only).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Which measurement to run.
+    #[arg(value_enum, default_value = "all")]
+    scenario: Scenario,
+    /// Target a running server (`ws://127.0.0.1:PORT/sync`, run it with --no-auth) instead of
+    /// starting one in this process on a temporary data directory.
+    #[arg(long)]
+    url: Option<String>,
+    /// A quick run with small numbers (for CI): a few seconds in all.
+    #[arg(long)]
+    smoke: bool,
+    /// Seconds each scenario sends changes for.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Changes generated (and sent at most) per scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_changes: usize,
+    /// commits: writer connections.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// commits: documents the writers spread over (0: one per writer).
+    #[arg(long, default_value_t = 0)]
+    documents: usize,
+    /// Unacknowledged changes each writer keeps in flight at most.
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+    /// fanout: subscribers of the document.
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// fanout: writers of the document.
+    #[arg(long, default_value_t = 4)]
+    fanout_writers: usize,
+    /// fanout: changes per second, all writers together.
+    #[arg(long, default_value_t = 1_000.0)]
+    rate: f64,
+    /// Worker threads of the embedded server's runtime.
+    #[arg(long, default_value_t = 2)]
+    server_threads: usize,
+}
+
+impl Args {
+    fn apply_smoke(&mut self) {
+        if self.smoke {
+            self.duration = self.duration.min(1.5);
+            self.max_changes = self.max_changes.min(20_000);
+            self.writers = self.writers.min(4);
+            self.subscribers = self.subscribers.min(20);
+            self.fanout_writers = self.fanout_writers.min(2);
+            self.rate = self.rate.min(500.0);
+        }
+    }
+}
+
+fn main() {
+    let mut args = Args::parse();
+    args.apply_smoke();
+    if let Err(error) = real_main(args) {
+        eprintln!("accord-loadgen: {error}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(args: Args) -> Result<()> {
+    if !(args.duration > 0.0 && args.duration <= 3600.0) {
+        return Err("--duration must be in (0, 3600] seconds".into());
+    }
+    if args.writers == 0 || args.fanout_writers == 0 || args.window == 0 || args.rate <= 0.0 {
+        return Err("--writers, --fanout-writers, --window and --rate must be positive".into());
+    }
+    let server = match &args.url {
+        Some(url) => {
+            check_local(url)?;
+            None
+        }
+        None => Some(EmbeddedServer::start(args.server_threads)?),
+    };
+    let url = args
+        .url
+        .clone()
+        .or_else(|| server.as_ref().map(|s| s.url.clone()))
+        .ok_or("no server")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let metrics = server.as_ref().map(|s| s.metrics.clone());
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let run_id = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let result = runtime.block_on(async {
+        if matches!(args.scenario, Scenario::Commits | Scenario::All) {
+            commits(&args, &url, run_id, metrics.as_deref(), &mut rows).await?;
+        }
+        if matches!(args.scenario, Scenario::Fanout | Scenario::All) {
+            fanout(&args, &url, run_id, &mut rows).await?;
+        }
+        Ok::<(), String>(())
+    });
+    drop(runtime);
+    if let Some(server) = server {
+        server.stop();
+    }
+    print_table(&url, &args, &rows);
+    result
+}
+
+fn check_local(url: &str) -> Result<()> {
+    let ok = [
+        "ws://127.0.0.1:",
+        "ws://localhost:",
+        "ws://127.0.0.1/",
+        "ws://localhost/",
+    ]
+    .iter()
+    .any(|p| url.starts_with(p));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("--url must point at 127.0.0.1 (got {url})"))
+    }
+}
+
+/// An accord-server on its own runtime and threads, on a temporary data directory.
+struct EmbeddedServer {
+    url: String,
+    metrics: Arc<Metrics>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<()>>,
+    _data: tempfile::TempDir,
+}
+
+impl EmbeddedServer {
+    fn start(threads: usize) -> Result<Self> {
+        let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let config = accord_server::Config::new(
+            data.path().join("server"),
+            accord_server::auth::AuthMode::Disabled,
+        );
+        let metrics = Arc::new(Metrics::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server_metrics = metrics.clone();
+        let thread = std::thread::Builder::new()
+            .name("accord-server".into())
+            .spawn(move || -> Result<()> {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads.max(1))
+                    .thread_name("server-worker")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(async move {
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+                    accord_server::run_with_metrics(listener, config, server_metrics, async move {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                })
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            url: format!("ws://{addr}/sync"),
+            metrics,
+            stop,
+            thread,
+            _data: data,
+        })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        match self.thread.join() {
+            Ok(Err(error)) => eprintln!("server: {error}"),
+            Err(_) => eprintln!("server thread panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+/// `count` small Yrs changes by one writer: each sets one of 16 keys, so the document stays
+/// small however many changes it gets (overwritten values are garbage-collected).
+fn generate(writer: u64, run_id: u64, document: DocumentId, count: usize) -> Result<Vec<Change>> {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&run_id.to_le_bytes());
+    id[8..].copy_from_slice(&writer.to_le_bytes());
+    let mut doc = Document::new(DocKind::Yrs, ReplicaId::from_bytes(id), document);
+    let mut changes = Vec::with_capacity(count);
+    for i in 0..count {
+        let op = Op::Put {
+            path: Path::keys(["m".to_string(), format!("k{}", i % 16)]),
+            value: serde_json::json!(i),
+        };
+        match doc.apply_ops(&[op]) {
+            Ok(Some(change)) => changes.push(change),
+            Ok(None) => {}
+            Err(e) => return Err(format!("generate: {:?}", e.error)),
+        }
+    }
+    Ok(changes)
+}
+
+fn document_id(run_id: u64, n: u64) -> DocumentId {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&run_id.to_le_bytes());
+    id[8..].copy_from_slice(&n.wrapping_add(1 << 40).to_le_bytes());
+    DocumentId::from_random_bytes(id)
+}
+
+#[derive(Default)]
+struct WriterStats {
+    sent: usize,
+    acked: usize,
+    rejected: usize,
+    /// Send-to-ack latencies in microseconds.
+    ack_micros: Vec<u32>,
+    finished: Option<Instant>,
+}
+
+/// Where a writer records the send time of change `index` (fan-out latency).
+struct SendLog {
+    epoch: Instant,
+    sent_at: Vec<AtomicU64>,
+    /// (Yrs client, first clock of the change) → index. The server relays a change re-encoded
+    /// against its state (so not byte for byte, and not with the same hash), but its Yrs ids
+    /// are the writer's.
+    index: HashMap<(u64, u32), u32>,
+}
+
+/// The Yrs identity of a single-client update: its client and its first clock.
+fn update_key(bytes: &[u8]) -> Option<(u64, u32)> {
+    use yrs::updates::decoder::Decode;
+    let update = yrs::Update::decode_v1(bytes).ok()?;
+    let sv = update.state_vector_lower();
+    sv.iter()
+        .map(|(client, clock)| (client.get(), *clock))
+        .min_by_key(|(_, clock)| *clock)
+}
+
+/// One writer connection: sends `changes` keeping at most `window` unacknowledged, paced by
+/// `period` if given, until `stop_sending`; then waits for the rest of its acks until `hard`.
+#[allow(clippy::too_many_arguments)]
+async fn writer(
+    url: String,
+    writer_id: u64,
+    document: DocumentId,
+    changes: Vec<Change>,
+    window: usize,
+    period: Option<Duration>,
+    start: Arc<Barrier>,
+    until: Duration,
+    log: Option<(Arc<SendLog>, usize)>,
+) -> Result<WriterStats> {
+    let replica = ReplicaId::from_bytes([writer_id as u8; 16]);
+    let mut conn = Conn::open(&url, replica).await?;
+    conn.subscribe(document).await?;
+    start.wait().await;
+    let begun = Instant::now();
+    let stop_sending = begun + until;
+    let hard = stop_sending + GRACE;
+    let mut stats = WriterStats::default();
+    let mut inflight: HashMap<ChangeId, Instant> = HashMap::with_capacity(window * 2);
+    let mut next = 0;
+    let mut ticker = period.map(|p| {
+        let mut t = tokio::time::interval(p);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let mut may_send = ticker.is_none();
+    loop {
+        let now = Instant::now();
+        let sending = now < stop_sending && next < changes.len();
+        if sending && may_send {
+            let mut fed = false;
+            while inflight.len() < window && next < changes.len() {
+                let change = &changes[next];
+                if let Some((log, base)) = &log {
+                    let at = log.epoch.elapsed().as_nanos() as u64;
+                    log.sent_at[base + next].store(at, Ordering::Relaxed);
+                }
+                conn.feed(&Message::Sync {
+                    document,
+                    payload: SyncPayload::YrsUpdate(change.bytes.clone()),
+                })
+                .await?;
+                inflight.insert(change.id, Instant::now());
+                next += 1;
+                fed = true;
+                if ticker.is_some() {
+                    may_send = false;
+                    break;
+                }
+            }
+            if fed {
+                conn.flush().await?;
+            }
+        }
+        if !sending && inflight.is_empty() {
+            break;
+        }
+        if now >= hard {
+            break;
+        }
+        let wake = if sending { stop_sending } else { hard };
+        let message = tokio::select! {
+            _ = async {
+                match ticker.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }, if !may_send => {
+                may_send = true;
+                continue;
+            }
+            received = timeout_at(wake, conn.next()) => match received {
+                Ok(message) => message?,
+                Err(_) => continue,
+            },
+        };
+        match message {
+            Message::Ack { commits, .. } => {
+                let now = Instant::now();
+                for commit in commits {
+                    if let Some(sent) = inflight.remove(&commit.change) {
+                        stats.acked += 1;
+                        stats.finished = Some(now);
+                        let micros = now.duration_since(sent).as_micros();
+                        stats.ack_micros.push(micros.min(u32::MAX as u128) as u32);
+                    }
+                }
+            }
+            Message::Reject { change, reason, .. } if inflight.remove(&change).is_some() => {
+                stats.rejected += 1;
+                eprintln!("writer {writer_id}: change rejected: {reason}");
+            }
+            Message::Error { code, message, .. } => {
+                return Err(format!(
+                    "writer {writer_id}: server error {code:?}: {message}"
+                ));
+            }
+            _ => {}
+        }
+    }
+    stats.sent = next;
+    conn.close().await;
+    Ok(stats)
+}
+
+/// Waits until every task reached `barrier`; if one failed first (so the barrier would never
+/// open), returns its error at once.
+async fn all_ready<T>(
+    barrier: &Barrier,
+    tasks: &mut [tokio::task::JoinHandle<Result<T>>],
+    what: &str,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wait = barrier.wait();
+    tokio::pin!(wait);
+    loop {
+        if tokio::time::timeout(Duration::from_millis(100), &mut wait)
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if tasks.iter().any(|t| t.is_finished()) || Instant::now() >= deadline {
+            break;
+        }
+    }
+    for task in tasks.iter_mut().filter(|t| t.is_finished()) {
+        if let Ok(Err(error)) = task.await {
+            return Err(format!("{what}: {error}"));
+        }
+    }
+    Err(format!("{what} did not get ready in time"))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+async fn commits(
+    args: &Args,
+    url: &str,
+    run_id: u64,
+    metrics: Option<&Metrics>,
+    rows: &mut Vec<(String, String, String)>,
+) -> Result<()> {
+    let documents = if args.documents == 0 {
+        args.writers
+    } else {
+        args.documents
+    };
+    let per_writer = args.max_changes / args.writers;
+    eprintln!(
+        "commits: generating {} changes for {} writers...",
+        per_writer * args.writers,
+        args.writers
+    );
+    let generated = Instant::now();
+    let mut batches = Vec::new();
+    for w in 0..args.writers {
+        let document = document_id(run_id, (w % documents) as u64);
+        batches.push((document, generate(w as u64, run_id, document, per_writer)?));
+    }
+    eprintln!(
+        "commits: generated in {:.1}s; running for {}s",
+        generated.elapsed().as_secs_f64(),
+        args.duration
+    );
+    let before = metrics.map(|m| {
+        (
+            m.changes_committed.load(Ordering::Relaxed),
+            m.commits.load(Ordering::Relaxed),
+        )
+    });
+    let start = Arc::new(Barrier::new(args.writers + 1));
+    let until = Duration::from_secs_f64(args.duration);
+    let mut tasks = Vec::new();
+    for (w, (document, changes)) in batches.into_iter().enumerate() {
+        tasks.push(tokio::spawn(writer(
+            url.to_string(),
+            w as u64 + 1,
+            document,
+            changes,
+            args.window,
+            None,
+            start.clone(),
+            until,
+            None,
+        )));
+    }
+    all_ready(&start, &mut tasks, "commits writers").await?;
+    let begun = Instant::now();
+    let mut total = WriterStats::default();
+    let mut last = begun;
+    for task in tasks {
+        let stats = task.await.map_err(|e| e.to_string())??;
+        total.sent += stats.sent;
+        total.acked += stats.acked;
+        total.rejected += stats.rejected;
+        total.ack_micros.extend(stats.ack_micros);
+        if let Some(finished) = stats.finished {
+            last = last.max(finished);
+        }
+    }
+    let elapsed = last.duration_since(begun).as_secs_f64().max(1e-9);
+    total.ack_micros.sort_unstable();
+    let s = "commits".to_string();
+    rows.push((
+        s.clone(),
+        "writers x window".into(),
+        format!("{} x {}", args.writers, args.window),
+    ));
+    rows.push((s.clone(), "documents".into(), documents.to_string()));
+    rows.push((
+        s.clone(),
+        "changes sent / acked".into(),
+        format!("{} / {}", total.sent, total.acked),
+    ));
+    rows.push((s.clone(), "rejected".into(), total.rejected.to_string()));
+    rows.push((s.clone(), "elapsed (s)".into(), format!("{elapsed:.2}")));
+    rows.push((
+        s.clone(),
+        "durable acked changes/s".into(),
+        format!("{:.0}", total.acked as f64 / elapsed),
+    ));
+    rows.push((
+        s.clone(),
+        "ack latency p50 / p99 (ms)".into(),
+        format!(
+            "{:.2} / {:.2}",
+            percentile(&total.ack_micros, 50.0),
+            percentile(&total.ack_micros, 99.0)
+        ),
+    ));
+    if let (Some(m), Some((changes0, commits0))) = (metrics, before) {
+        let changes = m.changes_committed.load(Ordering::Relaxed) - changes0;
+        let txns = m.commits.load(Ordering::Relaxed) - commits0;
+        rows.push((
+            s.clone(),
+            "server commits (transactions)".into(),
+            txns.to_string(),
+        ));
+        rows.push((
+            s,
+            "changes per transaction".into(),
+            format!("{:.1}", changes as f64 / txns.max(1) as f64),
+        ));
+    }
+    if total.acked == 0 {
+        return Err("commits: nothing was acknowledged".into());
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct SubscriberStats {
+    delivered: u64,
+    micros: Vec<u32>,
+    lost: bool,
+}
+
+/// One live subscriber: asks for the document's state (so the server relays new changes to
+/// it), then times every relayed change until `stop`.
+#[allow(clippy::too_many_arguments)]
+async fn subscriber(
+    url: String,
+    n: u64,
+    document: DocumentId,
+    log: Arc<SendLog>,
+    ready: Arc<Barrier>,
+    delivered: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+    hard: Instant,
+) -> Result<SubscriberStats> {
+    let mut replica = [0xa5u8; 16];
+    replica[..8].copy_from_slice(&n.to_le_bytes());
+    let mut conn = Conn::open(&url, ReplicaId::from_bytes(replica)).await?;
+    conn.subscribe(document).await?;
+    // An empty Yrs state vector (no clients): "send me everything, then keep me live".
+    conn.send(&Message::Sync {
+        document,
+        payload: SyncPayload::YrsStep1(vec![0]),
+    })
+    .await?;
+    conn.wait_for(|m| {
+        matches!(
+            m,
+            Message::Sync {
+                payload: SyncPayload::YrsStep2(_),
+                ..
+            }
+        )
+    })
+    .await?;
+    ready.wait().await;
+    let mut stats = SubscriberStats::default();
+    loop {
+        let message = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            received = timeout_at(hard, conn.next()) => match received {
+                Ok(Ok(message)) => message,
+                Ok(Err(error)) => {
+                    eprintln!("subscriber {n}: {error}");
+                    stats.lost = true;
+                    break;
+                }
+                Err(_) => break,
+            },
+        };
+        if let Message::Sync {
+            payload: SyncPayload::YrsUpdate(bytes),
+            ..
+        } = message
+        {
+            let now = log.epoch.elapsed().as_nanos() as u64;
+            if let Some(index) = update_key(&bytes).and_then(|key| log.index.get(&key).copied()) {
+                let sent = log.sent_at[index as usize].load(Ordering::Relaxed);
+                stats
+                    .micros
+                    .push((now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
+                stats.delivered += 1;
+                delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    conn.close().await;
+    Ok(stats)
+}
+
+async fn fanout(
+    args: &Args,
+    url: &str,
+    run_id: u64,
+    rows: &mut Vec<(String, String, String)>,
+) -> Result<()> {
+    let document = document_id(run_id, 1 << 20);
+    let writers = args.fanout_writers;
+    let wanted = (args.rate * args.duration).ceil() as usize + writers;
+    let per_writer = wanted.min(args.max_changes) / writers + 1;
+    let mut batches = Vec::new();
+    let mut index = HashMap::new();
+    for w in 0..writers {
+        let changes = generate(1000 + w as u64, run_id, document, per_writer)?;
+        for (i, change) in changes.iter().enumerate() {
+            let key =
+                update_key(&change.bytes).ok_or("fanout: a generated update does not decode")?;
+            index.insert(key, (w * per_writer + i) as u32);
+        }
+        batches.push(changes);
+    }
+    let log = Arc::new(SendLog {
+        epoch: Instant::now(),
+        sent_at: (0..writers * per_writer)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+        index,
+    });
+    let until = Duration::from_secs_f64(args.duration);
+    let hard = Instant::now() + until + GRACE + Duration::from_secs(30);
+    let ready = Arc::new(Barrier::new(args.subscribers + 1));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    eprintln!("fanout: connecting {} subscribers...", args.subscribers);
+    let mut subs = Vec::new();
+    for n in 0..args.subscribers {
+        subs.push(tokio::spawn(subscriber(
+            url.to_string(),
+            n as u64,
+            document,
+            log.clone(),
+            ready.clone(),
+            delivered.clone(),
+            stop_rx.clone(),
+            hard,
+        )));
+    }
+    // Subscribers connect before the document has content; the writers subscribe after them.
+    all_ready(&ready, &mut subs, "fanout subscribers").await?;
+    eprintln!(
+        "fanout: {} writers at {} changes/s for {}s",
+        writers, args.rate, args.duration
+    );
+    let start = Arc::new(Barrier::new(writers + 1));
+    let period = Duration::from_secs_f64(writers as f64 / args.rate);
+    let mut tasks = Vec::new();
+    for (w, changes) in batches.into_iter().enumerate() {
+        tasks.push(tokio::spawn(writer(
+            url.to_string(),
+            100 + w as u64,
+            document,
+            changes,
+            args.window,
+            Some(period),
+            start.clone(),
+            until,
+            Some((log.clone(), w * per_writer)),
+        )));
+    }
+    all_ready(&start, &mut tasks, "fanout writers").await?;
+    let begun = Instant::now();
+    let mut sent = 0;
+    let mut acked = 0;
+    for task in tasks {
+        let stats = task.await.map_err(|e| e.to_string())??;
+        sent += stats.sent;
+        acked += stats.acked;
+    }
+    let expected = (sent * args.subscribers) as u64;
+    let drain_until = Instant::now() + GRACE;
+    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = begun.elapsed().as_secs_f64();
+    let _ = stop_tx.send(true);
+    let mut micros = Vec::new();
+    let mut total = 0;
+    let mut lost = 0;
+    for sub in subs {
+        let stats = sub.await.map_err(|e| e.to_string())??;
+        total += stats.delivered;
+        lost += usize::from(stats.lost);
+        micros.extend(stats.micros);
+    }
+    micros.sort_unstable();
+    let s = "fanout".to_string();
+    rows.push((
+        s.clone(),
+        "subscribers / writers".into(),
+        format!("{} / {}", args.subscribers, writers),
+    ));
+    rows.push((
+        s.clone(),
+        "changes sent / acked".into(),
+        format!("{sent} / {acked}"),
+    ));
+    rows.push((
+        s.clone(),
+        "updates delivered / expected".into(),
+        format!("{total} / {expected}"),
+    ));
+    rows.push((s.clone(), "subscribers lost".into(), lost.to_string()));
+    rows.push((
+        s.clone(),
+        "delivered updates/s".into(),
+        format!("{:.0}", total as f64 / elapsed.max(1e-9)),
+    ));
+    rows.push((
+        s,
+        "latency p50 / p99 / max (ms)".into(),
+        format!(
+            "{:.2} / {:.2} / {:.2}",
+            percentile(&micros, 50.0),
+            percentile(&micros, 99.0),
+            percentile(&micros, 100.0)
+        ),
+    ));
+    if total == 0 {
+        return Err("fanout: nothing was delivered".into());
+    }
+    Ok(())
+}
+
+fn print_table(url: &str, args: &Args, rows: &[(String, String, String)]) {
+    println!(
+        "accord-loadgen against {url} ({}; duration {}s, max {} changes)",
+        if args.url.is_some() {
+            "external server"
+        } else {
+            "embedded server"
+        },
+        args.duration,
+        args.max_changes
+    );
+    let w1 = rows.iter().map(|r| r.0.len()).max().unwrap_or(8).max(8);
+    let w2 = rows.iter().map(|r| r.1.len()).max().unwrap_or(6).max(6);
+    println!("| {:w1$} | {:w2$} | value |", "scenario", "metric");
+    println!("|{}|{}|-------|", "-".repeat(w1 + 2), "-".repeat(w2 + 2));
+    for (scenario, metric, value) in rows {
+        println!("| {scenario:w1$} | {metric:w2$} | {value} |");
+    }
+}
