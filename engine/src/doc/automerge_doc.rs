@@ -1,5 +1,15 @@
 //! The Automerge side of [`crate::Document`].
+//!
+//! Changed paths are derived from the changes themselves, not from Automerge's diff (which costs
+//! what the document holds): every change that enters the document (a local commit, a merge, a
+//! sync message) is decoded and each of its ops names the object and key it touched. A cache maps
+//! object ids to their paths; objects made by a change get their parent's path plus the key, and
+//! objects made before tracking started are looked up once through their parents. Objects inside
+//! lists and texts are reported as the list or text itself (their index moves).
 
+use std::collections::{HashMap, HashSet};
+
+use automerge::legacy::{Key as OpKey, ObjectId as LegacyObjId, OpType as LegacyOpType};
 use automerge::sync::SyncDoc;
 use automerge::transaction::Transactable;
 use automerge::{
@@ -15,11 +25,19 @@ use crate::ids::ReplicaId;
 /// Text positions count UTF-16 code units, as JavaScript does.
 const TEXT_ENCODING: TextEncoding = TextEncoding::Utf16CodeUnit;
 
+/// At most this many distinct touched paths are kept between two takes; beyond, "unknown".
+const MAX_TOUCHED: usize = 4096;
+/// At most this many object paths are cached; beyond, the cache starts over.
+const MAX_OBJECTS: usize = 65_536;
+/// At most this many changes are decoded to find unseen edits (made through [`AutomergeDoc::native`]
+/// and committed there); beyond, "unknown".
+const MAX_UNSEEN_CHANGES: usize = 1024;
+
 /// An Automerge document with the replica's actor id.
 pub struct AutomergeDoc {
     doc: AutoCommit,
-    /// Whether changed paths are being tracked (the diff cursor is on).
-    tracking: bool,
+    /// Changed paths, when they are being tracked.
+    tracking: Option<Tracker>,
     /// Whether texts may hold characters outside the BMP, so splice positions must be checked
     /// against surrogate pairs (a scan of the text, skipped while it is known to be BMP-only).
     astral: bool,
@@ -32,7 +50,7 @@ impl AutomergeDoc {
             .with_actor(automerge::ActorId::from(replica.as_bytes().as_slice()));
         Self {
             doc,
-            tracking: false,
+            tracking: None,
             astral: false,
         }
     }
@@ -45,7 +63,7 @@ impl AutomergeDoc {
             .with_actor(automerge::ActorId::from(replica.as_bytes().as_slice()));
         Ok(Self {
             doc,
-            tracking: false,
+            tracking: None,
             astral: true,
         })
     }
@@ -80,6 +98,15 @@ impl AutomergeDoc {
     pub fn commit(&mut self) -> Option<Change> {
         let hash = self.doc.commit()?;
         let change = self.doc.get_change_by_hash(&hash)?;
+        if let Some(tracker) = &mut self.tracking {
+            let mut deps = change.deps().to_vec();
+            deps.sort_unstable();
+            // Only when nothing unseen came before it; otherwise the next take catches up.
+            if deps == tracker.heads {
+                tracker.record(&self.doc, &change);
+                tracker.heads = vec![hash];
+            }
+        }
         Some(Change {
             id: ChangeId(hash.0),
             bytes: change.raw_bytes().to_vec(),
@@ -97,11 +124,24 @@ impl AutomergeDoc {
     }
 
     fn changes_since(&mut self, before: &[ChangeHash]) -> Vec<Change> {
-        if self.doc.get_heads() == before {
+        let mut after = self.doc.get_heads();
+        if after == before {
             return Vec::new();
         }
-        self.doc
-            .get_changes(before)
+        let changes = self.doc.get_changes(before);
+        if let Some(tracker) = &mut self.tracking {
+            let mut before = before.to_vec();
+            before.sort_unstable();
+            // Only when nothing unseen came before them; otherwise the next take catches up.
+            if before == tracker.heads {
+                for change in &changes {
+                    tracker.record(&self.doc, change);
+                }
+                after.sort_unstable();
+                tracker.heads = after;
+            }
+        }
+        changes
             .into_iter()
             .map(|c| Change {
                 id: ChangeId(c.hash().0),
@@ -141,23 +181,39 @@ impl AutomergeDoc {
         Some(value_to_json(&self.doc, &value, &id))
     }
 
-    /// Starts tracking which paths change (Automerge's indexed diff cursor).
+    /// Starts tracking which paths change (from now on).
     pub fn track_changes(&mut self) {
-        if !self.tracking {
-            self.doc.update_diff_cursor();
-            self.tracking = !self.doc.diff_cursor().is_empty();
+        if self.tracking.is_none() {
+            let mut heads = self.doc.get_heads();
+            heads.sort_unstable();
+            self.tracking = Some(Tracker::new(heads));
         }
     }
 
-    /// The paths changed since the last call, or `None` when tracking was not on (then
-    /// everything must be assumed changed, and tracking starts now).
+    /// The paths changed since the last call (an op's object path plus its key; for lists and
+    /// texts, the list or text), or `None` when that is not known: tracking was not on (it
+    /// starts now), too much changed, or a change could not be followed. Then everything must be
+    /// assumed changed.
     pub fn take_touched(&mut self) -> Option<Vec<Path>> {
-        if !self.tracking {
+        let Some(tracker) = &mut self.tracking else {
             self.track_changes();
             return None;
+        };
+        let mut heads = self.doc.get_heads();
+        heads.sort_unstable();
+        if heads != tracker.heads {
+            // Changes that came in without passing here (through `native`): decode them now.
+            let unseen = self.doc.get_changes(&tracker.heads);
+            if unseen.len() > MAX_UNSEEN_CHANGES {
+                tracker.overflow = true;
+            } else {
+                for change in &unseen {
+                    tracker.record(&self.doc, change);
+                }
+            }
+            tracker.heads = heads;
         }
-        let patches = self.doc.diff_incremental();
-        Some(patches.iter().map(patch_path).collect())
+        tracker.take()
     }
 
     /// The keys of the map at `path` (the root's keys for the root path).
@@ -222,26 +278,139 @@ impl AutomergeDoc {
     }
 }
 
-/// The path a patch touched: the object's path, plus the key or index it changed.
-fn patch_path(patch: &automerge::Patch) -> Path {
-    use automerge::PatchAction as A;
-    let mut path = Path(patch.path.iter().map(|(_, p)| segment(p)).collect());
-    let last = match &patch.action {
-        A::PutMap { key, .. } | A::DeleteMap { key } => Some(Segment::Key(key.clone())),
-        A::Increment { prop, .. } | A::Conflict { prop } => Some(segment(prop)),
-        A::PutSeq { index, .. } | A::Insert { index, .. } | A::DeleteSeq { index, .. } => {
-            Some(Segment::Index(*index))
-        }
-        A::SpliceText { .. } | A::Mark { .. } => None,
-    };
-    path.0.extend(last);
-    path
+/// Where an object lives: its path, exact when only map keys lead there; otherwise the path of
+/// the outermost list or text on the way (positions in it move).
+#[derive(Clone)]
+struct Place {
+    path: Path,
+    exact: bool,
+    /// The take window the object was made in (its making op reported it and all it holds).
+    made: Option<u64>,
 }
 
-fn segment(prop: &Prop) -> Segment {
-    match prop {
-        Prop::Map(key) => Segment::Key(key.clone()),
-        Prop::Seq(index) => Segment::Index(*index),
+/// Which paths the changes since the last take touched.
+struct Tracker {
+    /// The heads (sorted) up to which every change was recorded.
+    heads: Vec<ChangeHash>,
+    touched: HashSet<Path>,
+    /// Too much changed, or a change could not be followed: report "unknown".
+    overflow: bool,
+    /// Object id (counter, actor) to its place.
+    objects: HashMap<(u64, automerge::ActorId), Place>,
+    /// Counts takes.
+    window: u64,
+}
+
+impl Tracker {
+    fn new(heads: Vec<ChangeHash>) -> Self {
+        Self {
+            heads,
+            touched: HashSet::new(),
+            overflow: false,
+            objects: HashMap::new(),
+            window: 0,
+        }
+    }
+
+    fn take(&mut self) -> Option<Vec<Path>> {
+        self.window += 1;
+        let touched = std::mem::take(&mut self.touched);
+        if std::mem::replace(&mut self.overflow, false) {
+            return None;
+        }
+        Some(touched.into_iter().collect())
+    }
+
+    fn touch(&mut self, path: Path) {
+        if self.overflow {
+            return;
+        }
+        if self.touched.len() >= MAX_TOUCHED && !self.touched.contains(&path) {
+            self.overflow = true;
+            self.touched.clear();
+            return;
+        }
+        self.touched.insert(path);
+    }
+
+    /// Notes the paths one change (already applied to `doc`) touched.
+    fn record(&mut self, doc: &AutoCommit, change: &automerge::Change) {
+        if self.overflow {
+            return;
+        }
+        // Decoding trusts what the change says; a change Automerge accepted should decode, but
+        // nothing from the network may panic the engine: if it does, report "unknown".
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode()));
+        let Ok(expanded) = decoded else {
+            self.overflow = true;
+            return;
+        };
+        let start = expanded.start_op.get();
+        for (i, op) in expanded.operations.iter().enumerate() {
+            let Some(place) = self.place_of(doc, &op.obj) else {
+                self.overflow = true;
+                return;
+            };
+            let fresh = place.made == Some(self.window);
+            let (path, exact) = match &op.key {
+                OpKey::Map(key) if place.exact => (place.path.key(key.as_str()), true),
+                _ => (place.path, false),
+            };
+            if let LegacyOpType::Make(_) = op.action {
+                if self.objects.len() >= MAX_OBJECTS {
+                    self.objects.clear();
+                }
+                let id = (start + i as u64, expanded.actor_id.clone());
+                let made = Some(self.window);
+                let child = Place {
+                    path: path.clone(),
+                    exact,
+                    made,
+                };
+                self.objects.insert(id, child);
+            }
+            // What a fresh object holds was reported with the object.
+            if !fresh {
+                self.touch(path);
+            }
+            if self.overflow {
+                return;
+            }
+        }
+    }
+
+    /// The place of `obj`: cached, or looked up once through its parents.
+    fn place_of(&mut self, doc: &AutoCommit, obj: &LegacyObjId) -> Option<Place> {
+        let LegacyObjId::Id(id) = obj else {
+            return Some(Place {
+                path: Path::root(),
+                exact: true,
+                made: None,
+            });
+        };
+        let key = (id.0, id.1.clone());
+        if let Some(place) = self.objects.get(&key) {
+            return Some(place.clone());
+        }
+        let exid = doc.import_obj(&format!("{}@{}", id.0, id.1)).ok()?;
+        let mut props: Vec<Prop> = doc.parents(&exid).ok()?.map(|p| p.prop).collect();
+        props.reverse();
+        let mut place = Place {
+            path: Path::root(),
+            exact: true,
+            made: None,
+        };
+        for prop in props {
+            match prop {
+                Prop::Map(key) if place.exact => place.path.0.push(Segment::Key(key)),
+                _ => place.exact = false,
+            }
+        }
+        if self.objects.len() >= MAX_OBJECTS {
+            self.objects.clear();
+        }
+        self.objects.insert(key, place.clone());
+        Some(place)
     }
 }
 
@@ -455,17 +624,21 @@ fn value_to_json(doc: &AutoCommit, value: &Value<'_>, id: &ObjId) -> serde_json:
     match value {
         Value::Scalar(s) => scalar_to_json(s),
         Value::Object(ObjType::Text) => J::String(doc.text(id).unwrap_or_default()),
+        // One pass over the object, rather than a lookup per key or index.
         Value::Object(ObjType::List) => J::Array(
-            (0..doc.length(id))
-                .filter_map(|i| doc.get(id, i).ok().flatten())
-                .map(|(v, child)| value_to_json(doc, &v, &child))
+            doc.list_range(id, ..)
+                .map(|item| {
+                    let child = item.id();
+                    value_to_json(doc, &item.value.into_value(), &child)
+                })
                 .collect(),
         ),
         Value::Object(_) => J::Object(
-            doc.keys(id)
-                .filter_map(|k| {
-                    let (v, child) = doc.get(id, k.as_str()).ok().flatten()?;
-                    Some((k, value_to_json(doc, &v, &child)))
+            doc.map_range(id, ..)
+                .map(|item| {
+                    let child = item.id();
+                    let key = item.key.into_owned();
+                    (key, value_to_json(doc, &item.value.into_value(), &child))
                 })
                 .collect(),
         ),
@@ -474,4 +647,133 @@ fn value_to_json(doc: &AutoCommit, value: &Value<'_>, id: &ObjId) -> serde_json:
 
 fn scalar_to_json(value: &ScalarValue) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn doc_with(value: serde_json::Value) -> AutomergeDoc {
+        let mut doc = AutomergeDoc::new(ReplicaId::from_bytes([1; 16]));
+        for (key, value) in value.as_object().expect("an object") {
+            doc.apply_ops(&[Op::Put {
+                path: Path::keys([key.as_str()]),
+                value: value.clone(),
+            }])
+            .expect("put");
+        }
+        doc
+    }
+
+    fn tracked(doc: &mut AutomergeDoc) {
+        doc.track_changes();
+        assert_eq!(doc.take_touched(), Some(vec![]));
+    }
+
+    #[test]
+    fn objects_made_before_tracking_are_found_through_their_parents() {
+        let mut a = doc_with(json!({"wallet": {"entries": {"d1": {"amount": 1}}}}));
+        let mut b = AutomergeDoc::load(ReplicaId::from_bytes([2; 16]), &a.save()).expect("load");
+        tracked(&mut b);
+        let change = a
+            .apply_ops(&[Op::Put {
+                path: Path::keys(["wallet", "entries", "d1", "amount"]),
+                value: json!(2),
+            }])
+            .expect("ops")
+            .expect("change");
+        b.apply_changes(&change.bytes).expect("merge");
+        assert_eq!(
+            b.take_touched(),
+            Some(vec![Path::keys(["wallet", "entries", "d1", "amount"])])
+        );
+    }
+
+    #[test]
+    fn a_new_object_is_reported_once_not_what_it_holds() {
+        let mut doc = doc_with(json!({"wallet": {"entries": {}}}));
+        tracked(&mut doc);
+        doc.apply_ops(&[Op::Put {
+            path: Path::keys(["wallet", "entries", "n1"]),
+            value: json!({"amount": 1, "tags": ["x"]}),
+        }])
+        .expect("ops");
+        assert_eq!(
+            doc.take_touched(),
+            Some(vec![Path::keys(["wallet", "entries", "n1"])])
+        );
+        doc.apply_ops(&[Op::Put {
+            path: Path::keys(["wallet", "entries", "n1", "amount"]),
+            value: json!(3),
+        }])
+        .expect("ops");
+        assert_eq!(
+            doc.take_touched(),
+            Some(vec![Path::keys(["wallet", "entries", "n1", "amount"])])
+        );
+    }
+
+    #[test]
+    fn edits_inside_lists_and_texts_report_the_list_or_text() {
+        let mut doc = doc_with(json!({"trip": {"stops": [{"name": "a"}]}}));
+        doc.apply_ops(&[Op::Splice {
+            path: Path::keys(["trip", "notes"]),
+            index: 0,
+            delete: 0,
+            insert: "hi".into(),
+        }])
+        .expect("splice");
+        let mut b = AutomergeDoc::load(ReplicaId::from_bytes([2; 16]), &doc.save()).expect("load");
+        tracked(&mut b);
+        for doc in [&mut doc, &mut b] {
+            tracked(doc);
+            doc.apply_ops(&[
+                Op::Put {
+                    path: Path(vec![
+                        Segment::Key("trip".into()),
+                        Segment::Key("stops".into()),
+                        Segment::Index(0),
+                        Segment::Key("name".into()),
+                    ]),
+                    value: json!("b"),
+                },
+                Op::Splice {
+                    path: Path::keys(["trip", "notes"]),
+                    index: 2,
+                    delete: 0,
+                    insert: "!".into(),
+                },
+            ])
+            .expect("ops");
+            let mut touched = doc.take_touched().expect("tracked");
+            touched.sort_by_key(|p| format!("{p:?}"));
+            assert_eq!(
+                touched,
+                vec![Path::keys(["trip", "notes"]), Path::keys(["trip", "stops"])]
+            );
+        }
+    }
+
+    #[test]
+    fn native_commits_are_caught_up_and_floods_are_unknown() {
+        let mut doc = doc_with(json!({"wallet": {}}));
+        tracked(&mut doc);
+        let native = doc.native();
+        let (_, wallet) = native.get(ROOT, "wallet").expect("get").expect("wallet");
+        native.put(&wallet, "k", 1).expect("put");
+        native.commit();
+        assert_eq!(doc.commit(), None);
+        assert_eq!(doc.take_touched(), Some(vec![Path::keys(["wallet", "k"])]));
+        for i in 0..MAX_TOUCHED + 1 {
+            doc.apply_ops(&[Op::Put {
+                path: Path::keys(["wallet".to_string(), format!("k{i}")]),
+                value: json!(i),
+            }])
+            .expect("ops");
+        }
+        assert_eq!(doc.take_touched(), None);
+        assert_eq!(doc.take_touched(), Some(vec![]));
+    }
 }

@@ -30,10 +30,12 @@ pub(crate) struct Entry {
 enum Aggregate {
     /// A ledger's total.
     Fold { fold: Fold, total: f64 },
-    /// Who claims each value of `field`.
+    /// Who claims each value of `field`, and which values more than one entry claims (kept as
+    /// claims change, so finding them does not cost a scan of every value).
     Claims {
         field: String,
         by_value: HashMap<String, BTreeSet<String>>,
+        contested: BTreeSet<String>,
     },
     /// Only the live count matters.
     Count,
@@ -43,17 +45,31 @@ impl Aggregate {
     fn add(&mut self, key: &str, entry: &Value, sign: f64) {
         match self {
             Aggregate::Fold { fold, total } => *total += sign * contribution(fold, entry),
-            Aggregate::Claims { field, by_value } => {
+            Aggregate::Claims {
+                field,
+                by_value,
+                contested,
+            } => {
                 let Some(value) = entry.get(field.as_str()).filter(|v| !v.is_null()) else {
                     return;
                 };
-                let claims = by_value.entry(value.to_string()).or_default();
+                let value = value.to_string();
+                let claims = by_value.entry(value.clone()).or_default();
                 if sign > 0.0 {
                     claims.insert(key.to_owned());
                 } else {
                     claims.remove(key);
-                    if claims.is_empty() {
-                        by_value.remove(&value.to_string());
+                }
+                match claims.len() {
+                    0 => {
+                        by_value.remove(&value);
+                        contested.remove(&value);
+                    }
+                    1 => {
+                        contested.remove(&value);
+                    }
+                    _ => {
+                        contested.insert(value);
                     }
                 }
             }
@@ -64,7 +80,14 @@ impl Aggregate {
     fn reset(&mut self) {
         match self {
             Aggregate::Fold { total, .. } => *total = 0.0,
-            Aggregate::Claims { by_value, .. } => by_value.clear(),
+            Aggregate::Claims {
+                by_value,
+                contested,
+                ..
+            } => {
+                by_value.clear();
+                contested.clear();
+            }
             Aggregate::Count => {}
         }
     }
@@ -126,6 +149,7 @@ impl Collection {
             } => Aggregate::Claims {
                 field: field.clone(),
                 by_value: HashMap::new(),
+                contested: BTreeSet::new(),
             },
             _ => Aggregate::Count,
         };
@@ -225,10 +249,16 @@ impl Collection {
             .iter()
             .filter(|(i, _)| *i == index)
             .flat_map(|(_, a)| match a {
-                Aggregate::Claims { by_value, .. } => by_value
+                Aggregate::Claims {
+                    by_value,
+                    contested,
+                    ..
+                } => contested
                     .iter()
-                    .filter(|(_, keys)| keys.len() > 1)
-                    .map(|(v, keys)| (v.clone(), keys.iter().cloned().collect()))
+                    .filter_map(|v| {
+                        let keys = by_value.get(v).filter(|keys| keys.len() > 1)?;
+                        Some((v.clone(), keys.iter().cloned().collect()))
+                    })
                     .collect::<Vec<_>>(),
                 _ => Vec::new(),
             })
