@@ -101,7 +101,9 @@ fn bench(c: &mut Criterion) {
                     b.iter(|| {
                         seq += 1;
                         let applied = checked.apply_ops(&change(seq as usize)).expect("change");
-                        let violations = reconciler.observe(&mut checked, Some(seq), &[]);
+                        // As the server does: the change just committed is named.
+                        let ids: Vec<_> = applied.iter().map(|c| c.id).collect();
+                        let violations = reconciler.observe(&mut checked, Some(seq), &ids);
                         assert!(violations.is_empty());
                         applied
                     })

@@ -223,24 +223,28 @@ impl Reconciler {
             change: changes.first().copied(),
         };
         self.last_changes = changes.to_vec();
-        self.refresh(doc, meta);
+        let touched = self.refresh(doc, meta, changes.len() != 1);
         let mut violations = Vec::new();
-        for index in 0..self.specs.len() {
-            let spec = self.specs[index].clone();
+        let specs = std::mem::take(&mut self.specs);
+        for (index, spec) in specs.iter().enumerate() {
             let found = if spec.rule.is_collection() {
                 match self
                     .collections
                     .iter()
                     .find(|c| &c.path == spec.rule.path())
                 {
-                    Some(collection) => check_collection(self.document, index, &spec, collection),
+                    Some(collection) => check_collection(self.document, index, spec, collection),
                     None => Vec::new(),
                 }
+            } else if touches(touched.as_deref(), spec.rule.path()) {
+                self.check_value(doc, spec)
             } else {
-                self.check_value(doc, &spec)
+                // Untouched since the last look: nothing new to say about this value.
+                Vec::new()
             };
             violations.extend(found);
         }
+        self.specs = specs;
         for rule in &self.custom {
             for found in rule.check(doc) {
                 violations.push(Violation {
@@ -277,7 +281,15 @@ impl Reconciler {
     }
 
     /// Brings the cached records and collections up to date with what changed.
-    fn refresh(&mut self, doc: &mut Document, meta: EntryMeta) {
+    /// Returns the paths that changed, or `None` when everything must be assumed changed. With
+    /// `several_changes`, each touched entry is credited to the change that wrote it (when the
+    /// document can tell) rather than to the first change of the batch.
+    fn refresh(
+        &mut self,
+        doc: &mut Document,
+        meta: EntryMeta,
+        several_changes: bool,
+    ) -> Option<Vec<Path>> {
         let touched = if self.loaded {
             doc.take_touched()
         } else {
@@ -292,7 +304,7 @@ impl Reconciler {
                 collection.load(doc, meta);
                 collection.set_voided(voided_of(&self.records, &collection.path));
             }
-            return;
+            return None;
         };
         let records_touched = paths.iter().any(|p| match p.segments().first() {
             Some(crate::doc::Segment::Key(k)) => is_reserved(k),
@@ -327,15 +339,20 @@ impl Reconciler {
                 for key in keys {
                     // Several changes may have arrived together: credit the one that wrote
                     // this entry when the document can tell (Automerge).
-                    let path = collection.path.clone().key(key.clone());
-                    let meta = EntryMeta {
-                        change: writer_of(doc, &path).or(meta.change),
-                        ..meta
+                    let meta = if several_changes {
+                        let path = collection.path.clone().key(key.clone());
+                        EntryMeta {
+                            change: writer_of(doc, &path).or(meta.change),
+                            ..meta
+                        }
+                    } else {
+                        meta
                     };
                     collection.refresh(doc, &key, meta);
                 }
             }
         }
+        Some(paths)
     }
 
     /// The ops that act on `violations` by their policies (nothing unless this reconciler is the
@@ -673,6 +690,15 @@ pub fn choose(doc: &Document, key: &str, choice: usize, by: &str) -> Result<Vec<
     };
     ops.push(resolution_op(doc.kind(), &id, &resolution));
     Ok(ops)
+}
+
+/// Whether a change to `touched` (all of them when `None`) may have changed the value at `path`.
+fn touches(touched: Option<&[Path]>, path: &Path) -> bool {
+    touched.is_none_or(|paths| {
+        paths
+            .iter()
+            .any(|p| p.starts_with(path) || path.starts_with(p))
+    })
 }
 
 /// The change that wrote the value at `path`, when the document keeps that (Automerge keeps the
