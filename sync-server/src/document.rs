@@ -366,7 +366,7 @@ impl Actor {
                 Some(None) => break,
                 None => {
                     // Level-triggered: look again even though nothing was committed.
-                    let open = self.reconcile(None);
+                    let open = self.reconcile(Vec::new());
                     let base = self.config.reconcile_interval;
                     self.tick = if open {
                         (self.tick * 2).min(base * 16)
@@ -618,7 +618,7 @@ impl Actor {
                     change: change.clone(),
                     detected: None,
                 });
-                self.reconcile(Some(change.id));
+                self.reconcile(vec![change.id]);
             }
             Ok(None) => {
                 let head_seq = state.head_seq;
@@ -790,15 +790,19 @@ impl Actor {
                     }
                 }
                 let author = subscriber.replica;
+                let ids: Vec<ChangeId> = received.changes.iter().map(|c| c.id).collect();
                 for change in received.changes {
-                    let id = change.id;
                     self.pending.changes.push(PendingChange {
                         connection,
                         author,
                         change,
                         detected: None,
                     });
-                    self.reconcile(Some(id));
+                }
+                // The whole message is in the document now: reconcile once, naming all of it
+                // (the reconciler credits each entry to the change that wrote it).
+                if !ids.is_empty() {
+                    self.reconcile(ids);
                 }
                 return self.mark_dirty(connection);
             }
@@ -830,11 +834,12 @@ impl Actor {
         self.pending.dirty.insert(connection);
     }
 
-    /// The reconciliation loop after the change just queued (it commits as the next sequence
-    /// number): observe, compare, act, and again, bounded. Repairs queue behind it in the same
+    /// The reconciliation loop after the changes just queued (one message's worth; they commit
+    /// as the next sequence numbers): observe, compare, act, and again, bounded. Repairs queue
+    /// behind them in the same
     /// group commit, so they are durable before anything about them is acknowledged. Returns
     /// whether violations stay open (waiting for a person, or failing to repair).
-    fn reconcile(&mut self, change: Option<ChangeId>) -> bool {
+    fn reconcile(&mut self, changes: Vec<ChangeId>) -> bool {
         let document = self.document;
         let Some(state) = self.state.as_mut() else {
             return false;
@@ -857,9 +862,12 @@ impl Actor {
         let Some(reconciler) = state.reconciler.as_mut() else {
             return false;
         };
-        let mut changes: Vec<ChangeId> = change.into_iter().collect();
+        let mut changes = changes;
+        // The first round ranks what arrived at the first sequence number of the batch.
+        let mut batch = changes.len().max(1) as u64 - 1;
         for _ in 0..MAX_RECONCILE_ROUNDS {
-            let seq = state.head_seq + self.pending.changes.len() as u64;
+            let seq = state.head_seq + self.pending.changes.len() as u64 - batch;
+            batch = 0;
             let detected = Instant::now();
             let violations = reconciler.observe(&mut state.doc, Some(seq), &changes);
             if violations.is_empty() {
