@@ -170,6 +170,17 @@ pub enum Event {
         /// (invariant id, reason) of each open violation.
         violations: Vec<(String, String)>,
     },
+    /// A resolution of the invariant layer voided or overrode one of this replica's changes.
+    Compensated {
+        /// The document.
+        document: DocumentId,
+        /// The change.
+        change: ChangeId,
+        /// The violation's key.
+        violation: String,
+        /// Why, in words.
+        reason: String,
+    },
     /// A peer reported an error.
     PeerError {
         /// Who.
@@ -268,6 +279,8 @@ pub struct Replica<S: Storage> {
     status_order: VecDeque<(DocumentId, ChangeId)>,
     schemas: BTreeMap<String, Schema>,
     checkers: HashMap<DocumentId, Reconciler>,
+    /// Resolutions already looked at for our changes, per document (bounded with the statuses).
+    seen_resolutions: HashMap<DocumentId, std::collections::HashSet<String>>,
 }
 
 impl<S: Storage> Replica<S> {
@@ -305,6 +318,7 @@ impl<S: Storage> Replica<S> {
             status_order: VecDeque::new(),
             schemas: BTreeMap::new(),
             checkers: HashMap::new(),
+            seen_resolutions: HashMap::new(),
         };
         for entry in replica.storage.outbox()? {
             replica.outbox_insert(entry);
@@ -842,6 +856,7 @@ impl<S: Storage> Replica<S> {
                 origin: Origin::Peer(peer),
             });
             self.warn(document);
+            self.notice_compensations(document);
         }
         self.offer(document, &received.changes, Some(peer))?;
         self.flush(peer, document)
@@ -959,6 +974,42 @@ impl<S: Storage> Replica<S> {
                 });
             }
         }
+    }
+
+    /// The storage, mutably (for drivers that move its writes elsewhere, e.g. to IndexedDB).
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+
+    /// Raises [`Event::Compensated`] for new resolutions that name one of our changes.
+    fn notice_compensations(&mut self, document: DocumentId) {
+        let Some(entry) = self.docs.get(&document) else {
+            return;
+        };
+        let records = invariant::read_records(&entry.doc);
+        let seen = self.seen_resolutions.entry(document).or_default();
+        let mut found = Vec::new();
+        for (key, resolution) in &records.resolutions {
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            for hex in &resolution.victim_changes {
+                let Some(change) = ChangeId::from_hex(hex) else {
+                    continue;
+                };
+                let ours = self.statuses.contains_key(&(document, change))
+                    || self.outbox_index.contains_key(&(document, change));
+                if ours {
+                    found.push(Event::Compensated {
+                        document,
+                        change,
+                        violation: key.clone(),
+                        reason: resolution.reason.clone(),
+                    });
+                }
+            }
+        }
+        self.events.extend(found);
     }
 
     /// Where one of this replica's changes stands: pending, confirmed, rejected, or compensated

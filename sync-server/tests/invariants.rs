@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use accord_engine::invariant::{folded_total, type_op, Schema};
-use accord_engine::replica::ChangeStatus;
+use accord_engine::replica::{ChangeStatus, Event};
 use accord_engine::storage::MemoryStorage;
 use accord_engine::{ChangeId, DocKind, DocumentId, Op, Path};
 use common::*;
