@@ -48,7 +48,11 @@ fn document(kind: DocKind, entries: usize) -> Document {
 }
 
 fn change(i: usize) -> Vec<Op> {
-    let kind = if i % 2 == 0 { "spend" } else { "deposit" };
+    let kind = if i.is_multiple_of(2) {
+        "spend"
+    } else {
+        "deposit"
+    };
     vec![
         Op::Put {
             path: Path::keys(["wallet".to_string(), "entries".to_string(), format!("n{i}")]),
