@@ -357,6 +357,17 @@ impl<S: Storage> Driver<S> {
                     code,
                     reason,
                 },
+                Event::Compensated {
+                    document,
+                    change,
+                    violation,
+                    reason,
+                } => ClientEvent::Compensated {
+                    document,
+                    change,
+                    violation,
+                    reason,
+                },
                 Event::Violations {
                     document,
                     violations,

@@ -217,6 +217,17 @@ pub enum ClientEvent {
         /// (invariant id, reason) of each open violation.
         violations: Vec<(String, String)>,
     },
+    /// A resolution of the invariant layer voided or overrode one of this client's changes.
+    Compensated {
+        /// The document.
+        document: DocumentId,
+        /// The change.
+        change: ChangeId,
+        /// The violation's key.
+        violation: String,
+        /// Why, in words.
+        reason: String,
+    },
     /// This many events were dropped because the event queue was full.
     Lagged {
         /// How many.
