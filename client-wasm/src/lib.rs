@@ -97,6 +97,13 @@ fn event_json(event: Event) -> Value {
                     "violations": violations.into_iter()
                         .map(|(invariant, reason)| json!({"invariant": invariant, "reason": reason}))
                         .collect::<Vec<_>>()}),
+        Event::Compensated {
+            document,
+            change,
+            violation,
+            reason,
+        } => json!({"type": "compensated", "document": document.to_string(),
+                    "change": change.to_hex(), "violation": violation, "reason": reason}),
         Event::PeerError {
             code,
             document,

@@ -98,7 +98,16 @@ class Emitter<M extends Record<string, unknown>> {
 }
 
 interface EngineEvent {
-  type: 'change' | 'confirmed' | 'rejected' | 'connected' | 'subscribed' | 'violations' | 'peerError';
+  type:
+    | 'change'
+    | 'confirmed'
+    | 'rejected'
+    | 'compensated'
+    | 'connected'
+    | 'subscribed'
+    | 'violations'
+    | 'peerError';
+  violation?: string;
   document?: string;
   origin?: 'local' | 'remote';
   change?: string;
@@ -121,6 +130,8 @@ type DocEvents<T> = {
   change: DocChangeEvent<T>;
   confirmed: { change: string; seq: number };
   rejected: { change: string; code: string; reason: string };
+  /** A resolution of the invariant layer voided or overrode one of this replica's changes. */
+  compensated: { change: string; violation: string; reason: string };
   violations: Violation[];
   /** The server accepted this document's subscription (on every (re)connect). */
   subscribed: { headSeq: number; readOnly: boolean };
@@ -248,6 +259,9 @@ export class DocHandle<T = any> extends Emitter<DocEvents<T>> {
         break;
       case 'rejected':
         this.emit('rejected', { change: e.change!, code: e.code!, reason: e.reason! });
+        break;
+      case 'compensated':
+        this.emit('compensated', { change: e.change!, violation: e.violation!, reason: e.reason! });
         break;
       case 'violations':
         this.emit('violations', e.violations!);

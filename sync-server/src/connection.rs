@@ -48,8 +48,9 @@ impl CloseReason {
         }
     }
 
-    /// Drop what is queued, send `message`, close.
-    fn now(message: Message) -> Self {
+    /// Drop what is queued, send `message`, close. (Also used by the foreign-protocol relays
+    /// of `compat` to close a slow member.)
+    pub(crate) fn now(message: Message) -> Self {
         Self {
             message: Some(message),
             flush: false,
@@ -65,7 +66,35 @@ pub(crate) struct Outbox {
     close: Arc<watch::Sender<Option<CloseReason>>>,
 }
 
+impl CloseReason {
+    /// The last message, if any (the foreign-protocol adapters of `compat` translate it).
+    pub(crate) fn message(&self) -> Option<&Message> {
+        self.message.as_ref()
+    }
+}
+
 impl Outbox {
+    /// An outbox whose messages are read by the caller instead of a native writer task: the
+    /// foreign-protocol adapters (`compat`) subscribe to documents with it and translate what
+    /// arrives. Returns the outbox, its queue and its close signal.
+    pub(crate) fn detached(
+        id: u64,
+        capacity: usize,
+    ) -> (
+        Self,
+        mpsc::Receiver<Message>,
+        watch::Receiver<Option<CloseReason>>,
+    ) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (close_tx, close_rx) = watch::channel(None);
+        let outbox = Outbox {
+            id,
+            tx,
+            close: Arc::new(close_tx),
+        };
+        (outbox, rx, close_rx)
+    }
+
     /// The connection's id.
     pub(crate) fn id(&self) -> u64 {
         self.id

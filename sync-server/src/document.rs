@@ -774,7 +774,15 @@ impl Actor {
         // A step 2 is a merge its sender does not track by id: it is never acknowledged as such.
         let single_update = matches!(payload, SyncPayload::YrsUpdate(_));
         let payload = if subscriber.read_only {
-            match refuse_writes(document, &mut state.doc, &subscriber.out, payload) {
+            let (payload, refused) =
+                refuse_writes(document, &mut state.doc, &subscriber.out, payload);
+            if refused && state.kind == DocKind::Automerge {
+                // Its writes were refused (each with `Forbidden`): from now on the read-only
+                // sync state stops asking the peer for them, which it would otherwise do again
+                // every round, forever.
+                subscriber.sync.set_read_only(true);
+            }
+            match payload {
                 Some(payload) => payload,
                 None => return,
             }
@@ -1058,7 +1066,7 @@ fn refuse_writes(
     doc: &mut Document,
     out: &Outbox,
     payload: SyncPayload,
-) -> Option<SyncPayload> {
+) -> (Option<SyncPayload>, bool) {
     let reject = |change: ChangeId| {
         let _ = out.send(Message::Reject {
             document,
@@ -1070,22 +1078,22 @@ fn refuse_writes(
     match payload {
         SyncPayload::YrsUpdate(bytes) => {
             reject(ChangeId::of_bytes(&bytes));
-            None
+            (None, true)
         }
         // A step 2 is a merge its sender does not track by id (its own changes travel as single
         // updates, each rejected above): ignored, not rejected.
-        SyncPayload::YrsStep2(_) => None,
-        SyncPayload::YrsStep1(_) => Some(payload),
+        SyncPayload::YrsStep2(_) => (None, false),
+        SyncPayload::YrsStep1(_) => (Some(payload), false),
         SyncPayload::Automerge(bytes) => {
             let Ok(mut message) = automerge::sync::Message::decode(&bytes) else {
                 // Let the sync state report the malformed message.
-                return Some(SyncPayload::Automerge(bytes));
+                return (Some(SyncPayload::Automerge(bytes)), false);
             };
             if message.changes.is_empty() {
-                return Some(SyncPayload::Automerge(bytes));
+                return (Some(SyncPayload::Automerge(bytes)), false);
             }
             let Document::Automerge(am) = doc else {
-                return None;
+                return (None, false);
             };
             // The chunks may be single changes or bundles: find what they would add on a fork.
             let mut fork = am.native().fork();
@@ -1099,7 +1107,7 @@ fn refuse_writes(
                 reject(ChangeId(change.hash().0));
             }
             message.changes = automerge::sync::ChunkList::empty();
-            Some(SyncPayload::Automerge(message.encode()))
+            (Some(SyncPayload::Automerge(message.encode())), true)
         }
     }
 }

@@ -8,6 +8,8 @@
 //! One file per concern, in the style of tokio's mini-redis:
 //! - [`run`] (here): the HTTP side (`/sync`, `/healthz`, `/metrics`) and graceful shutdown.
 //! - `rest`: the JSON REST API under `/v1` (documents, ops, the change feed, token minting).
+//! - `compat`, `yws`, `amrepo`: unmodified Yjs (`y-websocket`, at `/yjs/{room}`) and
+//!   automerge-repo (`/automerge`) clients, adapted onto the same document actors.
 //! - `connection`: one WebSocket: hello and auth, limits, the bounded outbound queue.
 //! - `document`: one task per loaded document, owning it, its head sequence number and one
 //!   sync state per subscriber; group commit; idle eviction.
@@ -28,19 +30,23 @@
 
 #![deny(missing_docs)]
 
+mod amrepo;
 pub mod auth;
+mod compat;
 mod connection;
 mod document;
 pub mod metrics;
 mod rest;
+mod static_files;
 pub mod store;
+mod yws;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -97,6 +103,9 @@ pub struct Config {
     /// An admin token for `POST /v1/tokens`, besides the one derived from the secret
     /// ([`auth::admin_token`]).
     pub admin_token: Option<auth::AdminToken>,
+    /// A directory of static files (the demo app) served at `/` for paths no route takes;
+    /// `None` (the default) serves nothing.
+    pub demo_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -120,6 +129,7 @@ impl Config {
             max_rest_body_bytes: 1 << 20,
             max_rest_in_flight: 256,
             admin_token: None,
+            demo_dir: None,
             schemas: Vec::new(),
             reconcile_interval: Duration::from_secs(5),
         }
@@ -163,6 +173,8 @@ pub(crate) struct Shared {
     pub(crate) pool: Arc<rest::StorePool>,
     /// Permits for REST requests in flight.
     pub(crate) rest_permits: Arc<Semaphore>,
+    /// Presence relays and the peer id of the foreign-protocol endpoints.
+    pub(crate) compat: compat::Compat,
 }
 
 /// Runs the server on `listener` until `shutdown` completes, then stops accepting, lets each
@@ -211,14 +223,21 @@ pub async fn run_with_metrics(
         alive: alive_tx,
         next_connection: std::sync::atomic::AtomicU64::new(1),
         pool: Arc::new(rest::StorePool::new(database_path)),
+        compat: compat::Compat::new(),
     });
     let grace = shared.config.shutdown_grace;
     let app = Router::new()
         .route("/sync", get(sync_handler))
+        // Foreign protocols on the same port (see `compat`): y-websocket clients use the server
+        // URL `ws://host:port/yjs` (the provider appends `/{room}`), automerge-repo clients
+        // `ws://host:port/automerge`; both take `?token=`.
+        .route("/yjs/{*room}", get(yws_handler))
+        .route("/automerge", get(amrepo_handler))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_handler))
         .merge(rest::router(&shared))
         .with_state(shared.clone());
+    let app = static_files::mount(app, shared.config.demo_dir.clone());
     tracing::info!(address = ?listener.local_addr().ok(), "accord-server listening");
     let mut stop = shared.shutdown.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -256,6 +275,54 @@ async fn sync_handler(
         .max_frame_size(frame_limit)
         .max_message_size(frame_limit)
         .on_upgrade(move |socket| connection::serve(socket, shared))
+}
+
+/// The query string of the foreign-protocol endpoints.
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Longest y-websocket room name accepted, in bytes.
+const MAX_ROOM_BYTES: usize = 1024;
+
+async fn yws_handler(
+    State(shared): State<Arc<Shared>>,
+    Path(room): Path<String>,
+    Query(query): Query<TokenQuery>,
+    upgrade: WebSocketUpgrade,
+) -> axum::response::Response {
+    if room.is_empty() || room.len() > MAX_ROOM_BYTES {
+        let text = format!("a room name is 1 to {MAX_ROOM_BYTES} bytes");
+        return (axum::http::StatusCode::BAD_REQUEST, text).into_response();
+    }
+    let limit = compat::socket_limit(&shared);
+    upgrade
+        .max_frame_size(limit)
+        .max_message_size(limit)
+        .on_upgrade(move |socket| {
+            compat::serve(socket, shared, query.token, move |relay| {
+                yws::Yws::new(&room, relay)
+            })
+        })
+        .into_response()
+}
+
+async fn amrepo_handler(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<TokenQuery>,
+    upgrade: WebSocketUpgrade,
+) -> impl IntoResponse {
+    let limit = compat::socket_limit(&shared);
+    let peer = shared.compat.server_peer.clone();
+    upgrade
+        .max_frame_size(limit)
+        .max_message_size(limit)
+        .on_upgrade(move |socket| {
+            compat::serve(socket, shared, query.token, move |relay| {
+                amrepo::AmRepo::new(peer, relay)
+            })
+        })
 }
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -89,6 +89,9 @@ struct Serve {
     /// Milliseconds between level-triggered re-checks of a document with invariants.
     #[arg(long, default_value_t = 5_000)]
     reconcile_interval_ms: u64,
+    /// A directory of static files served at `/` (the demo app: `demo-web/dist`).
+    #[arg(long, value_name = "DIR")]
+    demo_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -188,6 +191,10 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
         config.schemas.push(schema);
     }
     config.reconcile_interval = Duration::from_millis(args.reconcile_interval_ms.max(10));
+    if let Some(dir) = &args.demo_dir {
+        tracing::info!(dir = %dir.display(), "serving the demo at /");
+    }
+    config.demo_dir = args.demo_dir;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     accord_server::run(listener, config, shutdown_signal()).await?;
     Ok(())

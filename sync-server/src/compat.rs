@@ -1,0 +1,577 @@
+//! Foreign sync protocols on Accord's port: what the y-websocket (`yws`) and automerge-repo
+//! (`amrepo`) endpoints share.
+//!
+//! An adapter connection speaks the foreign wire format to its client and, on the other side,
+//! subscribes to document actors exactly as a native connection does: with an [`Outbox`] (made
+//! with [`Outbox::detached`]) whose messages it reads and translates instead of encoding them.
+//! Its changes therefore get commit numbers, are durable before they are relayed, and go through
+//! the invariant layer like any other; Accord clients of the same document see them.
+//!
+//! One task per connection ([`serve`]) selects over the socket, the document messages, the
+//! presence relay, pings, the idle timeout, the token's expiry and shutdown, and writes what a
+//! step produced before taking the next. Every queue is bounded: the document outbox and the
+//! relay queue hold `outbound_queue` items, and a connection that lets either fill is closed
+//! with `Overloaded` (documents and rooms never wait for it).
+//!
+//! Presence (y-websocket awareness, automerge-repo ephemeral messages) never reaches the document
+//! actors: it is relayed between the foreign connections of a document through a [`Hub`].
+//!
+//! Errors: a frame that does not decode, is too large or breaks the protocol closes that
+//! connection only, after a protocol-specific error message (y-websocket: an auth "permission
+//! denied" message for refusals; automerge-repo: `{type: "error"}`), with the WebSocket close
+//! code `4000 + n`, `n` being Accord's [`ErrorCode::code`], and the reason as close text.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use accord_engine::protocol::{ErrorCode, Message};
+use accord_engine::{DocumentId, ReplicaId};
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout, Instant};
+
+use crate::auth::{unix_now, Grant};
+use crate::connection::{CloseReason, Outbox};
+use crate::Shared;
+
+/// How long the last messages and the close frame may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the foreign endpoints share across connections.
+pub(crate) struct Compat {
+    /// The automerge-repo peer id of this server process.
+    pub(crate) server_peer: String,
+    /// y-websocket awareness by room.
+    pub(crate) awareness: crate::yws::AwarenessHub,
+    /// automerge-repo ephemeral messages by document.
+    pub(crate) ephemeral: crate::amrepo::EphemeralHub,
+}
+
+impl Compat {
+    pub(crate) fn new() -> Self {
+        let mut nonce = [0u8; 8];
+        let _ = getrandom::fill(&mut nonce);
+        let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            server_peer: format!("accord-server-{hex}"),
+            awareness: Hub::default(),
+            ephemeral: Hub::default(),
+        }
+    }
+}
+
+/// Why an adapter connection stops: quietly (the client left) or with an error.
+#[derive(Clone, Debug)]
+pub(crate) struct Stop {
+    pub(crate) code: Option<ErrorCode>,
+    pub(crate) reason: String,
+}
+
+impl Stop {
+    /// The client left, or the socket failed: no error to report.
+    pub(crate) fn quiet() -> Self {
+        Self {
+            code: None,
+            reason: String::new(),
+        }
+    }
+
+    /// Closes with `code` and a reason the client can read.
+    pub(crate) fn error(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code: Some(code),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The state of one adapter connection that the protocols use.
+pub(crate) struct Conn {
+    pub(crate) id: u64,
+    pub(crate) shared: Arc<Shared>,
+    /// What documents send to; read back by [`serve`].
+    pub(crate) outbox: Outbox,
+    pub(crate) grant: Grant,
+    /// Frames to write after this step.
+    out: Vec<WsMessage>,
+}
+
+impl Conn {
+    /// Queues a binary frame to the client.
+    pub(crate) fn send(&mut self, frame: Vec<u8>) {
+        self.out.push(WsMessage::Binary(frame.into()));
+    }
+
+    /// Writes what is queued; false when the socket failed or stalled past the idle timeout.
+    async fn flush(&mut self, sink: &mut Sink) -> bool {
+        let stall = self.shared.config.idle_timeout;
+        for frame in self.out.drain(..) {
+            let len = match &frame {
+                WsMessage::Binary(b) => b.len() as u64,
+                _ => 0,
+            };
+            match timeout(stall, sink.send(frame)).await {
+                Ok(Ok(())) => {
+                    self.shared
+                        .metrics
+                        .bytes_out
+                        .fetch_add(len, Ordering::Relaxed);
+                }
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// One foreign protocol.
+pub(crate) trait Protocol: Send + 'static {
+    /// What its presence relay delivers to a member connection.
+    type Relayed: Send + 'static;
+
+    /// Runs once the connection is authenticated (e.g. y-websocket subscribes to its room).
+    fn start(&mut self, conn: &mut Conn) -> impl Future<Output = Result<(), Stop>> + Send;
+
+    /// A binary frame from the client (at most `max_message_bytes`).
+    fn frame(
+        &mut self,
+        conn: &mut Conn,
+        bytes: Bytes,
+    ) -> impl Future<Output = Result<(), Stop>> + Send;
+
+    /// A message a document actor sent to this connection.
+    fn document(&mut self, conn: &mut Conn, message: Message) -> Result<(), Stop>;
+
+    /// Something the presence relay delivered.
+    fn relayed(&mut self, conn: &mut Conn, item: Self::Relayed) -> Result<(), Stop>;
+
+    /// The frames telling the client why it is closed (sent before the close frame).
+    fn farewell(&mut self, stop: &Stop) -> Vec<Vec<u8>>;
+
+    /// Unsubscribes from documents and leaves rooms.
+    fn finish(&mut self, conn: &mut Conn) -> impl Future<Output = ()> + Send;
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocket, WsMessage>;
+
+/// Decrements the connection gauge when dropped.
+struct Counted(Arc<crate::metrics::Metrics>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The largest WebSocket message the adapter endpoints let through to their own check: foreign
+/// protocols have no chunking, so a whole message may be up to `max_message_bytes` (the limit
+/// the native endpoint applies after joining chunks); a little more reaches [`serve`], which
+/// answers with a clear `MessageTooLarge` instead of a bare socket error.
+pub(crate) fn socket_limit(shared: &Shared) -> usize {
+    shared.config.max_message_bytes.saturating_add(64 << 10)
+}
+
+/// Serves one upgraded WebSocket of a foreign protocol until it closes. `make` builds the
+/// protocol state from the sending half of the connection's relay queue.
+pub(crate) async fn serve<P: Protocol>(
+    socket: WebSocket,
+    shared: Arc<Shared>,
+    token: Option<String>,
+    make: impl FnOnce(mpsc::Sender<P::Relayed>) -> P,
+) {
+    let _alive = shared.alive.clone();
+    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    let (mut sink, mut stream) = socket.split();
+    let queue = shared.config.outbound_queue.max(1);
+    let (relay_tx, mut relay_rx) = mpsc::channel(queue);
+    let mut protocol = make(relay_tx);
+    let Ok(_permit) = shared.connections.clone().try_acquire_owned() else {
+        tracing::warn!(connection = id, "connection limit reached");
+        let stop = Stop::error(
+            ErrorCode::Overloaded,
+            "the server is at its connection limit",
+        );
+        refuse(&shared, &mut sink, protocol.farewell(&stop), &stop).await;
+        return;
+    };
+    shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    let _counted = Counted(shared.metrics.clone());
+    let now = unix_now();
+    let grant = match Grant::check(&shared.config.auth, token.as_deref(), now) {
+        Ok(grant) => grant,
+        Err(error) => {
+            let stop = Stop::error(error.code(), error.to_string());
+            refuse(&shared, &mut sink, protocol.farewell(&stop), &stop).await;
+            return;
+        }
+    };
+    let expires = grant
+        .expires_at()
+        .map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(now)));
+    let (outbox, mut from_documents, mut closed) = Outbox::detached(id, queue);
+    let mut conn = Conn {
+        id,
+        shared: shared.clone(),
+        outbox,
+        grant,
+        out: Vec::new(),
+    };
+    let mut shutdown = shared.shutdown.clone();
+    let idle = shared.config.idle_timeout;
+    let limit = shared.config.max_message_bytes;
+    let ping_every = (idle / 3).max(Duration::from_millis(10));
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let mut heard = Instant::now();
+    let stop = match protocol.start(&mut conn).await {
+        Err(stop) => stop,
+        Ok(()) => loop {
+            if !conn.flush(&mut sink).await {
+                break Stop::quiet();
+            }
+            tokio::select! {
+                biased;
+                // (The guard `wait_for` returns is dropped inside: it must not live across awaits.)
+                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                    break Stop::error(ErrorCode::ShuttingDown, "the server is shutting down");
+                }
+                _ = closed.changed() => {
+                    // A document or a room closed us (a full queue, a failed commit).
+                    let reason = closed.borrow_and_update().clone();
+                    break match reason.as_ref().and_then(CloseReason::message) {
+                        Some(Message::Error { code, message, .. }) => Stop::error(*code, message.clone()),
+                        Some(_) => Stop::quiet(),
+                        None => {
+                            // "Send what is queued, then close" (a failed commit queues its
+                            // error first): translate what is queued; an error in it is the stop.
+                            let mut stop = Stop::quiet();
+                            while let Ok(message) = from_documents.try_recv() {
+                                if let Err(error) = protocol.document(&mut conn, message) {
+                                    stop = error;
+                                    break;
+                                }
+                            }
+                            stop
+                        }
+                    };
+                }
+                _ = sleep_until(expires.unwrap_or(far)), if expires.is_some() => {
+                    break Stop::error(ErrorCode::TokenExpired, "the token expired");
+                }
+                _ = sleep_until(heard + idle) => {
+                    tracing::debug!(connection = id, "idle timeout");
+                    break Stop::quiet();
+                }
+                _ = ping.tick() => conn.out.push(WsMessage::Ping(Bytes::new())),
+                message = from_documents.recv() => {
+                    let Some(message) = message else { break Stop::quiet() };
+                    if let Err(stop) = protocol.document(&mut conn, message) {
+                        break stop;
+                    }
+                }
+                item = relay_rx.recv() => {
+                    let Some(item) = item else { continue };
+                    if let Err(stop) = protocol.relayed(&mut conn, item) {
+                        break stop;
+                    }
+                }
+                next = stream.next() => {
+                    heard = Instant::now();
+                    match next {
+                        None => break Stop::quiet(),
+                        Some(Err(error)) => {
+                            tracing::debug!(connection = id, %error, "socket error");
+                            break socket_error(&error.to_string());
+                        }
+                        Some(Ok(WsMessage::Binary(bytes))) => {
+                            shared.metrics.bytes_in.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                            if bytes.len() > limit {
+                                break Stop::error(
+                                    ErrorCode::MessageTooLarge,
+                                    format!("a message of {} bytes is over the limit of {limit}", bytes.len()),
+                                );
+                            }
+                            if let Err(stop) = protocol.frame(&mut conn, bytes).await {
+                                break stop;
+                            }
+                        }
+                        Some(Ok(WsMessage::Text(_))) => {
+                            break Stop::error(ErrorCode::MalformedFrame, "text frames are not part of the protocol");
+                        }
+                        Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                        Some(Ok(WsMessage::Close(_))) => break Stop::quiet(),
+                    }
+                }
+            }
+        },
+    };
+    if let Some(code) = stop.code {
+        tracing::debug!(connection = id, ?code, reason = %stop.reason, "closing");
+    }
+    protocol.finish(&mut conn).await;
+    let mut last = std::mem::take(&mut conn.out);
+    if stop.code.is_some() {
+        // An error: what was queued no longer matters; the error does.
+        last.retain(|m| !matches!(m, WsMessage::Ping(_)));
+    }
+    for frame in protocol.farewell(&stop) {
+        last.push(WsMessage::Binary(frame.into()));
+    }
+    close(&shared, &mut sink, last, &stop).await;
+}
+
+/// What a socket error means: a message over tungstenite's limit is `MessageTooLarge`; a reset
+/// or an I/O error is the client going away; anything else is a bad frame.
+fn socket_error(text: &str) -> Stop {
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("too long") || lower.contains("space limit") {
+        Stop::error(
+            ErrorCode::MessageTooLarge,
+            format!("message too large: {text}"),
+        )
+    } else if lower.contains("reset")
+        || lower.contains("closing handshake")
+        || lower.contains("i/o")
+        || lower.contains("io error")
+        || lower.contains("connection closed")
+        || lower.contains("broken pipe")
+    {
+        Stop::quiet()
+    } else {
+        Stop::error(
+            ErrorCode::MalformedFrame,
+            format!("bad WebSocket frame: {text}"),
+        )
+    }
+}
+
+/// Refuses a connection before it starts.
+async fn refuse(shared: &Shared, sink: &mut Sink, frames: Vec<Vec<u8>>, stop: &Stop) {
+    let frames = frames
+        .into_iter()
+        .map(|f| WsMessage::Binary(f.into()))
+        .collect();
+    close(shared, sink, frames, stop).await;
+}
+
+/// Sends the last frames and a close frame carrying the error, within [`CLOSE_TIMEOUT`].
+async fn close(shared: &Shared, sink: &mut Sink, frames: Vec<WsMessage>, stop: &Stop) {
+    if let Some(code) = stop.code {
+        shared.metrics.count_error(code);
+    }
+    let frame = match stop.code {
+        Some(code) => CloseFrame {
+            code: 4000 + code.code().min(999),
+            reason: truncate(&stop.reason, 120).into(),
+        },
+        None => CloseFrame {
+            code: 1000,
+            reason: "".into(),
+        },
+    };
+    let _ = timeout(CLOSE_TIMEOUT, async {
+        for message in frames {
+            if sink.send(message).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.send(WsMessage::Close(Some(frame))).await;
+        let _ = sink.close().await;
+    })
+    .await;
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary (close reasons are limited).
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// A replica id derived from a label (the author recorded in the commit log for changes that
+/// come through an adapter). Never the all-zero id of the server.
+pub(crate) fn derived_replica(label: &str) -> ReplicaId {
+    let digest = Sha256::digest(label.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[0] |= 0x80;
+    ReplicaId::from_bytes(bytes)
+}
+
+/// A fresh random replica id (a y-websocket connection has no stable identity of its own).
+pub(crate) fn random_replica() -> ReplicaId {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No randomness: fall back to something unique in this process.
+        return derived_replica(&format!("{:?}", std::time::SystemTime::now()));
+    }
+    bytes[0] |= 0x80;
+    ReplicaId::from_bytes(bytes)
+}
+
+/// The namespace of y-websocket room names (a fixed, random UUID).
+const ROOM_NAMESPACE: [u8; 16] = [
+    0x6b, 0x1f, 0x3c, 0x2a, 0x9e, 0x47, 0x4d, 0x85, 0xa3, 0x0c, 0x51, 0x7e, 0x28, 0xd6, 0x94, 0x13,
+];
+
+/// The document of a y-websocket room: a room named by a UUID (any form `uuid` parses, e.g.
+/// `0b4a…-…`) is that document; any other name is the name-based UUIDv8 of RFC 9562 (appendix
+/// B.2): SHA-256 over the namespace `6b1f3c2a-9e47-4d85-a30c-517e28d69413` and the UTF-8 name,
+/// the first 16 bytes with version 8 and the RFC variant set. Stable forever: it names stored
+/// documents.
+pub(crate) fn room_document(room: &str) -> DocumentId {
+    if let Ok(id) = room.parse::<DocumentId>() {
+        return id;
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(ROOM_NAMESPACE);
+    hasher.update(room.as_bytes());
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    DocumentId::from_bytes(bytes)
+}
+
+/// A relay of presence between the foreign connections of each document: members with a bounded
+/// queue each, and per-room state `S`. The lock is held only to update a room and `try_send`
+/// to its members; a member whose queue is full is closed with `Overloaded`.
+pub(crate) struct Hub<T, S> {
+    rooms: Mutex<HashMap<DocumentId, Room<T, S>>>,
+}
+
+/// One document's members and state.
+pub(crate) struct Room<T, S> {
+    members: BTreeMap<u64, Member<T>>,
+    pub(crate) state: S,
+}
+
+struct Member<T> {
+    tx: mpsc::Sender<T>,
+    outbox: Outbox,
+}
+
+impl<T, S: Default> Default for Hub<T, S> {
+    fn default() -> Self {
+        Self {
+            rooms: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone, S: Default> Hub<T, S> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<DocumentId, Room<T, S>>> {
+        self.rooms
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds a member (its connection id, relay queue and outbox for closing it) and runs `f` on
+    /// the room.
+    pub(crate) fn join<R>(
+        &self,
+        room: DocumentId,
+        member: u64,
+        tx: mpsc::Sender<T>,
+        outbox: Outbox,
+        f: impl FnOnce(&mut Room<T, S>) -> R,
+    ) -> R {
+        let mut rooms = self.lock();
+        let room = rooms.entry(room).or_insert_with(|| Room {
+            members: BTreeMap::new(),
+            state: S::default(),
+        });
+        room.members.insert(member, Member { tx, outbox });
+        f(room)
+    }
+
+    /// Runs `f` on the room, if it has members.
+    pub(crate) fn with<R>(
+        &self,
+        room: DocumentId,
+        f: impl FnOnce(&mut Room<T, S>) -> R,
+    ) -> Option<R> {
+        self.lock().get_mut(&room).map(f)
+    }
+
+    /// Removes a member, runs `f` on what is left, and drops the room when it is empty.
+    pub(crate) fn leave(&self, room: DocumentId, member: u64, f: impl FnOnce(&mut Room<T, S>)) {
+        let mut rooms = self.lock();
+        let Some(entry) = rooms.get_mut(&room) else {
+            return;
+        };
+        entry.members.remove(&member);
+        f(entry);
+        if entry.members.is_empty() {
+            rooms.remove(&room);
+        }
+    }
+
+    /// Rooms with members (for tests and metrics).
+    #[allow(dead_code)]
+    pub(crate) fn rooms(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl<T: Clone, S> Room<T, S> {
+    /// Sends `item` to every member but `except`, without waiting.
+    pub(crate) fn broadcast(&self, except: u64, item: &T) {
+        for (id, member) in &self.members {
+            if *id == except {
+                continue;
+            }
+            if let Err(mpsc::error::TrySendError::Full(_)) = member.tx.try_send(item.clone()) {
+                member.outbox.close_with(CloseReason::now(Message::Error {
+                    code: ErrorCode::Overloaded,
+                    document: None,
+                    message: "the connection did not keep up with presence updates".into(),
+                }));
+            }
+        }
+    }
+
+    /// How many members the room has.
+    #[allow(dead_code)]
+    pub(crate) fn len(&self) -> usize {
+        self.members.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_names_map_stably() {
+        let uuid = "0b4a1e4c-7d2e-4f61-9a8b-1c2d3e4f5a6b";
+        assert_eq!(room_document(uuid).to_string(), uuid);
+        let a = room_document("my-room");
+        assert_eq!(a, room_document("my-room"));
+        assert_ne!(a, room_document("my-room2"));
+        let text = a.to_string();
+        assert_eq!(&text[14..15], "8", "version 8: {text}");
+        assert!(matches!(&text[19..20], "8" | "9" | "a" | "b"), "{text}");
+        // Pinned (stored documents are named by this mapping; tests/node/helpers.js
+        // computes the same in JavaScript).
+        assert_eq!(text, "ddc3a3b1-1645-8205-9a30-226baafa1263");
+    }
+
+    #[test]
+    fn truncates_at_char_boundary() {
+        assert_eq!(truncate("ééé", 3), "é");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,761 @@
+//! The foreign-protocol endpoints end to end over real sockets: a y-websocket client (yrs
+//! speaking the y-protocols wire format) next to an Accord `Replica`, raw automerge-repo CBOR
+//! frames, tokens in the query string, and bad input on both endpoints.
+//! (The real npm clients are exercised by `tests/node/run.sh`.)
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use accord_engine::storage::MemoryStorage;
+use accord_engine::{DocKind, DocumentId, Op, Path};
+use accord_server::auth::{mint, unix_now, Claims, Rights, Scope};
+use ciborium::Value;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use yrs::sync::{Message as YMessage, SyncMessage};
+use yrs::types::ToJson;
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{Map, ReadTxn, Transact};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn connect(url: String) -> Ws {
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+/// What a raw socket received before it closed (or `within` passed).
+struct Received {
+    frames: Vec<Vec<u8>>,
+    close: Option<(u16, String)>,
+    closed: bool,
+}
+
+async fn read_until_closed(ws: &mut Ws, within: Duration) -> Received {
+    let deadline = Instant::now() + within;
+    let mut received = Received {
+        frames: Vec::new(),
+        close: None,
+        closed: false,
+    };
+    while let Ok(next) = timeout(deadline - Instant::now(), ws.next()).await {
+        match next {
+            Some(Ok(WsMessage::Binary(bytes))) => received.frames.push(bytes.to_vec()),
+            Some(Ok(WsMessage::Close(frame))) => {
+                received.close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                received.closed = true;
+                return received;
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => {
+                received.closed = true;
+                return received;
+            }
+        }
+    }
+    received
+}
+
+/// A y-websocket client: a yrs document synced over `/yjs/{room}` with y-protocols frames.
+struct YClient {
+    ws: Ws,
+    doc: yrs::Doc,
+    denied: Vec<String>,
+    closed: bool,
+}
+
+impl YClient {
+    async fn connect(addr: SocketAddr, room: &str, token: Option<&str>) -> Self {
+        let query = token.map(|t| format!("?token={t}")).unwrap_or_default();
+        let mut ws = connect(format!("ws://{addr}/yjs/{room}{query}")).await;
+        let doc = yrs::Doc::new();
+        let sv = doc.transact().state_vector();
+        let step1 = YMessage::Sync(SyncMessage::SyncStep1(sv)).encode_v1();
+        ws.send(WsMessage::Binary(step1.into())).await.unwrap();
+        YClient {
+            ws,
+            doc,
+            denied: Vec::new(),
+            closed: false,
+        }
+    }
+
+    async fn set(&mut self, key: &str, value: i64) {
+        let map = self.doc.get_or_insert_map("root");
+        let update = {
+            let mut txn = self.doc.transact_mut();
+            map.insert(&mut txn, key, value);
+            txn.encode_update_v1()
+        };
+        let frame = YMessage::Sync(SyncMessage::Update(update)).encode_v1();
+        let _ = self.ws.send(WsMessage::Binary(frame.into())).await;
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let map = self.doc.get_or_insert_map("root");
+        let txn = self.doc.transact();
+        serde_json::to_value(map.to_json(&txn)).unwrap()
+    }
+
+    async fn handle(&mut self, frame: &[u8]) {
+        match YMessage::decode_v1(frame).unwrap() {
+            YMessage::Sync(SyncMessage::SyncStep1(sv)) => {
+                let update = self.doc.transact().encode_state_as_update_v1(&sv);
+                let reply = YMessage::Sync(SyncMessage::SyncStep2(update)).encode_v1();
+                let _ = self.ws.send(WsMessage::Binary(reply.into())).await;
+            }
+            YMessage::Sync(SyncMessage::SyncStep2(update) | SyncMessage::Update(update)) => {
+                let update = yrs::Update::decode_v1(&update).unwrap();
+                self.doc.transact_mut().apply_update(update).unwrap();
+            }
+            YMessage::Auth(Some(reason)) => self.denied.push(reason),
+            _ => {}
+        }
+    }
+
+    async fn pump_until(&mut self, within: Duration, done: impl Fn(&Self) -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        while !done(self) && !self.closed {
+            let Ok(next) = timeout(deadline - Instant::now(), self.ws.next()).await else {
+                return done(self);
+            };
+            match next {
+                Some(Ok(WsMessage::Binary(bytes))) => self.handle(&bytes).await,
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => self.closed = true,
+                Some(Ok(_)) => {}
+            }
+        }
+        done(self)
+    }
+}
+
+#[tokio::test]
+async fn accord_and_yjs_clients_edit_the_same_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), false)).await;
+    let document = DocumentId::from_bytes([0x42; 16]);
+    let room = document.to_string();
+
+    let mut yjs = YClient::connect(server.addr, &room, None).await;
+    yjs.set("fromYjs", 1).await;
+    let mut accord = Client::new(MemoryStorage::new(), 1, replica_config(1 << 20));
+    accord.replica.create(document, DocKind::Yrs).unwrap();
+    accord.connect(server.addr, None).await;
+    accord.subscribe(document).await;
+    assert!(
+        accord
+            .pump_until(WAIT, |c| c.replica.json(document).unwrap()["root"]
+                ["fromYjs"]
+                == 1)
+            .await,
+        "the Accord client sees the Yjs edit: {}",
+        accord.replica.json(document).unwrap()
+    );
+    accord
+        .replica
+        .change(
+            document,
+            &[Op::Put {
+                path: Path::keys(["root", "fromAccord"]),
+                value: json!(2),
+            }],
+        )
+        .unwrap();
+    accord.flush().await;
+    assert!(
+        yjs.pump_until(WAIT, |y| y.json()["fromAccord"] == 2).await,
+        "the Yjs client sees the Accord edit: {}",
+        yjs.json()
+    );
+    // The Accord client's change is acknowledged (committed) like any other.
+    assert!(accord.pump_until(WAIT, |c| c.outbox_len() == 0).await);
+    // Concurrent edits from both converge.
+    yjs.set("both", 3).await;
+    accord
+        .replica
+        .change(
+            document,
+            &[Op::Put {
+                path: Path::keys(["root", "both2"]),
+                value: json!(4),
+            }],
+        )
+        .unwrap();
+    assert!(
+        accord
+            .pump_until(WAIT, |c| c.replica.json(document).unwrap()["root"]["both"]
+                == 3)
+            .await
+    );
+    assert!(yjs.pump_until(WAIT, |y| y.json()["both2"] == 4).await);
+    assert_eq!(
+        accord.replica.json(document).unwrap()["root"],
+        yjs.json(),
+        "both sides hold the same state"
+    );
+    assert!(server.committed() >= 4, "{} commits", server.committed());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn yjs_bad_input_closes_only_that_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), false);
+    cfg.max_message_bytes = 64 << 10;
+    let server = Server::start(cfg).await;
+    let mut good = YClient::connect(server.addr, "shared-room", None).await;
+    good.set("a", 1).await;
+    let cases: Vec<(WsMessage, u16, &str)> = vec![
+        (
+            WsMessage::Binary(vec![0, 9, 0].into()),
+            4001,
+            "sync message type",
+        ),
+        (
+            WsMessage::Binary(vec![7, 0].into()),
+            4001,
+            "unknown y-websocket message type",
+        ),
+        (
+            WsMessage::Binary(vec![0, 0, 50, 1].into()),
+            4001,
+            "past the end",
+        ),
+        (
+            WsMessage::Binary(vec![0xff; 12].into()),
+            4001,
+            "over 64 bits",
+        ),
+        // An update that is not a Yrs update: the document refuses it.
+        (
+            WsMessage::Binary(vec![0, 2, 3, 0xff, 0xff, 0xff].into()),
+            4012,
+            "",
+        ),
+        // Awareness whose state is not JSON.
+        (
+            WsMessage::Binary(vec![1, 5, 1, 1, 1, 1, b'{'].into()),
+            4001,
+            "not JSON",
+        ),
+        (WsMessage::Text("hello".into()), 4001, "text frames"),
+        (
+            WsMessage::Binary(vec![0; 70 << 10].into()),
+            4002,
+            "over the limit",
+        ),
+    ];
+    for (frame, code, reason) in cases {
+        let mut bad = connect(format!("ws://{}/yjs/shared-room", server.addr)).await;
+        bad.send(frame).await.unwrap();
+        let received = read_until_closed(&mut bad, WAIT).await;
+        assert!(received.closed, "closed after {code}");
+        let (got, text) = received.close.expect("a close frame with a reason");
+        assert_eq!(got, code, "{text}");
+        assert!(text.contains(reason), "{text:?} should say {reason:?}");
+    }
+    // The good connection is untouched and still syncs.
+    good.set("b", 2).await;
+    let mut other = YClient::connect(server.addr, "shared-room", None).await;
+    assert!(
+        other
+            .pump_until(WAIT, |y| y.json() == json!({"a": 1, "b": 2}))
+            .await,
+        "{}",
+        other.json()
+    );
+    assert!(!good.closed);
+    good.set("c", 3).await;
+    assert!(other.pump_until(WAIT, |y| y.json()["c"] == 3).await);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn yjs_tokens_travel_in_the_query_string() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), true)).await;
+    let document = DocumentId::from_bytes([0x17; 16]);
+    let room = document.to_string();
+    let token = |rights| {
+        mint(
+            SECRET,
+            &Claims {
+                scope: Scope::Document(document),
+                rights,
+                exp: unix_now() + 600,
+            },
+        )
+    };
+    // No token: permission denied, then closed with 4004 (Unauthorized).
+    let mut anonymous = connect(format!("ws://{}/yjs/{room}", server.addr)).await;
+    let received = read_until_closed(&mut anonymous, WAIT).await;
+    assert_eq!(received.close.as_ref().map(|c| c.0), Some(4004));
+    assert!(matches!(
+        YMessage::decode_v1(&received.frames[0]).unwrap(),
+        YMessage::Auth(Some(_))
+    ));
+    // A token for another document: 4006 (Forbidden).
+    let mut elsewhere = connect(format!(
+        "ws://{}/yjs/other-room?token={}",
+        server.addr,
+        token(Rights::Write)
+    ))
+    .await;
+    let received = read_until_closed(&mut elsewhere, WAIT).await;
+    assert_eq!(received.close.map(|c| c.0), Some(4006));
+    // A read-only token on a room that does not exist yet: refused (it cannot create it).
+    let mut early = connect(format!(
+        "ws://{}/yjs/{room}?token={}",
+        server.addr,
+        token(Rights::Read)
+    ))
+    .await;
+    let received = read_until_closed(&mut early, WAIT).await;
+    assert_eq!(received.close.map(|c| c.0), Some(4007));
+    // A write token creates and writes.
+    let write = token(Rights::Write);
+    let mut writer = YClient::connect(server.addr, &room, Some(&write)).await;
+    writer.set("w", 1).await;
+    let read = token(Rights::Read);
+    let mut reader = YClient::connect(server.addr, &room, Some(&read)).await;
+    assert!(reader.pump_until(WAIT, |y| y.json()["w"] == 1).await);
+    // The reader's writes are refused (once told) and never reach anyone.
+    reader.set("r", 2).await;
+    assert!(reader.pump_until(WAIT, |y| !y.denied.is_empty()).await);
+    writer.set("w2", 3).await;
+    assert!(writer.pump_until(WAIT, |y| y.json()["w2"] == 3).await);
+    let mut late = YClient::connect(server.addr, &room, Some(&write)).await;
+    assert!(late.pump_until(WAIT, |y| y.json()["w2"] == 3).await);
+    assert_eq!(late.json(), json!({"w": 1, "w2": 3}));
+    assert!(!reader.closed, "a refused write does not close the reader");
+    server.stop().await;
+}
+
+fn cbor(fields: Vec<(&str, Value)>) -> Vec<u8> {
+    let map = Value::Map(
+        fields
+            .into_iter()
+            .map(|(k, v)| (Value::Text(k.into()), v))
+            .collect(),
+    );
+    let mut out = Vec::new();
+    ciborium::into_writer(&map, &mut out).unwrap();
+    out
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+fn field<'a>(message: &'a Value, key: &str) -> Option<&'a Value> {
+    message
+        .as_map()?
+        .iter()
+        .find(|(k, _)| k.as_text() == Some(key))
+        .map(|(_, v)| v)
+}
+
+fn kind(message: &Value) -> &str {
+    field(message, "type")
+        .and_then(Value::as_text)
+        .unwrap_or("")
+}
+
+fn join(peer: &str, version: &str) -> WsMessage {
+    WsMessage::Binary(
+        cbor(vec![
+            ("type", text("join")),
+            ("senderId", text(peer)),
+            ("peerMetadata", Value::Map(vec![])),
+            (
+                "supportedProtocolVersions",
+                Value::Array(vec![text(version)]),
+            ),
+        ])
+        .into(),
+    )
+}
+
+async fn next_cbor(ws: &mut Ws) -> Value {
+    loop {
+        match timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap() {
+            WsMessage::Binary(bytes) => return ciborium::from_reader(&bytes[..]).unwrap(),
+            WsMessage::Close(frame) => panic!("closed: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+fn am_id(document: DocumentId) -> String {
+    bs58::encode(document.as_bytes()).with_check().into_string()
+}
+
+#[tokio::test]
+async fn automerge_repo_protocol_and_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), false)).await;
+    let url = format!("ws://{}/automerge", server.addr);
+
+    // Handshake.
+    let mut good = connect(url.clone()).await;
+    good.send(join("good-peer", "1")).await.unwrap();
+    let peer = next_cbor(&mut good).await;
+    assert_eq!(kind(&peer), "peer");
+    assert_eq!(
+        field(&peer, "selectedProtocolVersion").and_then(Value::as_text),
+        Some("1")
+    );
+    assert_eq!(
+        field(&peer, "targetId").and_then(Value::as_text),
+        Some("good-peer")
+    );
+
+    // A request for a document nobody has: doc-unavailable, and it is not created.
+    let missing = DocumentId::from_bytes([0x55; 16]);
+    let hello = empty_sync_message();
+    let request = |document: DocumentId, kind: &str, data: Vec<u8>| {
+        WsMessage::Binary(
+            cbor(vec![
+                ("type", text(kind)),
+                ("senderId", text("good-peer")),
+                ("targetId", field(&peer, "senderId").unwrap().clone()),
+                ("documentId", text(&am_id(document))),
+                ("data", Value::Bytes(data)),
+            ])
+            .into(),
+        )
+    };
+    good.send(request(missing, "request", hello.clone()))
+        .await
+        .unwrap();
+    let answer = next_cbor(&mut good).await;
+    assert_eq!(kind(&answer), "doc-unavailable");
+    assert_eq!(
+        field(&answer, "documentId").and_then(Value::as_text),
+        Some(am_id(missing).as_str())
+    );
+    // A sync for a new document creates it (the token allows writing) and is answered.
+    let created = DocumentId::from_bytes([0x56; 16]);
+    good.send(request(created, "sync", hello)).await.unwrap();
+    let answer = next_cbor(&mut good).await;
+    assert_eq!(kind(&answer), "sync", "{answer:?}");
+
+    // Bad input: an error message and a close, for that connection only.
+    let cases: Vec<(Vec<WsMessage>, u16, &str)> = vec![
+        (
+            vec![WsMessage::Binary(vec![0xff, 0x00, 0x13].into())],
+            4001,
+            "not an automerge-repo message",
+        ),
+        (
+            vec![WsMessage::Binary(cbor(vec![("no", text("type"))]).into())],
+            4001,
+            "not an automerge-repo message",
+        ),
+        (
+            vec![request(created, "sync", vec![1, 2, 3])],
+            4010,
+            "first message must be join",
+        ),
+        (vec![join("p2", "2")], 4003, "unsupported protocol version"),
+        (
+            vec![
+                join("p3", "1"),
+                WsMessage::Binary(
+                    cbor(vec![
+                        ("type", text("sync")),
+                        ("senderId", text("p3")),
+                        ("documentId", text("not-bs58check")),
+                        ("data", Value::Bytes(vec![1])),
+                    ])
+                    .into(),
+                ),
+            ],
+            4001,
+            "bs58check",
+        ),
+        (
+            vec![
+                join("p4", "1"),
+                request(created, "sync", vec![0x42, 1, 2, 3]),
+            ],
+            4012,
+            "",
+        ),
+        (vec![WsMessage::Text("{}".into())], 4001, "text frames"),
+    ];
+    for (frames, code, reason) in cases {
+        let mut bad = connect(url.clone()).await;
+        for frame in frames {
+            bad.send(frame).await.unwrap();
+        }
+        let received = read_until_closed(&mut bad, WAIT).await;
+        assert!(received.closed);
+        let (got, text_reason) = received.close.expect("a close frame");
+        assert_eq!(got, code, "{text_reason}");
+        assert!(
+            text_reason.contains(reason),
+            "{text_reason:?} should say {reason:?}"
+        );
+        let last: Value =
+            ciborium::from_reader(&received.frames.last().expect("an error message")[..]).unwrap();
+        assert_eq!(kind(&last), "error");
+        if code == 4003 {
+            assert_eq!(
+                field(&last, "message").and_then(Value::as_text),
+                Some("unsupported protocol version")
+            );
+        }
+    }
+
+    // The good connection still works: ephemeral messages are relayed between peers of the
+    // document, once.
+    let mut other = connect(url.clone()).await;
+    other.send(join("other-peer", "1")).await.unwrap();
+    assert_eq!(kind(&next_cbor(&mut other).await), "peer");
+    let hello = empty_sync_message();
+    other
+        .send(WsMessage::Binary(
+            cbor(vec![
+                ("type", text("request")),
+                ("senderId", text("other-peer")),
+                ("documentId", text(&am_id(created))),
+                ("data", Value::Bytes(hello)),
+            ])
+            .into(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(kind(&next_cbor(&mut other).await), "sync");
+    let ephemeral = |count: u64| {
+        WsMessage::Binary(
+            cbor(vec![
+                ("type", text("ephemeral")),
+                ("senderId", text("good-peer")),
+                ("sessionId", text("s1")),
+                ("count", Value::Integer(count.into())),
+                ("documentId", text(&am_id(created))),
+                ("data", Value::Bytes(vec![0xa0])),
+            ])
+            .into(),
+        )
+    };
+    good.send(ephemeral(1)).await.unwrap();
+    good.send(ephemeral(1)).await.unwrap(); // a repeat: dropped
+    good.send(ephemeral(2)).await.unwrap();
+    let mut counts = Vec::new();
+    while counts.len() < 2 {
+        let message = next_cbor(&mut other).await;
+        if kind(&message) == "ephemeral" {
+            assert_eq!(
+                field(&message, "senderId").and_then(Value::as_text),
+                Some("good-peer")
+            );
+            assert_eq!(
+                field(&message, "targetId").and_then(Value::as_text),
+                Some("other-peer")
+            );
+            counts.push(
+                field(&message, "count")
+                    .and_then(Value::as_integer)
+                    .map(u64::try_from),
+            );
+        }
+    }
+    assert_eq!(counts, vec![Some(Ok(1)), Some(Ok(2))]);
+    let extra = read_until_closed(&mut other, Duration::from_millis(300)).await;
+    assert!(
+        extra.frames.iter().all(|f| {
+            let v: Value = ciborium::from_reader(&f[..]).unwrap();
+            kind(&v) != "ephemeral"
+        }),
+        "the repeat was not relayed"
+    );
+    // leave: closed quietly.
+    good.send(WsMessage::Binary(
+        cbor(vec![
+            ("type", text("leave")),
+            ("senderId", text("good-peer")),
+        ])
+        .into(),
+    ))
+    .await
+    .unwrap();
+    let received = read_until_closed(&mut good, WAIT).await;
+    assert_eq!(received.close.map(|c| c.0), Some(1000));
+    server.stop().await;
+}
+
+/// The first sync message of a peer that has nothing.
+fn empty_sync_message() -> Vec<u8> {
+    use automerge::sync::SyncDoc;
+    let doc = automerge::Automerge::new();
+    let mut state = automerge::sync::State::new();
+    doc.generate_sync_message(&mut state).unwrap().encode()
+}
+
+/// Exchanges Automerge sync messages for `document` with the server over a joined
+/// automerge-repo socket until neither side has anything to say; returns the non-sync
+/// messages seen (their types).
+async fn am_sync(
+    ws: &mut Ws,
+    peer: &str,
+    document: DocumentId,
+    doc: &mut automerge::Automerge,
+    state: &mut automerge::sync::State,
+) -> Vec<String> {
+    am_sync_rounds(ws, peer, document, doc, state, None).await
+}
+
+/// [`am_sync`], giving up after `rounds` exchanges when given (else failing after 50).
+async fn am_sync_rounds(
+    ws: &mut Ws,
+    peer: &str,
+    document: DocumentId,
+    doc: &mut automerge::Automerge,
+    state: &mut automerge::sync::State,
+    rounds: Option<usize>,
+) -> Vec<String> {
+    use automerge::sync::SyncDoc;
+    let mut others = Vec::new();
+    for round in 0.. {
+        if rounds == Some(round) {
+            return others;
+        }
+        assert!(round < 50, "the sync exchange does not settle");
+        if let Some(message) = doc.generate_sync_message(state) {
+            let frame = cbor(vec![
+                ("type", text("sync")),
+                ("senderId", text(peer)),
+                ("documentId", text(&am_id(document))),
+                ("data", Value::Bytes(message.encode())),
+            ]);
+            ws.send(WsMessage::Binary(frame.into())).await.unwrap();
+        }
+        let Ok(Some(Ok(next))) = timeout(Duration::from_millis(300), ws.next()).await else {
+            return others;
+        };
+        let WsMessage::Binary(bytes) = next else {
+            continue;
+        };
+        let message: Value = ciborium::from_reader(&bytes[..]).unwrap();
+        if kind(&message) == "sync" {
+            let data = field(&message, "data").and_then(Value::as_bytes).unwrap();
+            let decoded = automerge::sync::Message::decode(data).unwrap();
+            doc.receive_sync_message(state, decoded).unwrap();
+        } else {
+            others.push(kind(&message).to_owned());
+        }
+    }
+    others
+}
+
+#[tokio::test]
+async fn automerge_repo_tokens_and_read_only() {
+    use automerge::transaction::Transactable;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), true)).await;
+    let document = DocumentId::from_bytes([0x61; 16]);
+    let token = |rights| {
+        mint(
+            SECRET,
+            &Claims {
+                scope: Scope::Document(document),
+                rights,
+                exp: unix_now() + 600,
+            },
+        )
+    };
+    let url = |token: &str| format!("ws://{}/automerge?token={token}", server.addr);
+    // No token: an error message and 4004 (Unauthorized).
+    let mut anonymous = connect(format!("ws://{}/automerge", server.addr)).await;
+    let received = read_until_closed(&mut anonymous, WAIT).await;
+    assert_eq!(received.close.map(|c| c.0), Some(4004));
+    let error: Value = ciborium::from_reader(&received.frames[0][..]).unwrap();
+    assert_eq!(kind(&error), "error");
+
+    // Read-only on a missing document: unavailable (it cannot create it).
+    let mut reader = connect(url(&token(Rights::Read))).await;
+    reader.send(join("reader", "1")).await.unwrap();
+    assert_eq!(kind(&next_cbor(&mut reader).await), "peer");
+    let mut theirs = automerge::Automerge::new();
+    theirs
+        .transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(automerge::ROOT, "by", "reader")?;
+            Ok(())
+        })
+        .unwrap();
+    let mut reader_state = automerge::sync::State::new();
+    let others = am_sync(
+        &mut reader,
+        "reader",
+        document,
+        &mut theirs,
+        &mut reader_state,
+    )
+    .await;
+    assert!(others.contains(&"doc-unavailable".to_owned()), "{others:?}");
+    assert_eq!(server.committed(), 0);
+
+    // A writer creates it.
+    let mut writer = connect(url(&token(Rights::Write))).await;
+    writer.send(join("writer", "1")).await.unwrap();
+    assert_eq!(kind(&next_cbor(&mut writer).await), "peer");
+    let mut ours = automerge::Automerge::new();
+    ours.transact::<_, _, automerge::AutomergeError>(|tx| {
+        tx.put(automerge::ROOT, "by", "writer")?;
+        Ok(())
+    })
+    .unwrap();
+    let mut writer_state = automerge::sync::State::new();
+    am_sync(
+        &mut writer,
+        "writer",
+        document,
+        &mut ours,
+        &mut writer_state,
+    )
+    .await;
+    assert_eq!(server.committed(), 1);
+
+    // The reader syncs it, but its own change is not committed (and its connection stays).
+    let mut reader_doc = automerge::Automerge::new();
+    let mut state = automerge::sync::State::new();
+    let others = am_sync(&mut reader, "reader", document, &mut reader_doc, &mut state).await;
+    assert!(others.is_empty(), "{others:?}");
+    let by = |doc: &automerge::Automerge| {
+        use automerge::ReadDoc;
+        doc.get(automerge::ROOT, "by")
+            .unwrap()
+            .map(|(v, _)| v.to_string())
+    };
+    assert_eq!(by(&reader_doc).as_deref(), Some("\"writer\""));
+    reader_doc
+        .transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(automerge::ROOT, "reader", true)?;
+            Ok(())
+        })
+        .unwrap();
+    // The exchange settles (the server's read-only sync state stops asking for the refused
+    // change; `am_sync_rounds` fails past 50 rounds).
+    am_sync_rounds(
+        &mut reader,
+        "reader",
+        document,
+        &mut reader_doc,
+        &mut state,
+        None,
+    )
+    .await;
+    assert_eq!(
+        server.committed(),
+        1,
+        "a read-only token's change is not committed"
+    );
+    server.stop().await;
+}
