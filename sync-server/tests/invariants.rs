@@ -213,6 +213,13 @@ async fn wallet(kind: DocKind) {
         }
         other => panic!("{kind}: ben's spend is {other:?}"),
     }
+    assert!(
+        t.ben
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Compensated { change, .. } if *change == ben)),
+        "{kind}: ben's app is told"
+    );
     let metrics = &t.server.metrics;
     assert_eq!(
         metrics.invariant_count("range", "compensate", "resolved"),
