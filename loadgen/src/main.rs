@@ -7,6 +7,9 @@
 //! - `fanout`: one document, `--subscribers` live subscribers and a few paced writers; measures
 //!   the time from a writer sending a change to each subscriber receiving it (p50/p99) and the
 //!   delivered updates per second.
+//! - `yws-fanout`, `yws-docs`, `yws-idle`: the same kind of load over the y-websocket protocol,
+//!   so it can be applied unchanged to Accord's `/yjs` and to other Yjs servers (`--target`, with
+//!   `{room}` in the URL; `--proto hocuspocus` for Hocuspocus); see `yws.rs` and `bench/run.sh`.
 //!
 //! The changes are generated before the clock starts (real Yrs updates made by the engine's
 //! `Document`), and the generator speaks the wire protocol directly, so the measured cost is the
@@ -15,6 +18,7 @@
 //! directory (auth off), or `--url ws://127.0.0.1:PORT/sync`.
 
 mod conn;
+mod yws;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +45,12 @@ enum Scenario {
     Fanout,
     /// Both, one after the other.
     All,
+    /// y-websocket protocol (any server, `--target`): fan-out, stepping through `--rates`.
+    YwsFanout,
+    /// y-websocket protocol: `--docs` rooms x `--clients-per-doc` clients typing lightly.
+    YwsDocs,
+    /// y-websocket protocol: `--connections` idle connections.
+    YwsIdle,
 }
 
 /// Load generator for accord-server (traffic to 127.0.0.1 only).
@@ -81,6 +91,41 @@ struct Args {
     /// fanout: changes per second, all writers together.
     #[arg(long, default_value_t = 1_000.0)]
     rate: f64,
+    /// yws-*: the server's URL, `{room}` replaced by the room (e.g.
+    /// `ws://127.0.0.1:8787/yjs/{room}`); without it, the embedded Accord server's `/yjs/{room}`.
+    #[arg(long)]
+    target: Option<String>,
+    /// yws-*: the framing (`hocuspocus` prefixes the document name and authenticates first).
+    #[arg(long, value_enum, default_value = "yws")]
+    proto: yws::Proto,
+    /// yws-*: the server's process id, for its RSS and CPU (from /proc).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// A label for the server in the printed table.
+    #[arg(long, default_value = "server")]
+    label: String,
+    /// yws-fanout: the writers' total rates (changes/s) to step through; stops after two steps
+    /// in a row over `--p99-ms` (or losing deliveries).
+    #[arg(long, value_delimiter = ',', default_value = "200,500,1000")]
+    rates: Vec<f64>,
+    /// yws-fanout: the latency bound of a passing step.
+    #[arg(long, default_value_t = 100.0)]
+    p99_ms: f64,
+    /// yws-docs: rooms.
+    #[arg(long, default_value_t = 1_000)]
+    docs: usize,
+    /// yws-docs: clients per room.
+    #[arg(long, default_value_t = 3)]
+    clients_per_doc: usize,
+    /// yws-docs: milliseconds between one client's keystrokes.
+    #[arg(long, default_value_t = 2_000)]
+    type_interval_ms: u64,
+    /// yws-idle: connections.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// yws-idle: rooms the connections spread over.
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
     /// Worker threads of the embedded server's runtime.
     #[arg(long, default_value_t = 2)]
     server_threads: usize,
@@ -95,6 +140,9 @@ impl Args {
             self.subscribers = self.subscribers.min(20);
             self.fanout_writers = self.fanout_writers.min(2);
             self.rate = self.rate.min(500.0);
+            self.rates.truncate(2);
+            self.docs = self.docs.min(20);
+            self.connections = self.connections.min(200);
         }
     }
 }
@@ -114,6 +162,13 @@ fn real_main(args: Args) -> Result<()> {
     }
     if args.writers == 0 || args.fanout_writers == 0 || args.window == 0 || args.rate <= 0.0 {
         return Err("--writers, --fanout-writers, --window and --rate must be positive".into());
+    }
+    let yws_scenario = matches!(
+        args.scenario,
+        Scenario::YwsFanout | Scenario::YwsDocs | Scenario::YwsIdle
+    );
+    if yws_scenario && args.target.is_some() {
+        return yws_main(&args, args.target.clone().unwrap_or_default());
     }
     let server = match &args.url {
         Some(url) => {
@@ -138,6 +193,17 @@ fn real_main(args: Args) -> Result<()> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
+    if yws_scenario {
+        let target = url.replace("/sync", "/yjs/{room}");
+        drop(runtime);
+        let mut args = args;
+        args.server_pid = None;
+        let result = yws_main(&args, target);
+        if let Some(server) = server {
+            server.stop();
+        }
+        return result;
+    }
     let result = runtime.block_on(async {
         if matches!(args.scenario, Scenario::Commits | Scenario::All) {
             commits(&args, &url, run_id, metrics.as_deref(), &mut rows).await?;
@@ -153,6 +219,68 @@ fn real_main(args: Args) -> Result<()> {
     }
     print_table(&url, &args, &rows);
     result
+}
+
+fn yws_main(args: &Args, template: String) -> Result<()> {
+    check_local(&template)?;
+    let target = yws::Target {
+        template: template.clone(),
+        proto: args.proto,
+        server_pid: args.server_pid,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let label = &args.label;
+    runtime.block_on(async {
+        match args.scenario {
+            Scenario::YwsFanout => {
+                println!("yws-fanout {label} {template}: {} subscribers, {} writers, {}s per step", args.subscribers, args.fanout_writers, args.duration);
+                println!("| server | rate (changes/s) | sent | delivered / expected | lost subs | delivered updates/s | p50 / p99 / max (ms) | server CPU (cores) | server RSS (MB) | loadgen CPU (cores) |");
+                println!("|---|---|---|---|---|---|---|---|---|---|");
+                let mut best: Option<yws::FanoutStep> = None;
+                let mut failed_in_a_row = 0;
+                for (i, &rate) in args.rates.iter().enumerate() {
+                    let s = yws::fanout_step(&target, args.subscribers, args.fanout_writers, rate, args.duration, i).await?;
+                    println!(
+                        "| {label} | {:.0} | {} | {} / {} | {} | {:.0} | {:.1} / {:.1} / {:.1} | {:.2} | {:.1} | {:.2} |",
+                        s.rate, s.sent, s.delivered, s.expected, s.lost, s.per_sec, s.p50, s.p99, s.max, s.cpu, s.rss_mb, s.own_cpu
+                    );
+                    // Two failing steps in a row end the climb (one may be noise on a shared
+                    // machine).
+                    if s.ok(args.p99_ms) {
+                        failed_in_a_row = 0;
+                        if best.as_ref().is_none_or(|b| s.per_sec > b.per_sec) {
+                            best = Some(s);
+                        }
+                    } else {
+                        failed_in_a_row += 1;
+                        if failed_in_a_row >= 2 {
+                            break;
+                        }
+                    }
+                }
+                match best {
+                    Some(b) => println!("RESULT fanout {label} best_updates_per_s={:.0} p99_ms={:.1} rate={:.0} cpu={:.2} loadgen_cpu={:.2}", b.per_sec, b.p99, b.rate, b.cpu, b.own_cpu),
+                    None => println!("RESULT fanout {label} best_updates_per_s=0 p99_ms=NaN rate=0 cpu=NaN"),
+                }
+            }
+            Scenario::YwsIdle => {
+                let r = yws::idle(&target, args.connections, args.rooms, args.duration).await?;
+                let per = (r.rss_after as f64 - r.rss_before as f64) / r.connections.max(1) as f64;
+                println!("RESULT idle {label} connections={} rss_before_mb={:.1} rss_after_mb={:.1} bytes_per_conn={:.0} connect_s={:.1}", r.connections, r.rss_before as f64 / 1e6, r.rss_after as f64 / 1e6, per, r.connect_secs);
+            }
+            Scenario::YwsDocs => {
+                let r = yws::docs(&target, args.docs, args.clients_per_doc, args.type_interval_ms, args.duration).await?;
+                let per = (r.rss_after as f64 - r.rss_before as f64) / r.docs.max(1) as f64;
+                println!("RESULT docs {label} docs={} clients={} rss_before_mb={:.1} rss_after_mb={:.1} bytes_per_doc={:.0} cpu_cores={:.3} typed={} received={}", r.docs, r.clients, r.rss_before as f64 / 1e6, r.rss_after as f64 / 1e6, per, r.cpu_cores, r.typed, r.received);
+            }
+            _ => {}
+        }
+        Ok::<(), String>(())
+    })
 }
 
 fn check_local(url: &str) -> Result<()> {

@@ -1,0 +1,66 @@
+// Turns the RESULT lines of bench/run.sh into markdown tables with ratios against Accord.
+//   node summary.mjs results.txt [machine.txt]
+import fs from 'node:fs'
+
+const [file, machineFile] = process.argv.slice(2)
+const rows = fs.readFileSync(file, 'utf8').split('\n').filter((l) => l.startsWith('RESULT '))
+  .map((l) => {
+    const [, workload, label, ...kv] = l.split(' ')
+    const o = { workload, label }
+    for (const p of kv) { const i = p.indexOf('='); o[p.slice(0, i)] = p.slice(i + 1) }
+    return o
+  })
+const of = (w) => rows.filter((r) => r.workload === w)
+const num = (x) => Number(x)
+const fmt = (x, d = 0) => (Number.isFinite(x) ? x.toLocaleString('en-US', { maximumFractionDigits: d, minimumFractionDigits: d }) : 'n/a')
+const out = []
+if (machineFile && fs.existsSync(machineFile)) out.push(fs.readFileSync(machineFile, 'utf8').trim().split('\n').map((l) => `    ${l}`).join('\n'), '')
+
+const fan = of('fanout')
+if (fan.length) {
+  const acc = fan.find((r) => r.label === 'accord')
+  const peers = fan.filter((r) => r.label !== 'accord')
+  const best = peers.reduce((b, r) => (!b || num(r.best_updates_per_s) > num(b.best_updates_per_s) ? r : b), null)
+  out.push('### Fan-out: 1 document, 100 subscribers, 10 writers (highest delivered updates/s with p99 ≤ 100 ms)', '')
+  out.push('| server | delivered updates/s | p99 (ms) | writers\' rate (changes/s) | server CPU (cores) | Accord ÷ this (updates/s) | this p99 ÷ Accord p99 |', '|---|---|---|---|---|---|---|')
+  for (const r of fan) {
+    const ratio = acc ? num(acc.best_updates_per_s) / num(r.best_updates_per_s) : NaN
+    const p = acc ? num(r.p99_ms) / num(acc.p99_ms) : NaN
+    out.push(`| ${r.label}${r === best ? ' (best peer)' : ''} | ${fmt(num(r.best_updates_per_s))} | ${fmt(num(r.p99_ms), 1)} | ${fmt(num(r.rate))} | ${fmt(num(r.cpu), 2)} | ${r.label === 'accord' ? '—' : fmt(ratio, 2) + '×'} | ${r.label === 'accord' ? '—' : fmt(p, 2) + '×'} |`)
+  }
+  out.push('')
+}
+const idle = of('idle')
+if (idle.length) {
+  const acc = idle.find((r) => r.label === 'accord')
+  out.push('### Idle connections (y-websocket handshake done, then idle)', '')
+  out.push('| server | connections | RSS before → after (MB) | bytes per connection | this ÷ Accord |', '|---|---|---|---|---|')
+  for (const r of idle) out.push(`| ${r.label} | ${r.connections} | ${r.rss_before_mb} → ${r.rss_after_mb} | ${fmt(num(r.bytes_per_conn))} | ${r.label === 'accord' || !acc ? '—' : fmt(num(r.bytes_per_conn) / num(acc.bytes_per_conn), 2) + '×'} |`)
+  out.push('')
+}
+const cold = of('coldload')
+if (cold.length) {
+  out.push('### Cold load of the automerge-paper document (median of 11 fresh clients for Yjs, 5 for Automerge)', '')
+  out.push('| server | CRDT | bytes | end-to-end (ms) | client decode alone (ms) | end-to-end ÷ decode |', '|---|---|---|---|---|---|')
+  for (const r of cold) out.push(`| ${r.label} | ${r.kind} | ${fmt(num(r.bytes))} | ${fmt(num(r.e2e_ms), 1)} | ${fmt(num(r.decode_ms), 1)} | ${fmt(num(r.ratio), 2)}× |`)
+  out.push('')
+}
+const docs = of('docs')
+if (docs.length) {
+  const acc = docs.find((r) => r.label === 'accord')
+  out.push('### 1,000 documents × 3 clients, one keystroke per client every 2 s', '')
+  out.push('| server | RSS before → after (MB) | bytes per active document | server CPU (cores) | keystrokes sent / frames received | this ÷ Accord (RSS per doc) |', '|---|---|---|---|---|---|')
+  for (const r of docs) out.push(`| ${r.label} | ${r.rss_before_mb} → ${r.rss_after_mb} | ${fmt(num(r.bytes_per_doc))} | ${fmt(num(r.cpu_cores), 3)} | ${r.typed} / ${r.received} | ${r.label === 'accord' || !acc ? '—' : fmt(num(r.bytes_per_doc) / num(acc.bytes_per_doc), 2) + '×'} |`)
+  out.push('')
+}
+const typ = of('typists')
+if (typ.length) {
+  out.push('### Typists: N automerge-repo clients at 6 chars/s into one document (20 s)', '')
+  out.push('| N | server | server CPU (cores) | per typist | this ÷ Accord | lag at stop (chars) | max lag (chars) | caught up (s) | client process CPU |', '|---|---|---|---|---|---|---|---|---|')
+  for (const r of typ) {
+    const acc = typ.find((x) => x.label === 'accord' && x.n === r.n)
+    out.push(`| ${r.n} | ${r.label} | ${fmt(num(r.server_cores), 3)} | ${fmt(num(r.cores_per_typist), 4)} | ${r.label === 'accord' || !acc ? '—' : fmt(num(r.cores_per_typist) / num(acc.cores_per_typist), 1) + '×'} | ${r.lag_chars_at_stop} | ${r.max_lag_chars} | ${r.caught_up === 'true' ? r.catch_up_s : 'no (> ' + r.catch_up_s + ')'} | ${r.client_cores} |`)
+  }
+  out.push('')
+}
+console.log(out.join('\n'))

@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# Accord against the servers its users would otherwise pick, same machine, same run, same load.
+#
+#   bench/run.sh --smoke            Accord only, small numbers, no Node and no peers (CI; < 2 min
+#                                   once built)
+#   bench/run.sh                    every workload against Accord and every peer (installs the
+#                                   peers: y-sweet with cargo into $PEERS_DIR, the Node peers
+#                                   with `npm ci` in bench/); prints tables with ratios
+#   bench/run.sh --only fanout,idle --servers accord,y-sweet
+#
+# Workloads: fanout, idle, cold, docs, typists (see bench/RESULTS.md for what each measures).
+# Every server listens on 127.0.0.1 only and every load is bounded in count and time.
+# Environment: PEERS_DIR (default: ../peers next to the repository), CARGO_TARGET_DIR,
+# BENCH_OUT (where RESULT lines and logs go; default a new directory under /tmp),
+# ACCORD_SERVER_BIN (another accord-server binary to measure, e.g. an experiment),
+# FANOUT_RATES, FANOUT_SECONDS, IDLE_CONNECTIONS, TYPISTS ("8 32 128").
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BENCH="$ROOT/bench"
+SMOKE=0
+ONLY="fanout,idle,cold,docs,typists"
+SERVERS="accord,y-sweet,y-websocket-server,hocuspocus,automerge-sync-server"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --only) ONLY="$2"; shift ;;
+    --servers) SERVERS="$2"; shift ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+server_wanted() { case ",$SERVERS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+# 10,000 client sockets and as many server sockets: raise the descriptor limit if we may.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+echo "open files limit: $(ulimit -n)"
+
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+OUT="${BENCH_OUT:-$(mktemp -d /tmp/accord-bench.XXXXXX)}"
+mkdir -p "$OUT"
+RESULTS="$OUT/results.txt"
+: > "$RESULTS"
+echo "logs and RESULT lines: $OUT"
+
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+
+wait_port() { # port, seconds
+  local end=$((SECONDS + ${2:-30}))
+  while [ $SECONDS -lt $end ]; do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "nothing listens on 127.0.0.1:$1" >&2
+  return 1
+}
+
+if [ "$SMOKE" = 1 ]; then
+  # Debug by default: the test command has built those dependencies already.
+  PROFILE="${BENCH_PROFILE:-debug}"
+  if [ "$PROFILE" = release ]; then
+    (cd "$ROOT" && cargo build -q --release -p accord-server -p accord-loadgen)
+  else
+    (cd "$ROOT" && cargo build -q -p accord-server -p accord-loadgen)
+  fi
+else
+  PROFILE=release
+  (cd "$ROOT" && cargo build -q --release -p accord-server -p accord-loadgen)
+fi
+BIN="$TARGET_DIR/$PROFILE"
+LOADGEN="$BIN/accord-loadgen"
+
+PORT=18700
+# start_server NAME: starts it on a fresh port; sets SERVER_PID, YWS_TARGET (loadgen URL
+# template), YWS_PROTO, YJS_URL (y-websocket provider serverUrl, may hold {room}), AM_URL.
+start_server() {
+  local name="$1"
+  PORT=$((PORT + 1))
+  local dir="$OUT/data-$name-$PORT"
+  mkdir -p "$dir"
+  YWS_PROTO=yws
+  YJS_URL=""
+  AM_URL=""
+  case "$name" in
+    accord)
+      "${ACCORD_SERVER_BIN:-$BIN/accord-server}" serve --no-auth --listen "127.0.0.1:$PORT" --data-dir "$dir" \
+        --max-connections 20000 >"$OUT/$name-$PORT.log" 2>&1 &
+      YWS_TARGET="ws://127.0.0.1:$PORT/yjs/{room}"
+      YJS_URL="ws://127.0.0.1:$PORT/yjs"
+      AM_URL="ws://127.0.0.1:$PORT/automerge" ;;
+    y-sweet)
+      "$PEERS_DIR/bin/y-sweet" serve "$dir" --port "$PORT" --host 127.0.0.1 \
+        >"$OUT/$name-$PORT.log" 2>&1 &
+      YWS_TARGET="ws://127.0.0.1:$PORT/d/{room}/ws/{room}"
+      YJS_URL="ws://127.0.0.1:$PORT/d/{room}/ws" ;;
+    y-websocket-server)
+      (cd "$BENCH" && PORT=$PORT HOST=127.0.0.1 exec node --import ./node/bind-local.mjs \
+        node_modules/@y/websocket-server/src/server.js) >"$OUT/$name-$PORT.log" 2>&1 &
+      YWS_TARGET="ws://127.0.0.1:$PORT/{room}"
+      YJS_URL="ws://127.0.0.1:$PORT" ;;
+    hocuspocus)
+      (cd "$BENCH" && PORT=$PORT exec node --import ./node/bind-local.mjs \
+        node/hocuspocus-server.mjs) >"$OUT/$name-$PORT.log" 2>&1 &
+      YWS_TARGET="ws://127.0.0.1:$PORT"
+      YWS_PROTO=hocuspocus ;;
+    automerge-sync-server)
+      (cd "$BENCH" && PORT=$PORT DATA_DIR="$dir" exec node --import ./node/bind-local.mjs \
+        node_modules/@automerge/automerge-repo-sync-server/src/index.js) \
+        >"$OUT/$name-$PORT.log" 2>&1 &
+      AM_URL="ws://127.0.0.1:$PORT" ;;
+    *) echo "unknown server $name" >&2; return 1 ;;
+  esac
+  SERVER_PID=$!
+  PIDS+=("$SERVER_PID")
+  wait_port "$PORT" 60
+  sleep 0.5
+}
+stop_server() {
+  kill "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+}
+record() { tee -a "$RESULTS"; }
+
+# ------------------------------------------------------------------------------------- smoke
+if [ "$SMOKE" = 1 ]; then
+  echo "== smoke: native protocol (embedded server)"
+  timeout 120 "$LOADGEN" --smoke
+  start_server accord
+  echo "== smoke: y-websocket protocol against accord-server /yjs"
+  timeout 60 "$LOADGEN" yws-fanout --smoke --target "$YWS_TARGET" --server-pid "$SERVER_PID" \
+    --label accord --subscribers 10 --fanout-writers 2 --rates 100,200 --duration 1 | record
+  timeout 60 "$LOADGEN" yws-idle --smoke --target "$YWS_TARGET" --server-pid "$SERVER_PID" \
+    --label accord --connections 200 --duration 1 | record
+  timeout 60 "$LOADGEN" yws-docs --smoke --target "$YWS_TARGET" --server-pid "$SERVER_PID" \
+    --label accord --docs 20 --type-interval-ms 200 --duration 2 | record
+  stop_server
+  grep -q "RESULT fanout accord best_updates_per_s=[1-9]" "$RESULTS" || { echo "smoke: fan-out delivered nothing" >&2; exit 1; }
+  grep -q "RESULT idle accord connections=200" "$RESULTS" || { echo "smoke: idle failed" >&2; exit 1; }
+  grep -q "RESULT docs accord docs=20" "$RESULTS" || { echo "smoke: docs failed" >&2; exit 1; }
+  echo "smoke: ok"
+  exit 0
+fi
+
+# ------------------------------------------------------------------------------------ peers
+PEERS_DIR="${PEERS_DIR:-$(cd "$ROOT/.." && pwd)/peers}"
+if server_wanted y-sweet && [ ! -x "$PEERS_DIR/bin/y-sweet" ]; then
+  echo "installing y-sweet 0.9.1 into $PEERS_DIR (compiles for several minutes)"
+  mkdir -p "$PEERS_DIR"
+  CARGO_TARGET_DIR="$PEERS_DIR/target" cargo install y-sweet --version 0.9.1 --locked \
+    --root "$PEERS_DIR"
+fi
+if [ ! -d "$BENCH/node_modules/@y/websocket-server" ] || [ ! -d "$BENCH/node_modules/@automerge/automerge-repo" ]; then
+  (cd "$BENCH" && npm ci --no-audit --no-fund)
+fi
+TRACE="${ACCORD_TRACES:-$ROOT/../shared/data/traces}/automerge-paper.json.gz"
+
+{
+  echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -sm), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+  echo "versions: accord $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?'), y-sweet 0.9.1, node $(node --version)"
+  (cd "$BENCH" && node -e 'const p=require("./package.json"); for (const k of Object.keys(p.dependencies)) console.log("  " + k + " " + require("./node_modules/" + k + "/package.json").version)')
+} | tee "$OUT/machine.txt"
+
+YJS_SERVERS="accord y-sweet y-websocket-server hocuspocus"
+
+if want fanout; then
+  RATES="${FANOUT_RATES:-250,500,750,1000,1250,1500,1750,2000,2500,3000,4000,6000,8000}"
+  for s in $YJS_SERVERS; do
+    server_wanted "$s" || continue
+    echo "== fanout: $s"
+    start_server "$s"
+    timeout 900 "$LOADGEN" yws-fanout --target "$YWS_TARGET" --proto "$YWS_PROTO" \
+      --server-pid "$SERVER_PID" --label "$s" --subscribers 100 --fanout-writers 10 \
+      --rates "$RATES" --duration "${FANOUT_SECONDS:-5}" | record || echo "fanout $s failed" >&2
+    stop_server
+  done
+fi
+
+if want idle; then
+  for s in $YJS_SERVERS; do
+    server_wanted "$s" || continue
+    echo "== idle: $s"
+    start_server "$s"
+    timeout 300 "$LOADGEN" yws-idle --target "$YWS_TARGET" --proto "$YWS_PROTO" \
+      --server-pid "$SERVER_PID" --label "$s" --connections "${IDLE_CONNECTIONS:-10000}" \
+      --duration 5 | record || echo "idle $s failed" >&2
+    stop_server
+  done
+fi
+
+if want cold; then
+  for s in accord y-sweet y-websocket-server; do
+    server_wanted "$s" || continue
+    echo "== cold load (Yjs): $s"
+    start_server "$s"
+    (cd "$BENCH/node" && timeout 300 node coldload.mjs --kind yjs --server-url "$YJS_URL" \
+      --label "$s" --trace "$TRACE") | record || echo "cold yjs $s failed" >&2
+    stop_server
+  done
+  for s in accord automerge-sync-server; do
+    server_wanted "$s" || continue
+    echo "== cold load (Automerge): $s"
+    start_server "$s"
+    (cd "$BENCH/node" && timeout 600 node coldload.mjs --kind automerge --server-url "$AM_URL" \
+      --label "$s" --trace "$TRACE") | record || echo "cold automerge $s failed" >&2
+    stop_server
+  done
+fi
+
+if want docs; then
+  for s in $YJS_SERVERS; do
+    server_wanted "$s" || continue
+    echo "== 1,000 documents x 3 clients: $s"
+    start_server "$s"
+    timeout 300 "$LOADGEN" yws-docs --target "$YWS_TARGET" --proto "$YWS_PROTO" \
+      --server-pid "$SERVER_PID" --label "$s" --docs 1000 --clients-per-doc 3 \
+      --type-interval-ms 2000 --duration 20 | record || echo "docs $s failed" >&2
+    stop_server
+  done
+fi
+
+if want typists; then
+  for n in ${TYPISTS:-8 32 128}; do
+    for s in accord automerge-sync-server; do
+      server_wanted "$s" || continue
+      echo "== typists n=$n: $s"
+      start_server "$s"
+      (cd "$BENCH/node" && timeout 300 node typists.mjs --server-url "$AM_URL" --n "$n" \
+        --seconds 20 --server-pid "$SERVER_PID" --label "$s") | record || echo "typists $s failed" >&2
+      stop_server
+    done
+  done
+fi
+
+echo
+node "$BENCH/node/summary.mjs" "$RESULTS" "$OUT/machine.txt" | tee "$OUT/summary.md"
