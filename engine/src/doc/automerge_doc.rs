@@ -245,10 +245,10 @@ impl AutomergeDoc {
         let message = automerge::sync::Message::decode(bytes)
             .map_err(|e| DocError::malformed("automerge sync message", e))?;
         let before = self.doc.get_heads();
-        self.astral = true;
-        self.doc
-            .sync()
-            .receive_sync_message(state, message)
+        if !message.changes.is_empty() {
+            self.astral = true;
+        }
+        super::automerge_sync::receive(&mut self.doc, state, message)
             .map_err(|e| DocError::malformed("automerge sync message", e))?;
         Ok(self.changes_since(&before))
     }

@@ -5,6 +5,7 @@
 //! its version (heads or state vector), exports what a peer lacks, and shows its state as JSON.
 
 mod automerge_doc;
+mod automerge_sync;
 mod error;
 mod ops;
 mod yrs_doc;
