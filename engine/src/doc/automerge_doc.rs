@@ -230,6 +230,9 @@ impl AutomergeDoc {
 
     /// Produces the next Automerge sync message for a peer, if one is due.
     pub fn generate_sync_message(&mut self, state: &mut automerge::sync::State) -> Option<Vec<u8>> {
+        if super::automerge_sync::waiting_for_ack(&mut self.doc, state) {
+            return None;
+        }
         self.doc
             .sync()
             .generate_sync_message(state)

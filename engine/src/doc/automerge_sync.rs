@@ -102,6 +102,28 @@ pub(crate) fn receive(
     Ok(())
 }
 
+/// Whether automerge's `generate_sync_message` would return `None` because a message to this
+/// peer is in flight and our heads have not moved since: the peer is asked for nothing until it
+/// answers. Checked before calling automerge, which otherwise computes a bloom filter and the
+/// changes to send (a vector-clock walk) only to drop them; a relay asks after every commit for
+/// every peer. Mirrors automerge's order: a peer whose last `have` names changes we lack gets a
+/// reset message, so that case is left to automerge.
+pub(crate) fn waiting_for_ack(doc: &mut AutoCommit, state: &State) -> bool {
+    if !(state.in_flight && state.have_responded) {
+        return false;
+    }
+    if let Some(first) = state.their_have.as_ref().and_then(|h| h.first()) {
+        if first
+            .last_sync
+            .iter()
+            .any(|h| doc.get_change_meta_by_hash(h).is_none())
+        {
+            return false;
+        }
+    }
+    state.last_sent_heads == doc.get_heads()
+}
+
 /// The shared heads after our heads moved from `old` to `new` (automerge's `advance_heads`):
 /// our new heads plus the old shared heads that are still heads, sorted.
 fn advance_heads(old: &[ChangeHash], new: &[ChangeHash], shared: &[ChangeHash]) -> Vec<ChangeHash> {
@@ -141,6 +163,8 @@ mod tests {
         spoke_states: Vec<State>,
         /// Messages from each spoke not yet delivered to the hub, oldest first.
         inbox: Vec<Vec<Message>>,
+        /// How often the hub was found waiting for an answer.
+        waits: usize,
     }
 
     impl Session {
@@ -155,6 +179,7 @@ mod tests {
                 spokes: (0..n).map(|_| AutoCommit::new()).collect(),
                 spoke_states: vec![State::new(); n],
                 inbox: vec![Vec::new(); n],
+                waits: 0,
             }
         }
 
@@ -197,6 +222,7 @@ mod tests {
         }
 
         fn hub_answers(&mut self, spoke: usize) {
+            let waiting = waiting_for_ack(&mut self.hub.fast, &self.hub_fast[spoke]);
             let fast = self
                 .hub
                 .fast
@@ -208,6 +234,10 @@ mod tests {
                 .sync()
                 .generate_sync_message(&mut self.hub_slow[spoke]);
             assert_eq!(fast, slow, "the hub's next message is the same either way");
+            if waiting {
+                assert_eq!(fast, None, "nothing is sent while waiting for an answer");
+                self.waits += 1;
+            }
             self.check(spoke);
             if let Some(m) = fast {
                 self.spokes[spoke]
@@ -282,6 +312,11 @@ mod tests {
         session.hub_edit(2);
         session.hub_answers(0);
         assert!(!session.hub_fast[0].sent_hashes.is_empty());
+        session.hub_answers(0);
+        assert_eq!(
+            session.waits, 1,
+            "a second ask before the answer sends nothing"
+        );
         session.spoke_sends(0);
         session.hub_receives(0);
         assert!(session.hub_fast[0].sent_hashes.is_empty());
