@@ -13,11 +13,16 @@
 //! - `s/<doc>`: the document's snapshot (last compaction).
 //! - `c/<doc>/<n:016x>`: a change appended since the snapshot, in order.
 //! - `o/<n:016x>`: an outbox entry: document (16) + change id (32) + change bytes.
+//! - `t/<n:016x>`: a settled change's status: document (16) + change id (32) + `0` + commit
+//!   sequence number (8, little endian), or `1` + error code (2, little endian) + reason (UTF-8).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
-use accord_engine::storage::{Batch, OutboxEntry, Storage, StorageError, StoredDocument, Write};
+use accord_engine::protocol::ErrorCode;
+use accord_engine::storage::{
+    Batch, OutboxEntry, SettledEntry, Settlement, Storage, StorageError, StoredDocument, Write,
+};
 use accord_engine::{ChangeId, DocKind, DocumentId, ReplicaId};
 
 /// One key-value write for IndexedDB.
@@ -48,6 +53,9 @@ pub struct KvStorage {
     outbox: BTreeMap<u64, OutboxEntry>,
     outbox_keys: HashMap<(DocumentId, ChangeId), u64>,
     outbox_next: u64,
+    settled: BTreeMap<u64, SettledEntry>,
+    settled_keys: HashMap<(DocumentId, ChangeId), u64>,
+    settled_next: u64,
     /// Interior mutability: `Replica` lends its storage only as `&S` (see the report).
     pending: RefCell<Vec<KvWrite>>,
 }
@@ -63,6 +71,59 @@ fn change_key(doc: &DocumentId, n: u64) -> String {
 }
 fn outbox_key(n: u64) -> String {
     format!("o/{n:016x}")
+}
+fn settled_key(n: u64) -> String {
+    format!("t/{n:016x}")
+}
+
+fn settled_value(entry: &SettledEntry) -> Vec<u8> {
+    let mut v = Vec::with_capacity(59);
+    v.extend_from_slice(entry.document.as_bytes());
+    v.extend_from_slice(&entry.change.0);
+    match &entry.settlement {
+        Settlement::Confirmed { seq } => {
+            v.push(0);
+            v.extend_from_slice(&seq.to_le_bytes());
+        }
+        Settlement::Rejected { code, reason } => {
+            v.push(1);
+            v.extend_from_slice(&code.code().to_le_bytes());
+            v.extend_from_slice(reason.as_bytes());
+        }
+    }
+    v
+}
+
+fn parse_settled(n: u64, value: &[u8]) -> Result<SettledEntry, StorageError> {
+    let truncated = || corrupt(format!("settled entry {n} is truncated"));
+    if value.len() < 49 {
+        return Err(truncated());
+    }
+    let mut doc = [0u8; 16];
+    doc.copy_from_slice(&value[..16]);
+    let mut change = [0u8; 32];
+    change.copy_from_slice(&value[16..48]);
+    let rest = &value[49..];
+    let settlement = match value[48] {
+        0 => {
+            let seq: [u8; 8] = rest.try_into().map_err(|_| truncated())?;
+            Settlement::Confirmed {
+                seq: u64::from_le_bytes(seq),
+            }
+        }
+        1 if rest.len() >= 2 => Settlement::Rejected {
+            code: ErrorCode::from_code(u16::from_le_bytes([rest[0], rest[1]])),
+            reason: String::from_utf8(rest[2..].to_vec()).map_err(|_| {
+                corrupt(format!("settled entry {n} has a reason that is not UTF-8"))
+            })?,
+        },
+        tag => return Err(corrupt(format!("settled entry {n} has tag {tag}"))),
+    };
+    Ok(SettledEntry {
+        document: DocumentId::from_bytes(doc),
+        change: ChangeId(change),
+        settlement,
+    })
 }
 fn doc_value(kind: DocKind, last_seq: u64) -> Vec<u8> {
     let mut v = vec![kind.code()];
@@ -149,6 +210,12 @@ impl KvStorage {
                 store.outbox_keys.insert((entry.document, entry.change), n);
                 store.outbox.insert(n, entry);
                 store.outbox_next = store.outbox_next.max(n + 1);
+            } else if let Some(n) = key.strip_prefix("t/") {
+                let n = parse_hex(n)?;
+                let entry = parse_settled(n, value)?;
+                store.settled_keys.insert((entry.document, entry.change), n);
+                store.settled.insert(n, entry);
+                store.settled_next = store.settled_next.max(n + 1);
             }
         }
         for (doc, bytes) in snapshots {
@@ -205,6 +272,10 @@ impl Storage for KvStorage {
 
     fn outbox(&mut self) -> Result<Vec<OutboxEntry>, StorageError> {
         Ok(self.outbox.values().cloned().collect())
+    }
+
+    fn settled(&mut self) -> Result<Vec<SettledEntry>, StorageError> {
+        Ok(self.settled.values().cloned().collect())
     }
 
     fn write(&mut self, batch: &Batch) -> Result<(), StorageError> {
@@ -303,6 +374,28 @@ impl Storage for KvStorage {
                         self.pending.get_mut().push(KvWrite::Delete(outbox_key(n)));
                     }
                 }
+                Write::Settle(entry) => {
+                    let key = (entry.document, entry.change);
+                    if let Some(old) = self.settled_keys.remove(&key) {
+                        self.settled.remove(&old);
+                        self.pending
+                            .get_mut()
+                            .push(KvWrite::Delete(settled_key(old)));
+                    }
+                    let n = self.settled_next;
+                    self.settled_next += 1;
+                    self.settled_keys.insert(key, n);
+                    self.settled.insert(n, entry.clone());
+                    self.pending
+                        .get_mut()
+                        .push(KvWrite::Put(settled_key(n), settled_value(entry)));
+                }
+                Write::ForgetSettled { document, change } => {
+                    if let Some(n) = self.settled_keys.remove(&(*document, *change)) {
+                        self.settled.remove(&n);
+                        self.pending.get_mut().push(KvWrite::Delete(settled_key(n)));
+                    }
+                }
             }
         }
         Ok(())
@@ -374,6 +467,19 @@ mod tests {
                     document: doc,
                     change: ChangeId([8; 32]),
                 },
+                Write::Settle(SettledEntry {
+                    document: doc,
+                    change: ChangeId([8; 32]),
+                    settlement: Settlement::Confirmed { seq: 42 },
+                }),
+                Write::Settle(SettledEntry {
+                    document: doc,
+                    change: ChangeId([7; 32]),
+                    settlement: Settlement::Rejected {
+                        code: ErrorCode::InvariantViolated,
+                        reason: "seat taken".into(),
+                    },
+                }),
             ],
         })
         .unwrap();
@@ -398,6 +504,9 @@ mod tests {
         assert_eq!(stored.changes, vec![vec![6]]);
         assert_eq!(stored.last_seq, 42);
         assert_eq!(back.outbox().unwrap(), vec![entry]);
+        assert_eq!(back.settled().unwrap(), s.settled().unwrap());
+        assert_eq!(back.settled().unwrap().len(), 2);
+        assert!(KvStorage::load([("t/0000000000000001".to_owned(), &[1u8; 50][..])]).is_err());
         assert!(KvStorage::load([("r".to_owned(), &[1u8, 2][..])]).is_err());
     }
 }

@@ -230,6 +230,14 @@ test('offline edits survive a reload and converge when the connection returns', 
   await waitFor(async () => (await docOf(b, id)).notes.a1 === 'written online', 'B converges');
   assert.deepEqual(await docOf(a, id), await docOf(b, id));
   assert.equal((await docOf(a, id)).text, 'hello world');
+
+  // A settled status is stored with the change's settlement: it reads the same after a reload.
+  await b.evaluate(() => window.repo.flush());
+  await b.goto('about:blank');
+  await openRepo(b, { autoConnect: false });
+  const after = await b.evaluate(({ id, c }) => window.repo.find(id).status(c), { id, c: offlineChange });
+  assert.equal(after.status, 'confirmed', JSON.stringify(after));
+  assert.equal(after.seq, status.seq);
   await ca.close();
   await cb.close();
 });

@@ -18,7 +18,7 @@ use crate::invariant::{self, ChooseError, Conflict, Reconciler, Schema};
 use crate::protocol::{
     encode_frames, DecodeError, ErrorCode, Limits, Message, Reassembler, PROTOCOL_VERSION,
 };
-use crate::storage::{Batch, OutboxEntry, Storage, StorageError, Write};
+use crate::storage::{Batch, OutboxEntry, SettledEntry, Settlement, Storage, StorageError, Write};
 use crate::sync::{DocSync, SyncRole};
 
 /// Tunables, each with a limit.
@@ -226,12 +226,6 @@ pub enum ChangeStatus {
     Unknown,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Settled {
-    Confirmed(u64),
-    Rejected(ErrorCode, String),
-}
-
 /// A frame to send to a peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
@@ -275,7 +269,7 @@ pub struct Replica<S: Storage> {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     next_stream: u32,
-    statuses: HashMap<(DocumentId, ChangeId), Settled>,
+    statuses: HashMap<(DocumentId, ChangeId), Settlement>,
     status_order: VecDeque<(DocumentId, ChangeId)>,
     schemas: BTreeMap<String, Schema>,
     checkers: HashMap<DocumentId, Reconciler>,
@@ -323,6 +317,12 @@ impl<S: Storage> Replica<S> {
         for entry in replica.storage.outbox()? {
             replica.outbox_insert(entry);
         }
+        // Statuses settled before a restart read the same after it.
+        let mut forget = Batch::default();
+        for entry in replica.storage.settled()? {
+            replica.remember(entry.document, entry.change, entry.settlement, &mut forget);
+        }
+        replica.storage.write(&forget)?;
         Ok(replica)
     }
 
@@ -730,6 +730,13 @@ impl<S: Storage> Replica<S> {
                             document,
                             change: commit.change,
                         });
+                        if self.config.max_tracked_statuses > 0 {
+                            batch.push(Write::Settle(SettledEntry {
+                                document,
+                                change: commit.change,
+                                settlement: Settlement::Confirmed { seq: commit.seq },
+                            }));
+                        }
                         confirmed.push(commit);
                     }
                 }
@@ -743,9 +750,18 @@ impl<S: Storage> Replica<S> {
                 if let Some(entry) = self.docs.get_mut(&document) {
                     entry.last_seq = entry.last_seq.max(highest);
                 }
-                for commit in confirmed {
+                let mut forget = Batch::default();
+                for commit in &confirmed {
                     self.outbox_remove(document, commit.change);
-                    self.settle(document, commit.change, Settled::Confirmed(commit.seq));
+                    self.remember(
+                        document,
+                        commit.change,
+                        Settlement::Confirmed { seq: commit.seq },
+                        &mut forget,
+                    );
+                }
+                self.storage.write(&forget)?;
+                for commit in confirmed {
                     self.events.push_back(Event::Confirmed {
                         document,
                         change: commit.change,
@@ -760,13 +776,29 @@ impl<S: Storage> Replica<S> {
                 code,
                 reason,
             } if role == SyncRole::Upstream => {
-                if self.outbox_index.contains_key(&(document, change)) {
-                    self.storage.write(&Batch {
-                        writes: vec![Write::RemoveOutbox { document, change }],
-                    })?;
+                let settlement = Settlement::Rejected {
+                    code,
+                    reason: reason.clone(),
+                };
+                let mut batch = Batch::default();
+                let ours = self.outbox_index.contains_key(&(document, change));
+                if ours {
+                    batch.push(Write::RemoveOutbox { document, change });
+                }
+                if self.config.max_tracked_statuses > 0 {
+                    batch.push(Write::Settle(SettledEntry {
+                        document,
+                        change,
+                        settlement: settlement.clone(),
+                    }));
+                }
+                self.storage.write(&batch)?;
+                if ours {
                     self.outbox_remove(document, change);
                 }
-                self.settle(document, change, Settled::Rejected(code, reason.clone()));
+                let mut forget = Batch::default();
+                self.remember(document, change, settlement, &mut forget);
+                self.storage.write(&forget)?;
                 self.events.push_back(Event::Rejected {
                     document,
                     change,
@@ -1031,8 +1063,8 @@ impl<S: Storage> Replica<S> {
             });
         }
         Ok(match self.statuses.get(&(document, change)) {
-            Some(Settled::Confirmed(seq)) => ChangeStatus::Confirmed { seq: *seq },
-            Some(Settled::Rejected(code, reason)) => ChangeStatus::Rejected {
+            Some(Settlement::Confirmed { seq }) => ChangeStatus::Confirmed { seq: *seq },
+            Some(Settlement::Rejected { code, reason }) => ChangeStatus::Rejected {
                 code: *code,
                 reason: reason.clone(),
             },
@@ -1068,16 +1100,29 @@ impl<S: Storage> Replica<S> {
         self.change(document, &ops)
     }
 
-    fn settle(&mut self, document: DocumentId, change: ChangeId, settled: Settled) {
+    /// Remembers a settled status in memory, bounded by `max_tracked_statuses`; the statuses it
+    /// forgets to stay within the bound are added to `forget` for storage.
+    fn remember(
+        &mut self,
+        document: DocumentId,
+        change: ChangeId,
+        settlement: Settlement,
+        forget: &mut Batch,
+    ) {
         if self.config.max_tracked_statuses == 0 {
             return;
         }
-        if self.statuses.insert((document, change), settled).is_none() {
+        if self
+            .statuses
+            .insert((document, change), settlement)
+            .is_none()
+        {
             self.status_order.push_back((document, change));
         }
         while self.status_order.len() > self.config.max_tracked_statuses {
-            if let Some(old) = self.status_order.pop_front() {
-                self.statuses.remove(&old);
+            if let Some((document, change)) = self.status_order.pop_front() {
+                self.statuses.remove(&(document, change));
+                forget.push(Write::ForgetSettled { document, change });
             }
         }
     }

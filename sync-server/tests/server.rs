@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::protocol::{ErrorCode, Message, PROTOCOL_VERSION};
-use accord_engine::replica::Event;
+use accord_engine::replica::{ChangeStatus, Event};
 use accord_engine::storage::{MemoryStorage, SqliteStorage};
 use accord_engine::{DocKind, DocumentId, Op, Path, ReplicaId};
 use accord_server::auth::{mint, unix_now, Claims, Rights, Scope};
@@ -136,6 +136,7 @@ async fn reconnect_acks_outbox(kind: DocKind) {
             .pump_until(WAIT, |c| c.is_subscribed(document))
             .await
     );
+    let first;
     {
         let mut writer = Client::new(
             SqliteStorage::open(&db).unwrap(),
@@ -145,9 +146,10 @@ async fn reconnect_acks_outbox(kind: DocKind) {
         writer.replica.create(document, kind).unwrap();
         writer.connect(server.addr, None).await;
         writer.subscribe(document).await;
-        writer
+        first = writer
             .replica
             .change(document, &edit(kind, "a", 1))
+            .unwrap()
             .unwrap();
         assert!(writer.pump_until(WAIT, |c| c.outbox_len() == 0).await);
         // Two edits go out, and the connection drops before any ack comes back.
@@ -174,9 +176,15 @@ async fn reconnect_acks_outbox(kind: DocKind) {
         replica_config(1 << 20),
     );
     assert_eq!(writer.outbox_len(), 2, "b and c were never acknowledged");
-    writer
+    assert_eq!(
+        writer.replica.change_status(document, first).unwrap(),
+        ChangeStatus::Confirmed { seq: 1 },
+        "{kind}: a status settled before the restart reads the same after it"
+    );
+    let last = writer
         .replica
         .change(document, &edit(kind, "d", 4))
+        .unwrap()
         .unwrap();
     writer.connect(server.addr, None).await;
     writer.subscribe(document).await;
@@ -205,6 +213,21 @@ async fn reconnect_acks_outbox(kind: DocKind) {
     assert_eq!(
         writer.replica.json(document).unwrap(),
         watcher.replica.json(document).unwrap()
+    );
+    assert_eq!(
+        writer.replica.change_status(document, last).unwrap(),
+        ChangeStatus::Confirmed { seq: 4 }
+    );
+    drop(writer);
+    let mut reopened = Client::new(
+        SqliteStorage::open(&db).unwrap(),
+        1,
+        replica_config(1 << 20),
+    );
+    assert_eq!(
+        reopened.replica.change_status(document, last).unwrap(),
+        ChangeStatus::Confirmed { seq: 4 },
+        "{kind}: statuses survive a restart"
     );
     server.stop().await;
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Batch, OutboxEntry, Storage, StorageError, StoredDocument, Write};
+use super::{Batch, OutboxEntry, SettledEntry, Storage, StorageError, StoredDocument, Write};
 use crate::doc::DocKind;
 use crate::ids::{DocumentId, ReplicaId};
 
@@ -12,6 +12,7 @@ pub struct MemoryStorage {
     replica: Option<ReplicaId>,
     documents: BTreeMap<DocumentId, StoredDocument>,
     outbox: Vec<OutboxEntry>,
+    settled: Vec<SettledEntry>,
 }
 
 impl MemoryStorage {
@@ -39,6 +40,10 @@ impl Storage for MemoryStorage {
 
     fn outbox(&mut self) -> Result<Vec<OutboxEntry>, StorageError> {
         Ok(self.outbox.clone())
+    }
+
+    fn settled(&mut self) -> Result<Vec<SettledEntry>, StorageError> {
+        Ok(self.settled.clone())
     }
 
     fn write(&mut self, batch: &Batch) -> Result<(), StorageError> {
@@ -89,6 +94,14 @@ impl Storage for MemoryStorage {
                 Write::PushOutbox(entry) => self.outbox.push(entry.clone()),
                 Write::RemoveOutbox { document, change } => self
                     .outbox
+                    .retain(|e| !(e.document == *document && e.change == *change)),
+                Write::Settle(entry) => {
+                    self.settled
+                        .retain(|e| !(e.document == entry.document && e.change == entry.change));
+                    self.settled.push(entry.clone());
+                }
+                Write::ForgetSettled { document, change } => self
+                    .settled
                     .retain(|e| !(e.document == *document && e.change == *change)),
             }
         }

@@ -16,6 +16,7 @@ pub use sqlite::SqliteStorage;
 
 use crate::doc::{ChangeId, DocKind};
 use crate::ids::{DocumentId, ReplicaId};
+use crate::protocol::ErrorCode;
 
 /// What can go wrong in storage.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +102,44 @@ pub enum Write {
         /// The change.
         change: ChangeId,
     },
+    /// Remember how the server settled one of this replica's changes (replacing what was
+    /// remembered for it), so its status survives a restart.
+    Settle(SettledEntry),
+    /// Forget a settled change's status (the replica keeps a bounded number).
+    ForgetSettled {
+        /// The document.
+        document: DocumentId,
+        /// The change.
+        change: ChangeId,
+    },
+}
+
+/// How the server settled one of this replica's changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Committed with this sequence number.
+    Confirmed {
+        /// The commit sequence number.
+        seq: u64,
+    },
+    /// Refused.
+    Rejected {
+        /// Why, as a code.
+        code: ErrorCode,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// A settled change, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettledEntry {
+    /// The document.
+    pub document: DocumentId,
+    /// The change.
+    pub change: ChangeId,
+    /// How it was settled.
+    pub settlement: Settlement,
 }
 
 /// Writes applied together or not at all.
@@ -135,6 +174,8 @@ pub trait Storage {
     ) -> Result<Option<StoredDocument>, StorageError>;
     /// The outbox, oldest first.
     fn outbox(&mut self) -> Result<Vec<OutboxEntry>, StorageError>;
+    /// The remembered settled changes, oldest settled first.
+    fn settled(&mut self) -> Result<Vec<SettledEntry>, StorageError>;
     /// Applies `batch` atomically and durably.
     fn write(&mut self, batch: &Batch) -> Result<(), StorageError>;
 }

@@ -4,11 +4,15 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Batch, OutboxEntry, Storage, StorageError, StoredDocument, Write};
+use super::{
+    Batch, OutboxEntry, SettledEntry, Settlement, Storage, StorageError, StoredDocument, Write,
+};
 use crate::doc::{ChangeId, DocKind};
 use crate::ids::{DocumentId, ReplicaId};
+use crate::protocol::ErrorCode;
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2: the `settled` table (statuses of settled local changes).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -30,6 +34,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     change BLOB NOT NULL,
     bytes BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settled (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    document BLOB NOT NULL,
+    change BLOB NOT NULL,
+    seq INTEGER,
+    code INTEGER,
+    reason TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS settled_by_change ON settled (document, change);
 ";
 
 /// A replica's store in one SQLite file.
@@ -189,6 +202,40 @@ impl Storage for SqliteStorage {
         Ok(out)
     }
 
+    fn settled(&mut self) -> Result<Vec<SettledEntry>, StorageError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT document, change, seq, code, reason FROM settled ORDER BY n")?;
+        let mut rows = statement.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let change: Vec<u8> = column(row, 1, "settled change id")?;
+            let change: [u8; 32] = change
+                .try_into()
+                .map_err(|_| corrupt("settled change id", "wrong length"))?;
+            let seq: Option<i64> = column(row, 2, "settled seq")?;
+            let code: Option<i64> = column(row, 3, "settled code")?;
+            let settlement = match (seq, code) {
+                (Some(seq), None) => Settlement::Confirmed {
+                    seq: u64::try_from(seq).map_err(|e| corrupt("settled seq", e))?,
+                },
+                (None, Some(code)) => Settlement::Rejected {
+                    code: ErrorCode::from_code(
+                        u16::try_from(code).map_err(|e| corrupt("settled code", e))?,
+                    ),
+                    reason: column::<Option<String>>(row, 4, "settled reason")?.unwrap_or_default(),
+                },
+                _ => return Err(corrupt("settled change", "neither confirmed nor rejected")),
+            };
+            out.push(SettledEntry {
+                document: document_id(column(row, 0, "settled document")?)?,
+                change: ChangeId(change),
+                settlement,
+            });
+        }
+        Ok(out)
+    }
+
     fn write(&mut self, batch: &Batch) -> Result<(), StorageError> {
         if batch.is_empty() {
             return Ok(());
@@ -240,6 +287,34 @@ impl Storage for SqliteStorage {
                 }
                 Write::RemoveOutbox { document, change } => {
                     txn.prepare_cached("DELETE FROM outbox WHERE document = ?1 AND change = ?2")?
+                        .execute(params![document.as_bytes().as_slice(), change.0.as_slice()])?;
+                }
+                Write::Settle(entry) => {
+                    let (seq, code, reason) = match &entry.settlement {
+                        Settlement::Confirmed { seq } => (
+                            Some(
+                                i64::try_from(*seq)
+                                    .map_err(|e| StorageError::Backend(e.to_string()))?,
+                            ),
+                            None,
+                            None,
+                        ),
+                        Settlement::Rejected { code, reason } => {
+                            (None, Some(i64::from(code.code())), Some(reason.as_str()))
+                        }
+                    };
+                    let document = entry.document.as_bytes().as_slice();
+                    let change = entry.change.0.as_slice();
+                    txn.prepare_cached("DELETE FROM settled WHERE document = ?1 AND change = ?2")?
+                        .execute(params![document, change])?;
+                    txn.prepare_cached(
+                        "INSERT INTO settled (document, change, seq, code, reason) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![document, change, seq, code, reason])?;
+                }
+                Write::ForgetSettled { document, change } => {
+                    txn.prepare_cached("DELETE FROM settled WHERE document = ?1 AND change = ?2")?
                         .execute(params![document.as_bytes().as_slice(), change.0.as_slice()])?;
                 }
             }

@@ -61,6 +61,39 @@ fn exercise(storage: &mut dyn Storage) {
             .expect("load"),
         None
     );
+
+    // Settled statuses: kept in the order settled, replaced per change, forgotten on request.
+    let confirmed = SettledEntry {
+        document,
+        change: ChangeId([3; 32]),
+        settlement: Settlement::Confirmed { seq: 12 },
+    };
+    let rejected = SettledEntry {
+        document,
+        change: ChangeId([4; 32]),
+        settlement: Settlement::Rejected {
+            code: crate::protocol::ErrorCode::InvariantViolated,
+            reason: "seat 3A is taken".into(),
+        },
+    };
+    let mut settle = Batch::default();
+    settle.push(Write::Settle(confirmed.clone()));
+    settle.push(Write::Settle(rejected.clone()));
+    storage.write(&settle).expect("settle");
+    assert_eq!(
+        storage.settled().expect("settled"),
+        vec![confirmed.clone(), rejected.clone()]
+    );
+    let mut forget = Batch::default();
+    forget.push(Write::ForgetSettled {
+        document,
+        change: ChangeId([3; 32]),
+    });
+    storage.write(&forget).expect("forget");
+    assert_eq!(storage.settled().expect("settled"), vec![rejected]);
+    let mut again = Batch::default();
+    again.push(Write::Settle(confirmed.clone()));
+    storage.write(&again).expect("settle again");
 }
 
 #[test]
@@ -80,6 +113,13 @@ fn sqlite_storage_keeps_what_it_is_given_across_reopen() {
         .expect("load")
         .expect("present");
     assert_eq!(stored.snapshot, Some(vec![9, 9]));
+    let settled = reopened.settled().expect("settled");
+    assert_eq!(settled.len(), 2, "statuses survive a reopen");
+    assert_eq!(
+        settled[1].settlement,
+        Settlement::Confirmed { seq: 12 },
+        "a status settled again moves to the end"
+    );
 }
 
 #[cfg(all(feature = "sqlite", not(target_arch = "wasm32")))]
@@ -126,4 +166,12 @@ fn sqlite_corrupt_rows_are_typed_errors() {
         )
         .expect("bad outbox row");
     assert!(matches!(storage.outbox(), Err(StorageError::Corrupt(_))));
+    storage
+        .connection()
+        .execute(
+            "INSERT INTO settled (document, change, seq, code) VALUES (?1, zeroblob(32), 1, 2)",
+            [good.as_bytes().as_slice()],
+        )
+        .expect("a row both confirmed and rejected");
+    assert!(matches!(storage.settled(), Err(StorageError::Corrupt(_))));
 }
