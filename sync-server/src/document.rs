@@ -8,11 +8,11 @@
 //! sync state while uncommitted changes sit in the document. A document with no subscribers for
 //! `idle_evict` is dropped from memory and reloaded from SQLite on next use.
 //!
-//! Architecture Invariant: no lock, queue or sequence is shared across documents; the registry's
-//! lock is held only to find or start an actor.
+//! Architecture Invariant: no lock or sequence is shared across documents; the registry's lock is
+//! held only to find or start an actor. The one queue they share is the store's (`storage`): its
+//! writer thread commits the writes of every document queued at once in one transaction.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::connection::{CloseReason, Outbox};
 use crate::metrics::Metrics;
-use crate::store::{NewCommit, Store, StoreError, StoredDocument};
+use crate::storage::Storage;
+use crate::store::{NewCommit, StoreError, StoredDocument};
 use crate::Config;
 
 /// The server's own replica id: the author of the changes made over the REST API. Only a
@@ -130,7 +131,9 @@ struct Entry {
 
 /// The registry of document actors.
 pub(crate) struct Documents {
-    config: Config,
+    /// Shared by every actor (one copy of the schemas, not one per document).
+    config: Arc<Config>,
+    storage: Storage,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     alive: Mutex<Option<mpsc::Sender<()>>>,
@@ -165,12 +168,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Documents {
     pub(crate) fn new(
         config: Config,
+        storage: Storage,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
         alive: mpsc::Sender<()>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            config,
+            config: Arc::new(config),
+            storage,
             metrics,
             shutdown,
             alive: Mutex::new(Some(alive)),
@@ -203,10 +208,9 @@ impl Documents {
         let actor = Actor {
             document,
             config: self.config.clone(),
-            database: self.config.database_path(),
+            storage: self.storage.clone(),
             metrics: self.metrics.clone(),
             documents: self.clone(),
-            store: None,
             state: None,
             subscribers: BTreeMap::new(),
             pending: Pending::default(),
@@ -290,41 +294,15 @@ struct Pending {
 
 struct Actor {
     document: DocumentId,
-    config: Config,
-    database: PathBuf,
+    config: Arc<Config>,
+    storage: Storage,
     metrics: Arc<Metrics>,
     documents: Arc<Documents>,
-    store: Option<Store>,
     state: Option<Loaded>,
     subscribers: BTreeMap<u64, Subscriber>,
     pending: Pending,
     /// The level-triggered reconciliation period; doubled while violations stay open.
     tick: Duration,
-}
-
-/// Runs `f` on the store in a blocking thread, opening it first if needed.
-async fn with_store<T, F>(store: &mut Option<Store>, database: &Path, f: F) -> Result<T, StoreError>
-where
-    T: Send + 'static,
-    F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
-{
-    let taken = store.take();
-    let database = database.to_path_buf();
-    let (returned, result) = tokio::task::spawn_blocking(move || {
-        let mut store = match taken {
-            Some(store) => store,
-            None => match Store::open(&database) {
-                Ok(store) => store,
-                Err(e) => return (None, Err(e)),
-            },
-        };
-        let result = f(&mut store);
-        (Some(store), result)
-    })
-    .await
-    .map_err(|e| StoreError::Task(e.to_string()))?;
-    *store = returned;
-    result
 }
 
 enum Found {
@@ -513,19 +491,21 @@ impl Actor {
     /// Loads the document, creating it as `create` when it is missing and that is given.
     async fn load(&mut self, create: Option<DocKind>) -> Result<Option<Loaded>, StoreError> {
         let document = self.document;
-        let found = with_store(&mut self.store, &self.database, move |store| {
-            Ok(match store.load(document)? {
-                Some(stored) => Found::Stored(stored),
-                None => match create {
-                    Some(kind) => {
-                        store.create(document, kind)?;
-                        Found::Created(kind)
-                    }
+        let mut found = match self.storage.read(move |store| store.load(document)).await? {
+            Some(stored) => Found::Stored(stored),
+            None => Found::Missing,
+        };
+        if let (Found::Missing, Some(kind)) = (&found, create) {
+            found = if self.storage.create(document, kind).await? {
+                Found::Created(kind)
+            } else {
+                // Created meanwhile (over REST): load what is stored.
+                match self.storage.read(move |store| store.load(document)).await? {
+                    Some(stored) => Found::Stored(stored),
                     None => Found::Missing,
-                },
-            })
-        })
-        .await?;
+                }
+            };
+        }
         let loaded = match found {
             Found::Missing => return Ok(None),
             Found::Created(kind) => Loaded {
@@ -686,10 +666,10 @@ impl Actor {
         let document = self.document;
         let limit = self.config.max_catchup_acks;
         let own = if since_seq < head_seq {
-            match with_store(&mut self.store, &self.database, move |store| {
-                store.commits_by(document, since_seq, replica, limit)
-            })
-            .await
+            match self
+                .storage
+                .read(move |store| store.commits_by(document, since_seq, replica, limit))
+                .await
             {
                 Ok(own) => own,
                 Err(error) => {
@@ -965,10 +945,9 @@ impl Actor {
                 })
                 .collect();
             let started = Instant::now();
-            with_store(&mut self.store, &self.database, move |store| {
-                store.commit(document, head, &commits, snapshot.as_deref())
-            })
-            .await?;
+            self.storage
+                .commit(document, head, commits, snapshot)
+                .await?;
             self.metrics.observe_commit(started.elapsed());
             for change in &pending.changes {
                 if let Some(detected) = change.detected {
@@ -1014,10 +993,10 @@ impl Actor {
             Vec::new()
         } else {
             let ids: Vec<ChangeId> = pending.duplicates.iter().map(|(_, id)| *id).collect();
-            let found = with_store(&mut self.store, &self.database, move |store| {
-                store.seqs_of(document, &ids)
-            })
-            .await;
+            let found = self
+                .storage
+                .read(move |store| store.seqs_of(document, &ids))
+                .await;
             match found {
                 Ok(seqs) => pending.duplicates.into_iter().zip(seqs).collect(),
                 Err(error) => {
