@@ -206,10 +206,12 @@ pub async fn run_with_metrics(
     std::fs::create_dir_all(&config.data_dir)?;
     let database = config.database_path();
     let storage_config = config.storage.clone();
-    let storage =
-        tokio::task::spawn_blocking(move || storage::Storage::open(&database, &storage_config))
-            .await
-            .map_err(|e| store::StoreError::Task(e.to_string()))??;
+    let storage_metrics = metrics.clone();
+    let storage = tokio::task::spawn_blocking(move || {
+        storage::Storage::open(&database, &storage_config, storage_metrics)
+    })
+    .await
+    .map_err(|e| store::StoreError::Task(e.to_string()))??;
     if matches!(config.auth, AuthMode::Disabled) {
         tracing::warn!("AUTH IS DISABLED: EVERY CLIENT MAY READ AND WRITE EVERY DOCUMENT");
     }

@@ -21,13 +21,14 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use accord_engine::{DocKind, DocumentId};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::Metrics;
 use crate::store::{NewCommit, Store, StoreError, Write, Written};
 
 /// The sizes of the shared store's threads and queues.
@@ -69,22 +70,17 @@ struct WriteRequest {
 pub struct Storage {
     writes: mpsc::Sender<WriteRequest>,
     reads: mpsc::Sender<ReadJob>,
-    stats: Arc<Stats>,
-}
-
-/// What the writer thread did so far.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Transactions committed (or failed): one fsync each.
-    pub transactions: AtomicU64,
-    /// Writes in them.
-    pub writes: AtomicU64,
 }
 
 impl Storage {
-    /// Opens the database at `path` (creating it) and starts the writer and reader threads.
-    /// Blocks while opening: call it from a blocking context.
-    pub fn open(path: &Path, config: &StorageConfig) -> Result<Self, StoreError> {
+    /// Opens the database at `path` (creating it) and starts the writer and reader threads; the
+    /// writer counts its transactions in `metrics`. Blocks while opening: call it from a
+    /// blocking context.
+    pub fn open(
+        path: &Path,
+        config: &StorageConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         let writer = Store::open_writer(path, config.busy_timeout)?;
         let readers = (0..config.readers.max(1))
             .map(|_| Store::open_reader(path))
@@ -92,11 +88,9 @@ impl Storage {
         let (writes, write_rx) = mpsc::channel(config.write_queue.max(1));
         let (reads, read_rx) = mpsc::channel::<ReadJob>(config.read_queue.max(1));
         let max_group = config.max_group.max(1);
-        let stats = Arc::new(Stats::default());
-        let writer_stats = stats.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(writer, write_rx, max_group, &writer_stats))
+            .spawn(move || write_loop(writer, write_rx, max_group, &metrics))
             .map_err(|e| StoreError::Task(format!("no writer thread: {e}")))?;
         let read_rx = Arc::new(Mutex::new(read_rx));
         for (index, reader) in readers.into_iter().enumerate() {
@@ -106,16 +100,7 @@ impl Storage {
                 .spawn(move || read_loop(reader, &read_rx))
                 .map_err(|e| StoreError::Task(format!("no reader thread: {e}")))?;
         }
-        Ok(Self {
-            writes,
-            reads,
-            stats,
-        })
-    }
-
-    /// What the writer thread did so far.
-    pub fn stats(&self) -> &Stats {
-        &self.stats
+        Ok(Self { writes, reads })
     }
 
     /// Commits `commits` (consecutive, after `head_seq`) of `document` and, when given, the
@@ -180,7 +165,7 @@ fn write_loop(
     mut store: Store,
     mut rx: mpsc::Receiver<WriteRequest>,
     max_group: usize,
-    stats: &Stats,
+    metrics: &Metrics,
 ) {
     let mut group = Vec::with_capacity(max_group.min(64));
     while let Some(first) = rx.blocking_recv() {
@@ -194,10 +179,7 @@ fn write_loop(
         let (writes, replies): (Vec<Write>, Vec<_>) =
             group.drain(..).map(|r| (r.write, r.reply)).unzip();
         let result = store.write_group(&writes);
-        stats.transactions.fetch_add(1, Ordering::Relaxed);
-        stats
-            .writes
-            .fetch_add(writes.len() as u64, Ordering::Relaxed);
+        metrics.store_transactions.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
@@ -245,6 +227,10 @@ mod tests {
         }
     }
 
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
     fn doc(n: u8) -> DocumentId {
         DocumentId::from_bytes([n; 16])
     }
@@ -261,7 +247,8 @@ mod tests {
     async fn documents_commit_together_and_fail_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
-        let storage = Storage::open(&path, &StorageConfig::default()).unwrap();
+        let metrics = metrics();
+        let storage = Storage::open(&path, &StorageConfig::default(), metrics.clone()).unwrap();
         for n in 1..=3 {
             assert!(storage.create(doc(n), DocKind::Yrs).await.unwrap());
         }
@@ -270,7 +257,7 @@ mod tests {
         // writes of the two others queue meanwhile and go into one transaction, where the
         // second document's (its head is wrong) fails alone.
         let lock = lock_writes(&path);
-        let transactions = storage.stats().transactions.load(Ordering::Relaxed);
+        let transactions = metrics.store_transactions.load(Ordering::Relaxed);
         let a = tokio::spawn({
             let s = storage.clone();
             async move { s.commit(doc(1), 0, vec![commit(1), commit(2)], None).await }
@@ -300,7 +287,7 @@ mod tests {
         ));
         c.await.unwrap().unwrap();
         assert_eq!(
-            storage.stats().transactions.load(Ordering::Relaxed) - transactions,
+            metrics.store_transactions.load(Ordering::Relaxed) - transactions,
             2,
             "three documents' writes in two transactions"
         );
@@ -336,7 +323,7 @@ mod tests {
             busy_timeout: Duration::from_millis(50),
             ..StorageConfig::default()
         };
-        let storage = Storage::open(&path, &config).unwrap();
+        let storage = Storage::open(&path, &config, metrics()).unwrap();
         storage.create(doc(1), DocKind::Yrs).await.unwrap();
         let lock = lock_writes(&path);
         let writes = (0..3u8).map(|n| {
@@ -364,7 +351,7 @@ mod tests {
             write_queue: 2,
             ..StorageConfig::default()
         };
-        let storage = Storage::open(&path, &config).unwrap();
+        let storage = Storage::open(&path, &config, metrics()).unwrap();
         let lock = lock_writes(&path);
         // The writer takes the first write and waits for the lock; two more fill the queue.
         let mut queued = Vec::new();
@@ -401,7 +388,7 @@ mod tests {
             read_queue: 1,
             ..StorageConfig::default()
         };
-        let storage = Storage::open(&path, &config).unwrap();
+        let storage = Storage::open(&path, &config, metrics()).unwrap();
         // The only reader is busy until `release` fires; one read fills the queue.
         let (release, gate) = std::sync::mpsc::channel::<()>();
         let gate = Mutex::new(gate);
@@ -437,7 +424,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
-        let error = Storage::open(&path, &StorageConfig::default())
+        let error = Storage::open(&path, &StorageConfig::default(), metrics())
             .err()
             .expect("garbage opened");
         assert!(matches!(error, StoreError::Open { .. }), "{error:?}");
@@ -452,7 +439,7 @@ mod tests {
             readers: 1,
             ..StorageConfig::default()
         };
-        let storage = Storage::open(&path, &config).unwrap();
+        let storage = Storage::open(&path, &config, metrics()).unwrap();
         let result: Result<(), _> = storage.read(|_| panic!("boom")).await;
         assert!(matches!(result, Err(StoreError::Closed)));
         assert_eq!(storage.read(|_| Ok(7)).await.unwrap(), 7);
