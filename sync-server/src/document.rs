@@ -253,8 +253,9 @@ impl Documents {
 }
 
 struct Loaded {
-    /// The reconciliation loop, once the document declared a type the server has rules for.
-    reconciler: Option<Reconciler>,
+    /// The reconciliation loop, once the document declared a type the server has rules for
+    /// (boxed: most documents have none, and it is ~400 bytes in place).
+    reconciler: Option<Box<Reconciler>>,
     /// Whether the document's type was looked for already.
     typed: bool,
     doc: Document,
@@ -299,7 +300,8 @@ struct Actor {
     metrics: Arc<Metrics>,
     documents: Arc<Documents>,
     state: Option<Loaded>,
-    subscribers: BTreeMap<u64, Subscriber>,
+    /// Boxed: a B-tree node holds 11 entries, so one or two subscribers in place cost 1.4 KB.
+    subscribers: BTreeMap<u64, Box<Subscriber>>,
     pending: Pending,
     /// The level-triggered reconciliation period; doubled while violations stay open.
     tick: Duration,
@@ -351,7 +353,7 @@ impl Actor {
                     } else {
                         base
                     };
-                    if let Err(error) = self.flush().await {
+                    if let Err(error) = Box::pin(self.flush()).await {
                         self.fail(&error);
                         break;
                     }
@@ -367,13 +369,15 @@ impl Actor {
             }
             let mut result = Ok(());
             for command in batch {
-                result = self.handle(command).await;
+                // Boxed (like the flushes below): the futures of a command's handling are
+                // larger than the idle actor; held in place they would size every actor's task.
+                result = Box::pin(self.handle(command)).await;
                 if result.is_err() {
                     break;
                 }
             }
             if result.is_ok() {
-                result = self.flush().await;
+                result = Box::pin(self.flush()).await;
             }
             if let Err(error) = result {
                 self.fail(&error);
@@ -714,12 +718,12 @@ impl Actor {
         let connection = out.id();
         self.subscribers.insert(
             connection,
-            Subscriber {
+            Box::new(Subscriber {
                 out,
                 sync: DocSync::new(kind, SyncRole::Downstream),
                 read_only,
                 replica,
-            },
+            }),
         );
         self.pending.dirty.insert(connection);
         Ok(true)
@@ -841,9 +845,9 @@ impl Actor {
                     .iter()
                     .find(|s| s.document_type == document_type)
                 {
-                    state.reconciler = Some(Reconciler::new(
+                    state.reconciler = Some(Box::new(Reconciler::new(
                         schema, document, state.kind, "server", true,
-                    ));
+                    )));
                 }
             }
         }
