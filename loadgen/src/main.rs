@@ -600,6 +600,7 @@ async fn commits(
         (
             m.changes_committed.load(Ordering::Relaxed),
             m.commits.load(Ordering::Relaxed),
+            m.store_transactions.load(Ordering::Relaxed),
         )
     });
     let start = Arc::new(Barrier::new(args.writers + 1));
@@ -662,13 +663,14 @@ async fn commits(
             percentile(&total.ack_micros, 99.0)
         ),
     ));
-    if let (Some(m), Some((changes0, commits0))) = (metrics, before) {
+    if let (Some(m), Some((changes0, commits0, txns0))) = (metrics, before) {
         let changes = m.changes_committed.load(Ordering::Relaxed) - changes0;
-        let txns = m.commits.load(Ordering::Relaxed) - commits0;
+        let commits = m.commits.load(Ordering::Relaxed) - commits0;
+        let txns = m.store_transactions.load(Ordering::Relaxed) - txns0;
         rows.push((
             s.clone(),
-            "server commits (transactions)".into(),
-            txns.to_string(),
+            "document commits / SQLite transactions".into(),
+            format!("{commits} / {txns}"),
         ));
         rows.push((
             s,

@@ -8,11 +8,11 @@
 //! sync state while uncommitted changes sit in the document. A document with no subscribers for
 //! `idle_evict` is dropped from memory and reloaded from SQLite on next use.
 //!
-//! Architecture Invariant: no lock, queue or sequence is shared across documents; the registry's
-//! lock is held only to find or start an actor.
+//! Architecture Invariant: no lock or sequence is shared across documents; the registry's lock is
+//! held only to find or start an actor. The one queue they share is the store's (`storage`): its
+//! writer thread commits the writes of every document queued at once in one transaction.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::connection::{CloseReason, Outbox};
 use crate::metrics::Metrics;
-use crate::store::{NewCommit, Store, StoreError, StoredDocument};
+use crate::storage::Storage;
+use crate::store::{NewCommit, StoreError, StoredDocument};
 use crate::Config;
 
 /// The server's own replica id: the author of the changes made over the REST API. Only a
@@ -130,7 +131,9 @@ struct Entry {
 
 /// The registry of document actors.
 pub(crate) struct Documents {
-    config: Config,
+    /// Shared by every actor (one copy of the schemas, not one per document).
+    config: Arc<Config>,
+    storage: Storage,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     alive: Mutex<Option<mpsc::Sender<()>>>,
@@ -165,12 +168,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Documents {
     pub(crate) fn new(
         config: Config,
+        storage: Storage,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
         alive: mpsc::Sender<()>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            config,
+            config: Arc::new(config),
+            storage,
             metrics,
             shutdown,
             alive: Mutex::new(Some(alive)),
@@ -203,10 +208,9 @@ impl Documents {
         let actor = Actor {
             document,
             config: self.config.clone(),
-            database: self.config.database_path(),
+            storage: self.storage.clone(),
             metrics: self.metrics.clone(),
             documents: self.clone(),
-            store: None,
             state: None,
             subscribers: BTreeMap::new(),
             pending: Pending::default(),
@@ -249,8 +253,9 @@ impl Documents {
 }
 
 struct Loaded {
-    /// The reconciliation loop, once the document declared a type the server has rules for.
-    reconciler: Option<Reconciler>,
+    /// The reconciliation loop, once the document declared a type the server has rules for
+    /// (boxed: most documents have none, and it is ~400 bytes in place).
+    reconciler: Option<Box<Reconciler>>,
     /// Whether the document's type was looked for already.
     typed: bool,
     doc: Document,
@@ -290,41 +295,16 @@ struct Pending {
 
 struct Actor {
     document: DocumentId,
-    config: Config,
-    database: PathBuf,
+    config: Arc<Config>,
+    storage: Storage,
     metrics: Arc<Metrics>,
     documents: Arc<Documents>,
-    store: Option<Store>,
     state: Option<Loaded>,
-    subscribers: BTreeMap<u64, Subscriber>,
+    /// Boxed: a B-tree node holds 11 entries, so one or two subscribers in place cost 1.4 KB.
+    subscribers: BTreeMap<u64, Box<Subscriber>>,
     pending: Pending,
     /// The level-triggered reconciliation period; doubled while violations stay open.
     tick: Duration,
-}
-
-/// Runs `f` on the store in a blocking thread, opening it first if needed.
-async fn with_store<T, F>(store: &mut Option<Store>, database: &Path, f: F) -> Result<T, StoreError>
-where
-    T: Send + 'static,
-    F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
-{
-    let taken = store.take();
-    let database = database.to_path_buf();
-    let (returned, result) = tokio::task::spawn_blocking(move || {
-        let mut store = match taken {
-            Some(store) => store,
-            None => match Store::open(&database) {
-                Ok(store) => store,
-                Err(e) => return (None, Err(e)),
-            },
-        };
-        let result = f(&mut store);
-        (Some(store), result)
-    })
-    .await
-    .map_err(|e| StoreError::Task(e.to_string()))?;
-    *store = returned;
-    result
 }
 
 enum Found {
@@ -373,7 +353,7 @@ impl Actor {
                     } else {
                         base
                     };
-                    if let Err(error) = self.flush().await {
+                    if let Err(error) = Box::pin(self.flush()).await {
                         self.fail(&error);
                         break;
                     }
@@ -389,13 +369,15 @@ impl Actor {
             }
             let mut result = Ok(());
             for command in batch {
-                result = self.handle(command).await;
+                // Boxed (like the flushes below): the futures of a command's handling are
+                // larger than the idle actor; held in place they would size every actor's task.
+                result = Box::pin(self.handle(command)).await;
                 if result.is_err() {
                     break;
                 }
             }
             if result.is_ok() {
-                result = self.flush().await;
+                result = Box::pin(self.flush()).await;
             }
             if let Err(error) = result {
                 self.fail(&error);
@@ -513,19 +495,21 @@ impl Actor {
     /// Loads the document, creating it as `create` when it is missing and that is given.
     async fn load(&mut self, create: Option<DocKind>) -> Result<Option<Loaded>, StoreError> {
         let document = self.document;
-        let found = with_store(&mut self.store, &self.database, move |store| {
-            Ok(match store.load(document)? {
-                Some(stored) => Found::Stored(stored),
-                None => match create {
-                    Some(kind) => {
-                        store.create(document, kind)?;
-                        Found::Created(kind)
-                    }
+        let mut found = match self.storage.read(move |store| store.load(document)).await? {
+            Some(stored) => Found::Stored(stored),
+            None => Found::Missing,
+        };
+        if let (Found::Missing, Some(kind)) = (&found, create) {
+            found = if self.storage.create(document, kind).await? {
+                Found::Created(kind)
+            } else {
+                // Created meanwhile (over REST): load what is stored.
+                match self.storage.read(move |store| store.load(document)).await? {
+                    Some(stored) => Found::Stored(stored),
                     None => Found::Missing,
-                },
-            })
-        })
-        .await?;
+                }
+            };
+        }
         let loaded = match found {
             Found::Missing => return Ok(None),
             Found::Created(kind) => Loaded {
@@ -686,10 +670,10 @@ impl Actor {
         let document = self.document;
         let limit = self.config.max_catchup_acks;
         let own = if since_seq < head_seq {
-            match with_store(&mut self.store, &self.database, move |store| {
-                store.commits_by(document, since_seq, replica, limit)
-            })
-            .await
+            match self
+                .storage
+                .read(move |store| store.commits_by(document, since_seq, replica, limit))
+                .await
             {
                 Ok(own) => own,
                 Err(error) => {
@@ -734,12 +718,12 @@ impl Actor {
         let connection = out.id();
         self.subscribers.insert(
             connection,
-            Subscriber {
+            Box::new(Subscriber {
                 out,
                 sync: DocSync::new(kind, SyncRole::Downstream),
                 read_only,
                 replica,
-            },
+            }),
         );
         self.pending.dirty.insert(connection);
         Ok(true)
@@ -861,9 +845,9 @@ impl Actor {
                     .iter()
                     .find(|s| s.document_type == document_type)
                 {
-                    state.reconciler = Some(Reconciler::new(
+                    state.reconciler = Some(Box::new(Reconciler::new(
                         schema, document, state.kind, "server", true,
-                    ));
+                    )));
                 }
             }
         }
@@ -965,10 +949,9 @@ impl Actor {
                 })
                 .collect();
             let started = Instant::now();
-            with_store(&mut self.store, &self.database, move |store| {
-                store.commit(document, head, &commits, snapshot.as_deref())
-            })
-            .await?;
+            self.storage
+                .commit(document, head, commits, snapshot)
+                .await?;
             self.metrics.observe_commit(started.elapsed());
             for change in &pending.changes {
                 if let Some(detected) = change.detected {
@@ -1014,10 +997,10 @@ impl Actor {
             Vec::new()
         } else {
             let ids: Vec<ChangeId> = pending.duplicates.iter().map(|(_, id)| *id).collect();
-            let found = with_store(&mut self.store, &self.database, move |store| {
-                store.seqs_of(document, &ids)
-            })
-            .await;
+            let found = self
+                .storage
+                .read(move |store| store.seqs_of(document, &ids))
+                .await;
             match found {
                 Ok(seqs) => pending.duplicates.into_iter().zip(seqs).collect(),
                 Err(error) => {

@@ -13,12 +13,15 @@
 //! - `connection`: one WebSocket: hello and auth, limits, the bounded outbound queue.
 //! - `document`: one task per loaded document, owning it, its head sequence number and one
 //!   sync state per subscriber; group commit; idle eviction.
-//! - [`store`]: the SQLite database.
+//! - [`store`]: the SQLite database; [`storage`]: its one writer thread (cross-document group
+//!   commit) and few reader threads, shared by every document.
 //! - [`auth`]: the HMAC-SHA256 tokens.
 //! - [`metrics`]: the Prometheus text.
 //!
-//! Architecture Invariant: documents share no lock, queue or sequence; a slow client never
-//! blocks a document (its queue is bounded and it is disconnected when the queue is full).
+//! Architecture Invariant: documents share no lock or sequence, and only one queue: the store's
+//! (one writer thread commits every document's writes together, one fsync for many documents);
+//! a slow client never blocks a document (its queue is bounded and it is disconnected when the
+//! queue is full).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), accord_server::ServerError> {
@@ -38,6 +41,7 @@ mod document;
 pub mod metrics;
 mod rest;
 mod static_files;
+pub mod storage;
 pub mod store;
 mod yws;
 
@@ -106,6 +110,8 @@ pub struct Config {
     /// A directory of static files (the demo app) served at `/` for paths no route takes;
     /// `None` (the default) serves nothing.
     pub demo_dir: Option<PathBuf>,
+    /// The store's reader threads and queues ([`storage`]).
+    pub storage: storage::StorageConfig,
 }
 
 impl Config {
@@ -132,6 +138,7 @@ impl Config {
             demo_dir: None,
             schemas: Vec::new(),
             reconcile_interval: Duration::from_secs(5),
+            storage: storage::StorageConfig::default(),
         }
     }
 
@@ -169,8 +176,8 @@ pub(crate) struct Shared {
     /// Every connection task holds a clone; shutdown waits until all are dropped.
     pub(crate) alive: mpsc::Sender<()>,
     pub(crate) next_connection: std::sync::atomic::AtomicU64,
-    /// SQLite connections for REST requests that do not go through an actor.
-    pub(crate) pool: Arc<rest::StorePool>,
+    /// The store, for REST requests that do not go through an actor.
+    pub(crate) storage: storage::Storage,
     /// Permits for REST requests in flight.
     pub(crate) rest_permits: Arc<Semaphore>,
     /// Presence relays and the peer id of the foreign-protocol endpoints.
@@ -198,10 +205,13 @@ pub async fn run_with_metrics(
 ) -> Result<(), ServerError> {
     std::fs::create_dir_all(&config.data_dir)?;
     let database = config.database_path();
-    let database_path = database.clone();
-    tokio::task::spawn_blocking(move || store::Store::open(&database).map(drop))
-        .await
-        .map_err(|e| store::StoreError::Task(e.to_string()))??;
+    let storage_config = config.storage.clone();
+    let storage_metrics = metrics.clone();
+    let storage = tokio::task::spawn_blocking(move || {
+        storage::Storage::open(&database, &storage_config, storage_metrics)
+    })
+    .await
+    .map_err(|e| store::StoreError::Task(e.to_string()))??;
     if matches!(config.auth, AuthMode::Disabled) {
         tracing::warn!("AUTH IS DISABLED: EVERY CLIENT MAY READ AND WRITE EVERY DOCUMENT");
     }
@@ -209,6 +219,7 @@ pub async fn run_with_metrics(
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let documents = Documents::new(
         config.clone(),
+        storage.clone(),
         metrics.clone(),
         shutdown_rx.clone(),
         alive_tx.clone(),
@@ -222,7 +233,7 @@ pub async fn run_with_metrics(
         shutdown: shutdown_rx,
         alive: alive_tx,
         next_connection: std::sync::atomic::AtomicU64::new(1),
-        pool: Arc::new(rest::StorePool::new(database_path)),
+        storage,
         compat: compat::Compat::new(),
     });
     let grace = shared.config.shutdown_grace;

@@ -23,8 +23,12 @@ pub struct Metrics {
     pub documents_loaded: AtomicI64,
     /// Changes committed since start.
     pub changes_committed: AtomicU64,
-    /// Commit transactions since start.
+    /// Document commits since start (one per document per group commit; several documents'
+    /// commits share one SQLite transaction: see `store_transactions`).
     pub commits: AtomicU64,
+    /// SQLite write transactions since start: one fsync each, holding the commits of every
+    /// document that was queued for the store's writer at the time.
+    pub store_transactions: AtomicU64,
     /// Bytes received in WebSocket frames.
     pub bytes_in: AtomicU64,
     /// Bytes sent in WebSocket frames.
@@ -107,7 +111,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let scalars: [(&str, &str, &str, String); 5] = [
+        let scalars: [(&str, &str, &str, String); 6] = [
             (
                 "accord_connections",
                 "gauge",
@@ -125,6 +129,12 @@ impl Metrics {
                 "counter",
                 "Changes durably committed.",
                 self.changes_committed.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "accord_store_transactions_total",
+                "counter",
+                "SQLite write transactions (one fsync each; a group commit across documents).",
+                self.store_transactions.load(Ordering::Relaxed).to_string(),
             ),
             (
                 "accord_bytes_in_total",

@@ -24,8 +24,7 @@
 //! bodies are limited to [`crate::Config::max_rest_body_bytes`], and requests beyond
 //! [`crate::Config::max_rest_in_flight`] at once get 503 `overloaded`.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use accord_engine::{DocKind, DocumentId, Op};
 use axum::body::Bytes;
@@ -43,7 +42,6 @@ use serde_json::json;
 
 use crate::auth::{self, AuthError, AuthMode, Claims, Grant, Rights, Scope};
 use crate::document::{server_replica, Applied, Command, DocState, Refusal};
-use crate::store::{Store, StoreError};
 use crate::Shared;
 
 /// Feed lines when no `limit` is given.
@@ -55,8 +53,6 @@ const FEED_MAX_BYTES: usize = 16 << 20;
 /// Token lifetime when none is given, and at most.
 const TOKEN_TTL_DEFAULT: u64 = 3_600;
 const TOKEN_TTL_MAX: u64 = 366 * 86_400;
-/// SQLite connections kept open for REST reads.
-const POOL_IDLE: usize = 4;
 
 /// The REST routes: bodies limited to `max_rest_body_bytes`, at most `max_rest_in_flight`
 /// requests at once.
@@ -157,53 +153,6 @@ impl From<Refusal> for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
-
-/// A few SQLite connections reused by REST requests that read or create without the actor.
-pub(crate) struct StorePool {
-    database: PathBuf,
-    idle: Mutex<Vec<Store>>,
-}
-
-impl StorePool {
-    /// A pool over the database at `database`, opening connections on demand.
-    pub(crate) fn new(database: PathBuf) -> Self {
-        Self {
-            database,
-            idle: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Runs `f` on a pooled connection in a blocking thread.
-    async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
-    {
-        let pool = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let taken = pool
-                .idle
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .pop();
-            let mut store = match taken {
-                Some(store) => store,
-                None => Store::open(&pool.database)?,
-            };
-            let result = f(&mut store);
-            let mut idle = pool
-                .idle
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if idle.len() < POOL_IDLE {
-                idle.push(store);
-            }
-            result
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
-    }
-}
 
 /// The bearer token of a request, if any.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -327,8 +276,8 @@ async fn create(
     authorize(&shared, &headers, document, true)?;
     let kind = request.kind;
     let created = shared
-        .pool
-        .run(move |store| store.create_new(document, kind))
+        .storage
+        .create(document, kind)
         .await
         .map_err(ApiError::storage)?;
     if !created {
@@ -462,8 +411,8 @@ async fn feed(
     let limit = query.limit.unwrap_or(FEED_DEFAULT).clamp(1, FEED_MAX);
     let since = query.since;
     let found = shared
-        .pool
-        .run(move |store| {
+        .storage
+        .read(move |store| {
             let Some((_, head)) = store.head(document)? else {
                 return Ok(None);
             };

@@ -6,10 +6,13 @@
 //!   replica whose connection sent it, and its bytes until a snapshot covers it (compaction keeps
 //!   the `(seq, change_id)` index and drops the bytes).
 //!
-//! Each document actor opens its own connection; a commit is one `BEGIN IMMEDIATE` transaction.
-//! Bytes that do not read back are [`StoreError::Corrupt`], never a panic.
+//! The server opens one writing connection and a few reading ones, all shared by every document
+//! (see `storage`): [`Store::write_group`] commits the writes of many documents in one
+//! `BEGIN IMMEDIATE` transaction, each in its own savepoint. Bytes that do not read back are
+//! [`StoreError::Corrupt`], never a panic.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::{ChangeId, DocKind, DocumentId, ReplicaId};
@@ -42,6 +45,20 @@ pub enum StoreError {
     /// The blocking task running a store call failed.
     #[error("store task failed: {0}")]
     Task(String),
+    /// The database at this path does not open (not a database, unreadable, corrupt).
+    #[error("the database {path} does not open: {source}")]
+    Open {
+        /// The database file.
+        path: String,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// The transaction this write was grouped into failed as a whole: nothing of it is stored.
+    #[error("group commit failed: {0}")]
+    GroupCommit(Arc<StoreError>),
+    /// The store's threads are gone (the server is stopping, or a store thread died).
+    #[error("the store is closed")]
+    Closed,
 }
 
 /// A document as stored.
@@ -92,6 +109,38 @@ pub struct Store {
     conn: Connection,
 }
 
+/// One write of a group commit ([`Store::write_group`]).
+#[derive(Debug)]
+pub enum Write {
+    /// [`Store::commit`].
+    Commit {
+        /// The document.
+        document: DocumentId,
+        /// The head the commits follow.
+        head_seq: u64,
+        /// The commits, consecutive after `head_seq`.
+        commits: Vec<NewCommit>,
+        /// A snapshot covering the last of them, if one is due.
+        snapshot: Option<Vec<u8>>,
+    },
+    /// [`Store::create_new`].
+    Create {
+        /// The document.
+        document: DocumentId,
+        /// Its kind.
+        kind: DocKind,
+    },
+}
+
+/// What a [`Write`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// The commits are stored.
+    Committed,
+    /// The document was created (true) or existed already (false).
+    Created(bool),
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS documents (
     id BLOB PRIMARY KEY,
@@ -140,14 +189,100 @@ fn change_id(document: DocumentId, bytes: &[u8]) -> Result<ChangeId, StoreError>
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path` for writing: WAL, `synchronous=FULL`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn })
+        Self::open_writer(path, Duration::from_secs(30))
+    }
+
+    /// [`Store::open`], waiting at most `busy` for a lock another process holds.
+    pub fn open_writer(path: &Path, busy: Duration) -> Result<Self, StoreError> {
+        let opened = (|| {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(busy)?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.execute_batch(SCHEMA)?;
+            Ok(conn)
+        })();
+        opened
+            .map(|conn| Self { conn })
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
+    /// Opens the database at `path` (which [`Store::open`] created) for reading only. In WAL
+    /// mode readers see the last commit and neither wait for the writer nor block it.
+    pub fn open_reader(path: &Path) -> Result<Self, StoreError> {
+        let opened = (|| {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(Duration::from_secs(30))?;
+            conn.pragma_update(None, "query_only", true)?;
+            // Reads the schema now, so a file that is not a database fails here.
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+            Ok(conn)
+        })();
+        opened
+            .map(|conn| Self { conn })
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
+    /// Runs `writes` in one transaction (one fsync), each in its own savepoint: a write that
+    /// fails is rolled back alone and reported in its slot. The outer error means the
+    /// transaction as a whole failed (it did not begin, SQLite aborted it, or the commit
+    /// failed): nothing of it is stored.
+    pub fn write_group(
+        &mut self,
+        writes: &[Write],
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        let mut tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut out = Vec::with_capacity(writes.len());
+        for write in writes {
+            let savepoint = tx.savepoint()?;
+            let result = match write {
+                Write::Commit {
+                    document,
+                    head_seq,
+                    commits,
+                    snapshot,
+                } => write_commit(
+                    &savepoint,
+                    *document,
+                    *head_seq,
+                    commits,
+                    snapshot.as_deref(),
+                )
+                .map(|()| Written::Committed),
+                Write::Create { document, kind } => {
+                    write_create(&savepoint, *document, *kind).map(Written::Created)
+                }
+            };
+            match result {
+                Ok(written) => {
+                    savepoint.commit()?;
+                    out.push(Ok(written));
+                }
+                Err(error) => {
+                    // Dropping the savepoint rolls this write back.
+                    drop(savepoint);
+                    if tx.is_autocommit() {
+                        // SQLite rolled the whole transaction back (I/O error, disk full).
+                        return Err(error);
+                    }
+                    out.push(Err(error));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     /// The raw connection (for tests and tools).
@@ -157,78 +292,12 @@ impl Store {
 
     /// Loads a document, if stored.
     pub fn load(&mut self, document: DocumentId) -> Result<Option<StoredDocument>, StoreError> {
-        let key = document.as_bytes().as_slice();
-        let row = self
-            .conn
-            .query_row(
-                "SELECT kind, snapshot, snapshot_seq, head_seq FROM documents WHERE id = ?1",
-                [key],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, Option<Vec<u8>>>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                    ))
-                },
-            )
-            .optional()?;
-        let Some((kind, snapshot, snapshot_seq, head_seq)) = row else {
-            return Ok(None);
-        };
-        let kind = to_kind(document, kind)?;
-        let snapshot_seq = to_u64(document, snapshot_seq)?;
-        let head_seq = to_u64(document, head_seq)?;
-        let mut changes = Vec::new();
-        let mut statement = self.conn.prepare_cached(
-            "SELECT seq, bytes FROM commits WHERE document = ?1 AND seq > ?2 ORDER BY seq",
-        )?;
-        let mut rows = statement.query(params![key, to_i64(snapshot_seq)])?;
-        let mut expected = snapshot_seq + 1;
-        while let Some(row) = rows.next()? {
-            let seq = to_u64(document, row.get(0)?)?;
-            let bytes: Option<Vec<u8>> = row.get(1)?;
-            let bytes = bytes.ok_or_else(|| StoreError::Corrupt {
-                document: document.to_string(),
-                detail: format!("commit {seq} after the snapshot has no bytes"),
-            })?;
-            if seq != expected {
-                return Err(StoreError::Corrupt {
-                    document: document.to_string(),
-                    detail: format!("commit log has a gap: {seq} where {expected} was due"),
-                });
-            }
-            expected += 1;
-            changes.push(bytes);
-        }
-        drop(rows);
-        drop(statement);
-        if expected - 1 != head_seq {
-            return Err(StoreError::Corrupt {
-                document: document.to_string(),
-                detail: format!("head is {head_seq} but the log ends at {}", expected - 1),
-            });
-        }
-        let head_change = self
-            .conn
-            .query_row(
-                "SELECT change_id FROM commits WHERE document = ?1 AND seq = ?2",
-                params![key, to_i64(head_seq)],
-                |r| r.get::<_, Vec<u8>>(0),
-            )
-            .optional()?
-            .map(|bytes| change_id(document, &bytes))
-            .transpose()?;
-        Ok(Some(StoredDocument {
-            kind,
-            snapshot,
-            snapshot_seq,
-            head_seq,
-            head_change,
-            changes,
-        }))
+        // One read transaction: the row and the log it heads are of the same commit.
+        let tx = self.conn.transaction()?;
+        let loaded = load_in(&tx, document)?;
+        tx.commit()?;
+        Ok(loaded)
     }
-
     /// Creates an empty document.
     pub fn create(&mut self, document: DocumentId, kind: DocKind) -> Result<(), StoreError> {
         self.create_new(document, kind).map(drop)
@@ -236,11 +305,7 @@ impl Store {
 
     /// Creates an empty document unless one with this id exists; false when it existed.
     pub fn create_new(&mut self, document: DocumentId, kind: DocKind) -> Result<bool, StoreError> {
-        let inserted = self.conn.execute(
-            "INSERT OR IGNORE INTO documents (id, kind) VALUES (?1, ?2)",
-            params![document.as_bytes().as_slice(), i64::from(kind.code())],
-        )?;
-        Ok(inserted == 1)
+        write_create(&self.conn, document, kind)
     }
 
     /// Commits `commits` (consecutive, after `head_seq`) in one transaction and, when given,
@@ -252,52 +317,10 @@ impl Store {
         commits: &[NewCommit],
         snapshot: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        let key = document.as_bytes().as_slice();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let found: i64 =
-            tx.query_row("SELECT head_seq FROM documents WHERE id = ?1", [key], |r| {
-                r.get(0)
-            })?;
-        let found = to_u64(document, found)?;
-        if found != head_seq {
-            return Err(StoreError::HeadMismatch {
-                document,
-                expected: head_seq,
-                found,
-            });
-        }
-        let mut last = head_seq;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO commits (document, seq, change_id, author, bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for commit in commits {
-                insert.execute(params![
-                    key,
-                    to_i64(commit.seq),
-                    commit.change.0.as_slice(),
-                    commit.author.as_bytes().as_slice(),
-                    commit.bytes
-                ])?;
-                last = commit.seq;
-            }
-        }
-        tx.execute(
-            "UPDATE documents SET head_seq = ?2 WHERE id = ?1",
-            params![key, to_i64(last)],
-        )?;
-        if let Some(snapshot) = snapshot {
-            tx.execute(
-                "UPDATE documents SET snapshot = ?2, snapshot_seq = ?3 WHERE id = ?1",
-                params![key, snapshot, to_i64(last)],
-            )?;
-            tx.execute(
-                "UPDATE commits SET bytes = NULL WHERE document = ?1 AND seq <= ?2 AND bytes IS NOT NULL",
-                params![key, to_i64(last)],
-            )?;
-        }
+        write_commit(&tx, document, head_seq, commits, snapshot)?;
         tx.commit()?;
         Ok(())
     }
@@ -460,6 +483,147 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+fn write_create(
+    conn: &Connection,
+    document: DocumentId,
+    kind: DocKind,
+) -> Result<bool, StoreError> {
+    let inserted = conn
+        .prepare_cached("INSERT OR IGNORE INTO documents (id, kind) VALUES (?1, ?2)")?
+        .execute(params![
+            document.as_bytes().as_slice(),
+            i64::from(kind.code())
+        ])?;
+    Ok(inserted == 1)
+}
+
+/// The body of [`Store::commit`], inside the caller's transaction or savepoint.
+fn write_commit(
+    conn: &Connection,
+    document: DocumentId,
+    head_seq: u64,
+    commits: &[NewCommit],
+    snapshot: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    let key = document.as_bytes().as_slice();
+    let found: Option<i64> = conn
+        .prepare_cached("SELECT head_seq FROM documents WHERE id = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    let Some(found) = found else {
+        return Err(StoreError::Corrupt {
+            document: document.to_string(),
+            detail: "committing to a document that is not stored".into(),
+        });
+    };
+    let found = to_u64(document, found)?;
+    if found != head_seq {
+        return Err(StoreError::HeadMismatch {
+            document,
+            expected: head_seq,
+            found,
+        });
+    }
+    let mut last = head_seq;
+    {
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO commits (document, seq, change_id, author, bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for commit in commits {
+            insert.execute(params![
+                key,
+                to_i64(commit.seq),
+                commit.change.0.as_slice(),
+                commit.author.as_bytes().as_slice(),
+                commit.bytes
+            ])?;
+            last = commit.seq;
+        }
+    }
+    conn.prepare_cached("UPDATE documents SET head_seq = ?2 WHERE id = ?1")?
+        .execute(params![key, to_i64(last)])?;
+    if let Some(snapshot) = snapshot {
+        conn.prepare_cached("UPDATE documents SET snapshot = ?2, snapshot_seq = ?3 WHERE id = ?1")?
+            .execute(params![key, snapshot, to_i64(last)])?;
+        conn.prepare_cached(
+            "UPDATE commits SET bytes = NULL WHERE document = ?1 AND seq <= ?2 AND bytes IS NOT NULL",
+        )?
+        .execute(params![key, to_i64(last)])?;
+    }
+    Ok(())
+}
+
+fn load_in(conn: &Connection, document: DocumentId) -> Result<Option<StoredDocument>, StoreError> {
+    let key = document.as_bytes().as_slice();
+    let row = conn
+        .query_row(
+            "SELECT kind, snapshot, snapshot_seq, head_seq FROM documents WHERE id = ?1",
+            [key],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<Vec<u8>>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((kind, snapshot, snapshot_seq, head_seq)) = row else {
+        return Ok(None);
+    };
+    let kind = to_kind(document, kind)?;
+    let snapshot_seq = to_u64(document, snapshot_seq)?;
+    let head_seq = to_u64(document, head_seq)?;
+    let mut changes = Vec::new();
+    let mut statement = conn.prepare_cached(
+        "SELECT seq, bytes FROM commits WHERE document = ?1 AND seq > ?2 ORDER BY seq",
+    )?;
+    let mut rows = statement.query(params![key, to_i64(snapshot_seq)])?;
+    let mut expected = snapshot_seq + 1;
+    while let Some(row) = rows.next()? {
+        let seq = to_u64(document, row.get(0)?)?;
+        let bytes: Option<Vec<u8>> = row.get(1)?;
+        let bytes = bytes.ok_or_else(|| StoreError::Corrupt {
+            document: document.to_string(),
+            detail: format!("commit {seq} after the snapshot has no bytes"),
+        })?;
+        if seq != expected {
+            return Err(StoreError::Corrupt {
+                document: document.to_string(),
+                detail: format!("commit log has a gap: {seq} where {expected} was due"),
+            });
+        }
+        expected += 1;
+        changes.push(bytes);
+    }
+    drop(rows);
+    drop(statement);
+    if expected - 1 != head_seq {
+        return Err(StoreError::Corrupt {
+            document: document.to_string(),
+            detail: format!("head is {head_seq} but the log ends at {}", expected - 1),
+        });
+    }
+    let head_change = conn
+        .query_row(
+            "SELECT change_id FROM commits WHERE document = ?1 AND seq = ?2",
+            params![key, to_i64(head_seq)],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .optional()?
+        .map(|bytes| change_id(document, &bytes))
+        .transpose()?;
+    Ok(Some(StoredDocument {
+        kind,
+        snapshot,
+        snapshot_seq,
+        head_seq,
+        head_change,
+        changes,
+    }))
 }
 
 #[cfg(test)]

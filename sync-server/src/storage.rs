@@ -1,0 +1,447 @@
+//! SQLite access shared by every document: one writer thread and a few reader threads.
+//!
+//! - Writes ([`Storage::commit`], [`Storage::create`]) go over one bounded queue to the writer
+//!   thread, which owns the only writing connection. It takes everything queued (up to
+//!   [`StorageConfig::max_group`] writes) and commits it in ONE transaction with
+//!   `synchronous=FULL`: one fsync for the writes of many documents (cross-document group
+//!   commit). Each write runs in its own savepoint, so one document's failure (a head mismatch)
+//!   does not fail the others. A write's reply is sent only after `COMMIT` returned, and the
+//!   document actors acknowledge only after the reply: nothing acknowledged can be lost.
+//! - Reads ([`Storage::read`]: load, catch-up, the change feed) go over one bounded queue to
+//!   [`StorageConfig::readers`] threads, each owning a read-only connection; in WAL mode they see
+//!   the last commit and neither wait for the writer nor block it.
+//!
+//! Before, each document actor opened its own connection (its own page cache, schema and
+//! statements: most of an idle document's memory) and the connections queued on SQLite's
+//! single write lock (busy-handler sleeps: ack p99 above a second under load).
+//!
+//! Both queues are bounded: a full queue makes the caller wait (back-pressure to the document
+//! actors, and from them to the connections). When every [`Storage`] handle is dropped the
+//! threads finish what is queued and exit.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use accord_engine::{DocKind, DocumentId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::store::{NewCommit, Store, StoreError, Write, Written};
+
+/// The sizes of the shared store's threads and queues.
+#[derive(Clone, Debug)]
+pub struct StorageConfig {
+    /// Reader threads (each with its own connection).
+    pub readers: usize,
+    /// Writes waiting for the writer thread; a full queue makes writers wait.
+    pub write_queue: usize,
+    /// Reads waiting for a reader thread; a full queue makes readers wait.
+    pub read_queue: usize,
+    /// Writes committed in one transaction at most.
+    pub max_group: usize,
+    /// How long the writer waits for a lock held by another process before failing.
+    pub busy_timeout: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            readers: 2,
+            write_queue: 1_024,
+            read_queue: 1_024,
+            max_group: 1_024,
+            busy_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+type ReadJob = Box<dyn FnOnce(&mut Store) + Send>;
+
+struct WriteRequest {
+    write: Write,
+    reply: oneshot::Sender<Result<Written, StoreError>>,
+}
+
+/// A handle on the shared store; cheap to clone (one per document actor).
+#[derive(Clone)]
+pub struct Storage {
+    writes: mpsc::Sender<WriteRequest>,
+    reads: mpsc::Sender<ReadJob>,
+}
+
+impl Storage {
+    /// Opens the database at `path` (creating it) and starts the writer and reader threads; the
+    /// writer counts its transactions in `metrics`. Blocks while opening: call it from a
+    /// blocking context.
+    pub fn open(
+        path: &Path,
+        config: &StorageConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        let writer = Store::open_writer(path, config.busy_timeout)?;
+        let readers = (0..config.readers.max(1))
+            .map(|_| Store::open_reader(path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (writes, write_rx) = mpsc::channel(config.write_queue.max(1));
+        let (reads, read_rx) = mpsc::channel::<ReadJob>(config.read_queue.max(1));
+        let max_group = config.max_group.max(1);
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_loop(writer, write_rx, max_group, &metrics))
+            .map_err(|e| StoreError::Task(format!("no writer thread: {e}")))?;
+        let read_rx = Arc::new(Mutex::new(read_rx));
+        for (index, reader) in readers.into_iter().enumerate() {
+            let read_rx = read_rx.clone();
+            std::thread::Builder::new()
+                .name(format!("store-reader-{index}"))
+                .spawn(move || read_loop(reader, &read_rx))
+                .map_err(|e| StoreError::Task(format!("no reader thread: {e}")))?;
+        }
+        Ok(Self { writes, reads })
+    }
+
+    /// Commits `commits` (consecutive, after `head_seq`) of `document` and, when given, the
+    /// snapshot covering the last of them. Returns once the transaction holding them is durable.
+    pub async fn commit(
+        &self,
+        document: DocumentId,
+        head_seq: u64,
+        commits: Vec<NewCommit>,
+        snapshot: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let write = Write::Commit {
+            document,
+            head_seq,
+            commits,
+            snapshot,
+        };
+        match self.write(write).await? {
+            Written::Committed => Ok(()),
+            Written::Created(_) => Err(StoreError::Task(
+                "the writer answered a commit with a create".into(),
+            )),
+        }
+    }
+
+    /// Creates an empty document unless one with this id exists; false when it existed.
+    pub async fn create(&self, document: DocumentId, kind: DocKind) -> Result<bool, StoreError> {
+        match self.write(Write::Create { document, kind }).await? {
+            Written::Created(created) => Ok(created),
+            Written::Committed => Err(StoreError::Task(
+                "the writer answered a create with a commit".into(),
+            )),
+        }
+    }
+
+    async fn write(&self, write: Write) -> Result<Written, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(WriteRequest { write, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a reader's connection (read-only: writes fail) and returns its result.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: ReadJob = Box::new(move |store| {
+            let _ = reply.send(f(store));
+        });
+        self.reads.send(job).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// The writer thread: takes what is queued, commits it in one transaction, replies.
+fn write_loop(
+    mut store: Store,
+    mut rx: mpsc::Receiver<WriteRequest>,
+    max_group: usize,
+    metrics: &Metrics,
+) {
+    let mut group = Vec::with_capacity(max_group.min(64));
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        while group.len() < max_group {
+            match rx.try_recv() {
+                Ok(request) => group.push(request),
+                Err(_) => break,
+            }
+        }
+        let (writes, replies): (Vec<Write>, Vec<_>) =
+            group.drain(..).map(|r| (r.write, r.reply)).unzip();
+        let result = store.write_group(&writes);
+        metrics.store_transactions.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, writes = writes.len(), "group commit failed");
+                let error = Arc::new(error);
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::GroupCommit(error.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// A reader thread: runs read jobs on its connection until the queue closes.
+fn read_loop(mut store: Store, rx: &Mutex<mpsc::Receiver<ReadJob>>) {
+    loop {
+        let job = {
+            let mut rx = rx.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            rx.blocking_recv()
+        };
+        let Some(job) = job else { return };
+        // A panicking job drops its reply (its caller gets `Closed`); the thread goes on.
+        if catch_unwind(AssertUnwindSafe(|| job(&mut store))).is_err() {
+            tracing::error!("a store read panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use accord_engine::{ChangeId, ReplicaId};
+    use rusqlite::Connection;
+
+    fn commit(seq: u64) -> NewCommit {
+        NewCommit {
+            seq,
+            change: ChangeId([seq as u8; 32]),
+            author: ReplicaId::from_bytes([2; 16]),
+            bytes: vec![seq as u8],
+        }
+    }
+
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    fn doc(n: u8) -> DocumentId {
+        DocumentId::from_bytes([n; 16])
+    }
+
+    /// Holds SQLite's write lock from another connection, so the writer thread waits in
+    /// `BEGIN IMMEDIATE`.
+    fn lock_writes(path: &Path) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        conn
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn documents_commit_together_and_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let metrics = metrics();
+        let storage = Storage::open(&path, &StorageConfig::default(), metrics.clone()).unwrap();
+        for n in 1..=3 {
+            assert!(storage.create(doc(n), DocKind::Yrs).await.unwrap());
+        }
+        assert!(!storage.create(doc(1), DocKind::Yrs).await.unwrap());
+        // The writer takes the first document's write and waits for a lock held elsewhere; the
+        // writes of the two others queue meanwhile and go into one transaction, where the
+        // second document's (its head is wrong) fails alone.
+        let lock = lock_writes(&path);
+        let transactions = metrics.store_transactions.load(Ordering::Relaxed);
+        let a = tokio::spawn({
+            let s = storage.clone();
+            async move { s.commit(doc(1), 0, vec![commit(1), commit(2)], None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let b = tokio::spawn({
+            let s = storage.clone();
+            async move { s.commit(doc(2), 5, vec![commit(6)], None).await }
+        });
+        let c = tokio::spawn({
+            let s = storage.clone();
+            async move {
+                s.commit(doc(3), 0, vec![commit(1)], Some(b"snap".to_vec()))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        lock.execute_batch("ROLLBACK").unwrap();
+        a.await.unwrap().unwrap();
+        assert!(matches!(
+            b.await.unwrap(),
+            Err(StoreError::HeadMismatch {
+                expected: 5,
+                found: 0,
+                ..
+            })
+        ));
+        c.await.unwrap().unwrap();
+        assert_eq!(
+            metrics.store_transactions.load(Ordering::Relaxed) - transactions,
+            2,
+            "three documents' writes in two transactions"
+        );
+        let loaded = storage
+            .read(move |s| s.load(doc(3)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(loaded.snapshot.as_deref(), Some(&b"snap"[..]));
+        assert_eq!(loaded.head_seq, 1);
+        let loaded = storage
+            .read(move |s| s.load(doc(1)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(loaded.changes.len(), 2);
+        assert_eq!(
+            storage.read(move |s| s.head(doc(2))).await.unwrap(),
+            Some((DocKind::Yrs, 0))
+        );
+        // Readers do not write.
+        assert!(storage
+            .read(move |s| s.create_new(doc(9), DocKind::Yrs))
+            .await
+            .is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_transaction_fails_every_write_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let config = StorageConfig {
+            busy_timeout: Duration::from_millis(50),
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open(&path, &config, metrics()).unwrap();
+        storage.create(doc(1), DocKind::Yrs).await.unwrap();
+        let lock = lock_writes(&path);
+        let writes = (0..3u8).map(|n| {
+            let s = storage.clone();
+            tokio::spawn(async move { s.create(doc(10 + n), DocKind::Yrs).await })
+        });
+        for write in writes.collect::<Vec<_>>() {
+            let result = write.await.unwrap();
+            assert!(
+                matches!(&result, Err(StoreError::GroupCommit(e)) if matches!(**e, StoreError::Sqlite(_))),
+                "{result:?}"
+            );
+        }
+        lock.execute_batch("ROLLBACK").unwrap();
+        // Nothing of the failed group is stored, and the writer goes on.
+        assert_eq!(storage.read(move |s| s.head(doc(10))).await.unwrap(), None);
+        assert!(storage.create(doc(10), DocKind::Yrs).await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_write_queue_makes_writers_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let config = StorageConfig {
+            write_queue: 2,
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open(&path, &config, metrics()).unwrap();
+        let lock = lock_writes(&path);
+        // The writer takes the first write and waits for the lock; two more fill the queue.
+        let mut queued = Vec::new();
+        for n in 0..3u8 {
+            let s = storage.clone();
+            queued.push(tokio::spawn(
+                async move { s.create(doc(n), DocKind::Yrs).await },
+            ));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The fourth does not get in while the queue is full.
+        let s = storage.clone();
+        let mut fourth = tokio::spawn(async move { s.create(doc(3), DocKind::Yrs).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut fourth)
+                .await
+                .is_err(),
+            "a write got past a full queue"
+        );
+        assert_eq!(storage.writes.capacity(), 0, "the queue is full");
+        lock.execute_batch("ROLLBACK").unwrap();
+        for write in queued {
+            assert!(write.await.unwrap().unwrap());
+        }
+        assert!(fourth.await.unwrap().unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_read_queue_makes_readers_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let config = StorageConfig {
+            readers: 1,
+            read_queue: 1,
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open(&path, &config, metrics()).unwrap();
+        // The only reader is busy until `release` fires; one read fills the queue.
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let s = storage.clone();
+        let busy = tokio::spawn(async move {
+            s.read(move |_| {
+                let _ = gate.lock().unwrap().recv();
+                Ok(1)
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = storage.clone();
+        let queued = tokio::spawn(async move { s.read(|_| Ok(2)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = storage.clone();
+        let mut third = tokio::spawn(async move { s.read(|_| Ok(3)).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut third)
+                .await
+                .is_err(),
+            "a read got past a full queue"
+        );
+        assert_eq!(storage.reads.capacity(), 0, "the queue is full");
+        release.send(()).unwrap();
+        assert_eq!(busy.await.unwrap().unwrap(), 1);
+        assert_eq!(queued.await.unwrap().unwrap(), 2);
+        assert_eq!(third.await.unwrap().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let error = Storage::open(&path, &StorageConfig::default(), metrics())
+            .err()
+            .expect("garbage opened");
+        assert!(matches!(error, StoreError::Open { .. }), "{error:?}");
+        assert!(error.to_string().contains("does not open"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_read_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let config = StorageConfig {
+            readers: 1,
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open(&path, &config, metrics()).unwrap();
+        let result: Result<(), _> = storage.read(|_| panic!("boom")).await;
+        assert!(matches!(result, Err(StoreError::Closed)));
+        assert_eq!(storage.read(|_| Ok(7)).await.unwrap(), 7);
+    }
+}
