@@ -2,7 +2,9 @@
 //!
 //! - Automerge: the Automerge sync protocol with one `automerge::sync::State` per peer and
 //!   document. [`DocSync::poll`] generates the next message (or nothing when the peer is up to
-//!   date or a message is in flight); [`DocSync::receive`] applies one.
+//!   date or a message is in flight; towards a client, [`SyncRole::Downstream`], nothing before
+//!   the client's first message); [`DocSync::receive`] applies one. A peer that has nothing
+//!   receives the whole document, compacted, in one message.
 //! - Yrs: each side sends its state vector (`YrsStep1`); each answers a step 1 with the update the
 //!   other lacks (`YrsStep2`); after that, new changes are queued with [`DocSync::queue_update`]
 //!   and sent as `YrsUpdate`. Towards a server ([`SyncRole::Upstream`]) a step 1 is answered by
@@ -128,6 +130,14 @@ impl DocSync {
         let mut out = Vec::new();
         match (&mut self.state, doc) {
             (KindState::Automerge(state), Document::Automerge(d)) => {
+                // Towards a client, wait for its first message: every client speaks first (its
+                // sync state always has a first message), and before hearing it our message
+                // could only carry our heads and a Bloom filter over every change we hold (for
+                // a large document, hundreds of KB computed and sent for nothing); after it, a
+                // client that has nothing gets the whole document in one message.
+                if self.role == SyncRole::Downstream && state.their_heads.is_none() {
+                    return out;
+                }
                 if let Some(message) = d.generate_sync_message(state) {
                     out.push(SyncPayload::Automerge(message));
                 }

@@ -759,3 +759,110 @@ async fn automerge_repo_tokens_and_read_only() {
     );
     server.stop().await;
 }
+
+/// Joins as a fresh automerge-repo peer that has nothing, asks for `document`, and checks the
+/// first answer is the whole document in one V2 message (one chunk: the compacted document);
+/// then says what it has and checks the server has nothing more to send. Returns the socket
+/// and what it loaded.
+async fn fresh_load(
+    url: &str,
+    peer: &str,
+    document: DocumentId,
+) -> (Ws, automerge::Automerge, automerge::sync::State) {
+    use automerge::sync::SyncDoc;
+    let mut ws = connect(url.to_owned()).await;
+    ws.send(join(peer, "1")).await.unwrap();
+    assert_eq!(kind(&next_cbor(&mut ws).await), "peer");
+    let mut doc = automerge::Automerge::new();
+    let mut state = automerge::sync::State::new();
+    let hello = doc.generate_sync_message(&mut state).unwrap().encode();
+    let request = cbor(vec![
+        ("type", text("request")),
+        ("senderId", text(peer)),
+        ("documentId", text(&am_id(document))),
+        ("data", Value::Bytes(hello)),
+    ]);
+    ws.send(WsMessage::Binary(request.into())).await.unwrap();
+    let answer = next_cbor(&mut ws).await;
+    assert_eq!(kind(&answer), "sync", "{answer:?}");
+    let data = field(&answer, "data").and_then(Value::as_bytes).unwrap();
+    let message = automerge::sync::Message::decode(data).unwrap();
+    assert_eq!(message.version, automerge::sync::MessageVersion::V2);
+    assert_eq!(message.changes.len(), 1, "one chunk");
+    let chunk = message.changes.iter().next().unwrap().to_vec();
+    assert_eq!(chunk[8], 0, "a document chunk, not changes");
+    let heads = message.heads.clone();
+    doc.receive_sync_message(&mut state, message).unwrap();
+    assert_eq!(doc.get_heads(), heads, "it holds the server's heads");
+    assert_eq!(
+        automerge::Automerge::load(&chunk).unwrap().get_heads(),
+        heads
+    );
+    // It answers with what it now has; the server has nothing more to say.
+    let reply = doc.generate_sync_message(&mut state).unwrap().encode();
+    let sync = cbor(vec![
+        ("type", text("sync")),
+        ("senderId", text(peer)),
+        ("documentId", text(&am_id(document))),
+        ("data", Value::Bytes(reply)),
+    ]);
+    ws.send(WsMessage::Binary(sync.into())).await.unwrap();
+    let more = read_until_closed(&mut ws, Duration::from_millis(400)).await;
+    assert!(!more.closed);
+    assert!(
+        more.frames.is_empty(),
+        "nothing after the document: {} frames",
+        more.frames.len()
+    );
+    (ws, doc, state)
+}
+
+#[tokio::test]
+async fn a_fresh_automerge_repo_peer_receives_the_whole_document_in_one_message() {
+    use automerge::transaction::Transactable;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.compact_every = 100;
+    config.idle_evict = Duration::from_millis(200);
+    let server = Server::start(config).await;
+    let url = format!("ws://{}/automerge", server.addr);
+    let document = DocumentId::from_bytes([0x71; 16]);
+
+    // A writer makes the document out of 300 changes, then leaves.
+    let mut writer = connect(url.clone()).await;
+    writer.send(join("writer", "1")).await.unwrap();
+    assert_eq!(kind(&next_cbor(&mut writer).await), "peer");
+    let mut ours = automerge::Automerge::new();
+    for i in 0..300i64 {
+        ours.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(automerge::ROOT, format!("k{}", i % 17), i)?;
+            Ok(())
+        })
+        .unwrap();
+    }
+    let mut state = automerge::sync::State::new();
+    am_sync(&mut writer, "writer", document, &mut ours, &mut state).await;
+    assert_eq!(server.committed(), 300);
+    drop(writer);
+    // Evicted: the next peer loads it from the stored snapshot.
+    let deadline = Instant::now() + WAIT;
+    while server.loaded() > 0 {
+        assert!(Instant::now() < deadline, "the document stays loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (mut first, mut doc, mut state) = fresh_load(&url, "fresh-1", document).await;
+    assert_eq!(doc.get_heads(), ours.get_heads());
+    // It edits; the server commits that, and the next fresh peer gets a document with it
+    // (the kept save is not reused once the heads moved).
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        tx.put(automerge::ROOT, "late", true)?;
+        Ok(())
+    })
+    .unwrap();
+    am_sync(&mut first, "fresh-1", document, &mut doc, &mut state).await;
+    assert_eq!(server.committed(), 301);
+    let (_second, second_doc, _) = fresh_load(&url, "fresh-2", document).await;
+    assert_eq!(second_doc.get_heads(), doc.get_heads());
+    server.stop().await;
+}

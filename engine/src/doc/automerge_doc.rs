@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 
 use automerge::legacy::{Key as OpKey, ObjectId as LegacyObjId, OpType as LegacyOpType};
-use automerge::sync::SyncDoc;
+use automerge::sync::{BloomFilter, Capability, Have, MessageFlags, MessageVersion, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{
     AutoCommit, ChangeHash, LoadOptions, ObjId, ObjType, Prop, ReadDoc, ScalarValue, TextEncoding,
@@ -41,6 +41,15 @@ pub struct AutomergeDoc {
     /// Whether texts may hold characters outside the BMP, so splice positions must be checked
     /// against surrogate pairs (a scan of the text, skipped while it is known to be BMP-only).
     astral: bool,
+    /// The last compacted save and the heads it holds: reused while the heads are unchanged (a
+    /// save costs time proportional to the whole history; a fresh sync peer is sent one).
+    saved: Option<Saved>,
+}
+
+/// A compacted save of the document at `heads`.
+struct Saved {
+    heads: Vec<ChangeHash>,
+    bytes: Vec<u8>,
 }
 
 impl AutomergeDoc {
@@ -52,6 +61,7 @@ impl AutomergeDoc {
             doc,
             tracking: None,
             astral: false,
+            saved: None,
         }
     }
 
@@ -65,7 +75,23 @@ impl AutomergeDoc {
             doc,
             tracking: None,
             astral: true,
+            saved: None,
         })
+    }
+
+    /// Loads a compacted document as [`AutomergeDoc::save`] wrote it, keeping `bytes` as the
+    /// current save (so the first fresh peer is not made to wait for a new one). Bytes that are
+    /// not exactly one saved document (changes, or a document followed by more) are loaded the
+    /// same way but not kept.
+    pub fn load_saved(replica: ReplicaId, bytes: Vec<u8>) -> Result<Self, DocError> {
+        let mut loaded = Self::load(replica, &bytes)?;
+        if is_one_document(&bytes) {
+            let heads = loaded.doc.get_heads();
+            if !heads.is_empty() {
+                loaded.saved = Some(Saved { heads, bytes });
+            }
+        }
+        Ok(loaded)
     }
 
     /// Direct access to the Automerge document, for apps that need all of it. Changes made here
@@ -155,9 +181,29 @@ impl AutomergeDoc {
         self.doc.get_heads()
     }
 
-    /// Everything, compacted.
+    /// Everything, compacted (with any changes still waiting for their dependencies after it,
+    /// as automerge saves them). The save is kept for fresh sync peers.
     pub fn save(&mut self) -> Vec<u8> {
-        self.doc.save()
+        let heads = self.doc.get_heads();
+        let bytes = self.doc.save();
+        self.saved = Some(Saved {
+            heads,
+            bytes: bytes.clone(),
+        });
+        bytes
+    }
+
+    /// The compacted document at the current heads: the kept save, or a new one (then kept).
+    /// Keyed by heads, so any change (local, merged or made through [`AutomergeDoc::native`])
+    /// makes the next call save again.
+    fn saved_bytes(&mut self) -> &[u8] {
+        let heads = self.doc.get_heads();
+        let fresh = self.saved.as_ref().is_some_and(|s| s.heads == heads);
+        if !fresh {
+            let bytes = self.doc.save();
+            self.saved = Some(Saved { heads, bytes });
+        }
+        self.saved.as_ref().map_or(&[], |s| s.bytes.as_slice())
     }
 
     /// The changes a peer that has `heads` lacks.
@@ -228,15 +274,94 @@ impl AutomergeDoc {
         }
     }
 
-    /// Produces the next Automerge sync message for a peer, if one is due.
+    /// Produces the next Automerge sync message for a peer, if one is due. A peer that has
+    /// nothing gets the whole document in one message, compacted, from the kept save (see
+    /// [`AutomergeDoc::whole_document_message`]).
     pub fn generate_sync_message(&mut self, state: &mut automerge::sync::State) -> Option<Vec<u8>> {
         if super::automerge_sync::waiting_for_ack(&mut self.doc, state) {
             return None;
+        }
+        if let Some(message) = self.whole_document_message(state) {
+            return Some(message);
         }
         self.doc
             .sync()
             .generate_sync_message(state)
             .map(|m| m.encode())
+    }
+
+    /// The message for a peer whose last message said it has nothing (empty heads) and that
+    /// reads V2 messages: what automerge 0.12's `generate_sync_message` sends it (its
+    /// "send the whole document" case), built here for two reasons:
+    ///
+    /// - automerge saves the document again for every such message, a cost proportional to the
+    ///   whole history (hundreds of milliseconds for 260k edits); here the kept save is reused
+    ///   while the heads are unchanged;
+    /// - automerge's `have` is a Bloom filter over every change we hold (since the shared heads,
+    ///   which are empty), about 10 bits per change, and the peer, once it holds the document,
+    ///   tests each of its changes against it to answer. Here `have` says "everything up to our
+    ///   heads" (`last_sync` = our heads, an empty filter), which is exact: the peer finds what
+    ///   we lack from its change graph without a per-change scan. (It holds those heads when it
+    ///   reads `have`: the document travels in the same message.)
+    ///
+    /// `None` when the case does not apply; then automerge decides. The state is updated as
+    /// automerge would, except `sent_hashes` (it only filters later change lists for this peer,
+    /// and a peer that answers with empty heads again resets it anyway; keeping every hash of a
+    /// large document per fresh peer is the cost avoided).
+    fn whole_document_message(&mut self, state: &mut automerge::sync::State) -> Option<Vec<u8>> {
+        let fresh_peer = state.their_heads.as_ref().is_some_and(Vec::is_empty)
+            && state
+                .their_capabilities
+                .as_ref()
+                .is_some_and(|c| c.contains(&Capability::MessageV2))
+            && state.their_need.is_some()
+            && !state.peer_read_only
+            && !state.needs_reset;
+        if !fresh_peer {
+            return None;
+        }
+        // A `have` naming changes we do not know asks for a reset: automerge handles that.
+        let their_have = state.their_have.as_ref()?;
+        if let Some(first) = their_have.first() {
+            if !first
+                .last_sync
+                .iter()
+                .all(|h| self.doc.get_change_meta_by_hash(h).is_some())
+            {
+                return None;
+            }
+        }
+        let heads = self.doc.get_heads();
+        if heads.is_empty() {
+            return None;
+        }
+        // As automerge: nothing new while the last message is unanswered and our heads are the
+        // same (it is the same document).
+        if state.have_responded && state.last_sent_heads == heads && state.in_flight {
+            return None;
+        }
+        let document = self.saved_bytes().to_vec();
+        let mut flags = MessageFlags::new();
+        flags.set(MessageFlags::SUPPORTS_SYNC_RESET);
+        if state.read_only {
+            flags.set(MessageFlags::READ_ONLY);
+        }
+        let message = automerge::sync::Message {
+            heads: heads.clone(),
+            // Their heads are empty: nothing of theirs can be missing here.
+            need: Vec::new(),
+            have: vec![Have {
+                last_sync: heads.clone(),
+                bloom: BloomFilter::default(),
+            }],
+            changes: document.into(),
+            flags: Some(flags),
+            version: MessageVersion::V2,
+        };
+        state.have_responded = true;
+        state.last_sent_heads = heads;
+        state.in_flight = true;
+        Some(message.encode())
     }
 
     /// Applies a sync message from a peer; returns the changes that were new here.
@@ -279,6 +404,32 @@ impl AutomergeDoc {
         }
         Ok(out)
     }
+}
+
+/// Whether `bytes` are exactly one saved document chunk (magic, checksum, type 0 = document,
+/// its length, and nothing after it), as [`AutomergeDoc::save`] writes.
+fn is_one_document(bytes: &[u8]) -> bool {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    const DOCUMENT: u8 = 0;
+    let Some(rest) = bytes.strip_prefix(&MAGIC[..]) else {
+        return false;
+    };
+    // 4 bytes of checksum, then the chunk type, then the length as unsigned LEB128.
+    let Some((&DOCUMENT, mut rest)) = rest.get(4..).and_then(<[u8]>::split_first) else {
+        return false;
+    };
+    let mut length: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let Some((&byte, tail)) = rest.split_first() else {
+            return false;
+        };
+        rest = tail;
+        length |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return rest.len() as u64 == length;
+        }
+    }
+    false
 }
 
 /// Where an object lives: its path, exact when only map keys lead there; otherwise the path of
@@ -778,5 +929,59 @@ mod tests {
         }
         assert_eq!(doc.take_touched(), None);
         assert_eq!(doc.take_touched(), Some(vec![]));
+    }
+
+    #[test]
+    fn the_save_is_kept_until_the_heads_change() {
+        let mut doc = doc_with(json!({"a": 1}));
+        let first = doc.save();
+        assert!(is_one_document(&first));
+        assert_eq!(doc.saved_bytes(), first.as_slice());
+        let change = doc
+            .apply_ops(&[Op::Put {
+                path: Path::keys(["b"]),
+                value: json!(2),
+            }])
+            .expect("ops")
+            .expect("change");
+        assert!(!is_one_document(&change.bytes));
+        let second = doc.saved_bytes().to_vec();
+        assert_ne!(second, first, "a change makes a new save");
+        let loaded = AutomergeDoc::load(ReplicaId::from_bytes([3; 16]), &second).expect("load");
+        assert_eq!(loaded.to_json(), json!({"a": 1, "b": 2}));
+        // A change made natively is seen too (the save is keyed by heads).
+        let native = doc.native();
+        native.put(ROOT, "c", 3).expect("put");
+        native.commit();
+        let third = doc.saved_bytes().to_vec();
+        let loaded = AutomergeDoc::load(ReplicaId::from_bytes([3; 16]), &third).expect("load");
+        assert_eq!(loaded.to_json(), json!({"a": 1, "b": 2, "c": 3}));
+    }
+
+    #[test]
+    fn only_one_whole_document_is_kept_on_load() {
+        let mut doc = doc_with(json!({"a": 1}));
+        let saved = doc.save();
+        let replica = ReplicaId::from_bytes([4; 16]);
+        let mut kept = AutomergeDoc::load_saved(replica, saved.clone()).expect("load");
+        assert_eq!(
+            kept.saved.as_ref().map(|s| s.bytes.clone()),
+            Some(saved.clone())
+        );
+        assert_eq!(kept.saved_bytes(), saved.as_slice());
+        let change = doc
+            .apply_ops(&[Op::Put {
+                path: Path::keys(["b"]),
+                value: json!(2),
+            }])
+            .expect("ops")
+            .expect("change");
+        let mut joined = saved.clone();
+        joined.extend_from_slice(&change.bytes);
+        let not_kept = AutomergeDoc::load_saved(replica, joined).expect("load");
+        assert!(not_kept.saved.is_none());
+        assert_eq!(not_kept.to_json(), json!({"a": 1, "b": 2}));
+        assert!(!is_one_document(&[]));
+        assert!(!is_one_document(&saved[..saved.len() - 1]));
     }
 }

@@ -139,7 +139,12 @@ impl Document {
         snapshot: Option<&[u8]>,
         changes: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Self, DocError> {
+        let mut changes = changes.into_iter().peekable();
         let mut doc = match (kind, snapshot) {
+            // Nothing after the snapshot: it is the compacted document, kept for fresh peers.
+            (DocKind::Automerge, Some(s)) if changes.peek().is_none() => {
+                Document::Automerge(Box::new(AutomergeDoc::load_saved(replica, s.to_vec())?))
+            }
             (DocKind::Automerge, Some(s)) => {
                 Document::Automerge(Box::new(AutomergeDoc::load(replica, s)?))
             }

@@ -94,3 +94,90 @@ fn a_read_only_peer_cannot_change_the_document() {
         }
     }
 }
+
+/// Runs both sync states until neither has anything to send; returns the rounds it took.
+fn settle(a: &mut Document, a_sync: &mut DocSync, b: &mut Document, b_sync: &mut DocSync) -> usize {
+    for round in 0..20 {
+        let from_a = a_sync.poll(a);
+        let from_b = b_sync.poll(b);
+        if from_a.is_empty() && from_b.is_empty() {
+            return round;
+        }
+        for m in from_a {
+            b_sync.receive(b, m).expect("b receives");
+        }
+        for m in from_b {
+            a_sync.receive(a, m).expect("a receives");
+        }
+    }
+    panic!("the sync does not settle");
+}
+
+#[test]
+fn a_fresh_automerge_client_gets_the_whole_document_in_one_message() {
+    let mut server = doc(DocKind::Automerge, 1);
+    server.apply_ops(&[init("k0", 0)]).expect("ops");
+    for i in 1..200 {
+        server.apply_ops(&[put(&format!("k{i}"), i)]).expect("ops");
+    }
+    for fresh in 0u8..2 {
+        let mut client = doc(DocKind::Automerge, 2 + fresh);
+        let mut down = DocSync::new(DocKind::Automerge, SyncRole::Downstream);
+        let mut up = DocSync::new(DocKind::Automerge, SyncRole::Upstream);
+        // The server waits for the client's first message.
+        assert!(down.poll(&mut server).is_empty());
+        let hello = up.poll(&mut client);
+        assert_eq!(hello.len(), 1);
+        for m in hello {
+            down.receive(&mut server, m).expect("server receives");
+        }
+        let answer = down.poll(&mut server);
+        let [SyncPayload::Automerge(bytes)] = answer.as_slice() else {
+            panic!("one Automerge message, got {answer:?}");
+        };
+        let message = automerge::sync::Message::decode(bytes).expect("decodes");
+        assert_eq!(message.version, automerge::sync::MessageVersion::V2);
+        assert_eq!(message.changes.len(), 1, "one chunk: the document");
+        let chunk = message.changes.iter().next().expect("a chunk");
+        let saved = server.save();
+        assert_eq!(chunk, saved.as_slice(), "the compacted document");
+        let received = up
+            .receive(&mut client, answer.into_iter().next().expect("message"))
+            .expect("client receives");
+        // 200 changes; the second time also the client's and the server's from the first.
+        assert_eq!(received.changes.len(), [200, 202][usize::from(fresh)]);
+        assert_eq!(client.to_json(), server.to_json());
+        // One more round at most (the client says what it now has), and then quiet.
+        assert!(settle(&mut server, &mut down, &mut client, &mut up) <= 1);
+        // Both ways afterwards.
+        client.apply_ops(&[put("from-client", 1)]).expect("ops");
+        settle(&mut server, &mut down, &mut client, &mut up);
+        assert_eq!(client.to_json(), server.to_json());
+        // A change on the server: the next fresh client gets a new save with it.
+        server
+            .apply_ops(&[put(&format!("more{fresh}"), 1)])
+            .expect("ops");
+    }
+}
+
+#[test]
+fn a_fresh_automerge_peer_that_also_has_a_change_converges() {
+    let mut server = doc(DocKind::Automerge, 1);
+    server.apply_ops(&[init("a", 1)]).expect("ops");
+    let mut client = doc(DocKind::Automerge, 2);
+    let mut down = DocSync::new(DocKind::Automerge, SyncRole::Downstream);
+    let mut up = DocSync::new(DocKind::Automerge, SyncRole::Upstream);
+    // The client said "nothing" first, then made a change before the document arrived.
+    for m in up.poll(&mut client) {
+        down.receive(&mut server, m).expect("server receives");
+    }
+    client
+        .apply_ops(&[Op::Put {
+            path: Path::keys(["b"]),
+            value: json!(2),
+        }])
+        .expect("ops");
+    settle(&mut server, &mut down, &mut client, &mut up);
+    assert_eq!(server.to_json(), json!({"m": {"a": 1}, "b": 2}));
+    assert_eq!(client.to_json(), server.to_json());
+}
