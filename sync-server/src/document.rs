@@ -1000,13 +1000,7 @@ impl Actor {
                 }
             }
             if state.kind == DocKind::Yrs {
-                for change in &pending.changes {
-                    for (id, subscriber) in self.subscribers.iter_mut() {
-                        if *id != change.connection {
-                            subscriber.sync.queue_update(&change.change.bytes);
-                        }
-                    }
-                }
+                relay_yrs(&pending.changes, &mut self.subscribers);
             }
             dirty.extend(self.subscribers.keys().copied());
         }
@@ -1056,6 +1050,61 @@ impl Actor {
             self.subscribers.remove(&connection);
         }
         Ok(())
+    }
+}
+
+/// Queues a group commit's Yrs changes for every subscriber, coalesced: each subscriber gets one
+/// update, the merge (`yrs::merge_updates_v1`, Yjs' `Y.mergeUpdates`) of every change of the
+/// batch it did not author, so a batch of `n` changes costs each subscriber one message, one
+/// frame and one write instead of `n`. The merge for the subscribers that authored nothing in
+/// the batch (the readers, usually all but a few) is computed once; each author's is computed
+/// once for it. A Yjs client applies a merged update exactly as the updates one by one.
+fn relay_yrs(changes: &[PendingChange], subscribers: &mut BTreeMap<u64, Subscriber>) {
+    let merged = |except: Option<u64>| -> Option<Vec<u8>> {
+        let parts: Vec<&[u8]> = changes
+            .iter()
+            .filter(|c| Some(c.connection) != except)
+            .map(|c| c.change.bytes.as_slice())
+            .collect();
+        match parts.as_slice() {
+            [] => None,
+            [one] => Some(one.to_vec()),
+            _ => match yrs::merge_updates_v1(&parts) {
+                Ok(bytes) => Some(bytes),
+                Err(error) => {
+                    // The server encoded every part itself, so this does not happen; should it,
+                    // the merge is only an optimisation and the parts still go out (as one
+                    // update each).
+                    tracing::error!(%error, "merging Yrs updates failed");
+                    None
+                }
+            },
+        }
+    };
+    let queue_parts = |subscriber: &mut Subscriber, except: Option<u64>| {
+        for change in changes.iter().filter(|c| Some(c.connection) != except) {
+            subscriber.sync.queue_update(&change.change.bytes);
+        }
+    };
+    let authors: BTreeSet<u64> = changes.iter().map(|c| c.connection).collect();
+    let mut for_readers: Option<Option<Vec<u8>>> = None;
+    for (id, subscriber) in subscribers.iter_mut() {
+        if !subscriber.sync.is_live() {
+            // Not told what it has yet: its step 2 will carry everything (queue_update would
+            // drop it anyway; skip the merge).
+            continue;
+        }
+        if authors.contains(id) {
+            match merged(Some(*id)) {
+                Some(bytes) => subscriber.sync.queue_update(&bytes),
+                None => queue_parts(subscriber, Some(*id)),
+            }
+        } else {
+            match for_readers.get_or_insert_with(|| merged(None)) {
+                Some(bytes) => subscriber.sync.queue_update(bytes),
+                None => queue_parts(subscriber, None),
+            }
+        }
     }
 }
 
