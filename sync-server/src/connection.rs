@@ -489,7 +489,7 @@ async fn write_loop(
                 let written = tokio::select! {
                     biased;
                     _ = closed.changed() => break,
-                    written = writer.write(&mut sink, &message) => written,
+                    written = writer.write_queued(&mut sink, message, &mut rx) => written,
                 };
                 if !written {
                     close_once(&close, CloseReason::flush());
@@ -526,12 +526,57 @@ async fn write_loop(
     .await;
 }
 
+/// Messages written in one step of the writer before the socket is flushed: what piled up in the
+/// queue goes out in one write (bounded, so the write buffer is too).
+const WRITE_PER_FLUSH: usize = 256;
+
 struct Writer {
     stream: u32,
     shared: Arc<Shared>,
 }
 
 impl Writer {
+    /// Writes `first` and then whatever else is queued (up to [`WRITE_PER_FLUSH`] messages),
+    /// flushing the socket once; false when the socket failed or stalled past the idle timeout.
+    async fn write_queued(
+        &mut self,
+        sink: &mut Sink,
+        first: Message,
+        rx: &mut mpsc::Receiver<Message>,
+    ) -> bool {
+        let stall = self.shared.config.idle_timeout;
+        let written = timeout(stall, async {
+            self.feed(sink, &first).await?;
+            for _ in 1..WRITE_PER_FLUSH {
+                let Ok(message) = rx.try_recv() else { break };
+                self.feed(sink, &message).await?;
+            }
+            sink.flush().await
+        })
+        .await;
+        matches!(written, Ok(Ok(())))
+    }
+
+    /// Puts one message into the socket's write buffer as one or more frames.
+    async fn feed(&mut self, sink: &mut Sink, message: &Message) -> Result<(), axum::Error> {
+        match message {
+            Message::Error { code, .. } | Message::Reject { code, .. } => {
+                self.shared.metrics.count_error(*code)
+            }
+            _ => {}
+        }
+        self.stream = self.stream.wrapping_add(1);
+        for frame in encode_frames(message, self.shared.config.max_frame_bytes, self.stream) {
+            let len = frame.len() as u64;
+            sink.feed(WsMessage::Binary(frame.into())).await?;
+            self.shared
+                .metrics
+                .bytes_out
+                .fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Writes one message as one or more frames; false when the socket failed or stalled.
     async fn write(&mut self, sink: &mut Sink, message: &Message) -> bool {
         match message {
