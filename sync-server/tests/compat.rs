@@ -260,9 +260,14 @@ async fn yjs_updates_are_coalesced_and_converge() {
         "{UPDATES} updates arrived in {} frames",
         reader.update_frames
     );
-    eprintln!("{UPDATES} updates reached the reader in {} frames", reader.update_frames);
+    eprintln!(
+        "{UPDATES} updates reached the reader in {} frames",
+        reader.update_frames
+    );
     // The writer is not sent its own updates back, and whatever it gets changes nothing.
-    writer.pump_until(Duration::from_millis(200), |_| false).await;
+    writer
+        .pump_until(Duration::from_millis(200), |_| false)
+        .await;
     assert_eq!(writer.json(), expected);
     assert_eq!(server.committed(), UPDATES as u64);
     server.stop().await;
