@@ -274,7 +274,7 @@ pub(crate) async fn serve<P: Protocol>(
                             // error first): translate what is queued; an error in it is the stop.
                             let mut stop = Stop::quiet();
                             while let Ok(message) = from_documents.try_recv() {
-                                if let Err(error) = protocol.document(&mut conn, message) {
+                                if let Err(error) = protocol.document(&mut conn, *message) {
                                     stop = error;
                                     break;
                                 }
@@ -293,14 +293,14 @@ pub(crate) async fn serve<P: Protocol>(
                 _ = ping.tick() => conn.out.push(WsMessage::Ping(Bytes::new())),
                 message = from_documents.recv() => {
                     let Some(message) = message else { break Stop::quiet() };
-                    let mut result = protocol.document(&mut conn, message);
+                    let mut result = protocol.document(&mut conn, *message);
                     // Take what else is queued now (bounded), to write it all at once.
                     for _ in 1..DRAIN_PER_STEP {
                         if result.is_err() {
                             break;
                         }
                         match from_documents.try_recv() {
-                            Ok(message) => result = protocol.document(&mut conn, message),
+                            Ok(message) => result = protocol.document(&mut conn, *message),
                             Err(_) => break,
                         }
                     }

@@ -58,11 +58,16 @@ impl CloseReason {
     }
 }
 
+/// A queued message. Boxed: tokio's channel allocates its first block of 32 slots when it is
+/// created, so every idle connection pays for 32 slots; 32 pointers instead of 32 `Message`s
+/// (~80 bytes each) saves ~2 KB per connection for one small allocation per message sent.
+pub(crate) type Queued = Box<Message>;
+
 /// The sending side of a connection, as documents hold it.
 #[derive(Clone)]
 pub(crate) struct Outbox {
     id: u64,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Queued>,
     close: Arc<watch::Sender<Option<CloseReason>>>,
 }
 
@@ -82,7 +87,7 @@ impl Outbox {
         capacity: usize,
     ) -> (
         Self,
-        mpsc::Receiver<Message>,
+        mpsc::Receiver<Queued>,
         watch::Receiver<Option<CloseReason>>,
     ) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
@@ -103,7 +108,7 @@ impl Outbox {
     /// Queues a message without waiting. False when the connection is gone or its queue is full
     /// (then it is being closed with `Overloaded`).
     pub(crate) fn send(&self, message: Message) -> bool {
-        match self.tx.try_send(message) {
+        match self.tx.try_send(Box::new(message)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.close_with(CloseReason::now(Message::Error {
@@ -472,7 +477,7 @@ type Sink = SplitSink<WebSocket, WsMessage>;
 
 async fn write_loop(
     mut sink: Sink,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::Receiver<Queued>,
     mut closed: watch::Receiver<Option<CloseReason>>,
     close: Arc<watch::Sender<Option<CloseReason>>>,
     shared: Arc<Shared>,
@@ -541,8 +546,8 @@ impl Writer {
     async fn write_queued(
         &mut self,
         sink: &mut Sink,
-        first: Message,
-        rx: &mut mpsc::Receiver<Message>,
+        first: Queued,
+        rx: &mut mpsc::Receiver<Queued>,
     ) -> bool {
         let stall = self.shared.config.idle_timeout;
         let written = timeout(stall, async {

@@ -331,7 +331,7 @@ async fn amrepo_handler(
 /// The read buffer of one WebSocket. tungstenite's default (128 KiB) is allocated per connection
 /// and zero-filled on every read: it made an idle connection cost 144 KB and was 19% of the
 /// fan-out profile (bench/RESULTS.md, cause 1). Larger frames still arrive; the buffer grows.
-const READ_BUFFER_BYTES: usize = 4096;
+const READ_BUFFER_BYTES: usize = 1024;
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     (
