@@ -173,7 +173,7 @@ TRACE="${ACCORD_TRACES:-$ROOT/../shared/data/traces}/automerge-paper.json.gz"
 YJS_SERVERS="accord y-sweet y-websocket-server hocuspocus"
 
 if want fanout; then
-  RATES="${FANOUT_RATES:-250,500,750,1000,1250,1500,1750,2000,2500,3000,4000,6000,8000,10000,12000}"
+  RATES="${FANOUT_RATES:-250,500,750,1000,1250,1500,1750,2000,2500,3000,4000,6000,8000,10000,12000,16000,20000}"
   for s in $YJS_SERVERS; do
     server_wanted "$s" || continue
     echo "== fanout: $s"
