@@ -13,6 +13,8 @@
 # Environment: PEERS_DIR (default: ../peers next to the repository), CARGO_TARGET_DIR,
 # BENCH_OUT (where RESULT lines and logs go; default a new directory under /tmp),
 # ACCORD_SERVER_BIN (another accord-server binary to measure, e.g. an experiment),
+# ACCORD_LOADGEN_BIN (another accord-loadgen binary; with a target directory shared by several
+# checkouts, copy both binaries away after the build so nobody else's build replaces them mid-run),
 # FANOUT_RATES, FANOUT_SECONDS, IDLE_CONNECTIONS, TYPISTS ("8 32 128").
 set -euo pipefail
 
@@ -76,7 +78,7 @@ else
   (cd "$ROOT" && cargo build -q --release -p accord-server -p accord-loadgen)
 fi
 BIN="$TARGET_DIR/$PROFILE"
-LOADGEN="$BIN/accord-loadgen"
+LOADGEN="${ACCORD_LOADGEN_BIN:-$BIN/accord-loadgen}"
 
 PORT=18700
 # start_server NAME: starts it on a fresh port; sets SERVER_PID, YWS_TARGET (loadgen URL
@@ -171,7 +173,7 @@ TRACE="${ACCORD_TRACES:-$ROOT/../shared/data/traces}/automerge-paper.json.gz"
 YJS_SERVERS="accord y-sweet y-websocket-server hocuspocus"
 
 if want fanout; then
-  RATES="${FANOUT_RATES:-250,500,750,1000,1250,1500,1750,2000,2500,3000,4000,6000,8000}"
+  RATES="${FANOUT_RATES:-250,500,750,1000,1250,1500,1750,2000,2500,3000,4000,6000,8000,10000,12000,16000,20000}"
   for s in $YJS_SERVERS; do
     server_wanted "$s" || continue
     echo "== fanout: $s"

@@ -238,15 +238,16 @@ fn yws_main(args: &Args, template: String) -> Result<()> {
         match args.scenario {
             Scenario::YwsFanout => {
                 println!("yws-fanout {label} {template}: {} subscribers, {} writers, {}s per step", args.subscribers, args.fanout_writers, args.duration);
-                println!("| server | rate (changes/s) | sent | delivered / expected | lost subs | delivered updates/s | p50 / p99 / max (ms) | server CPU (cores) | server RSS (MB) | loadgen CPU (cores) |");
-                println!("|---|---|---|---|---|---|---|---|---|---|");
+                println!("| server | rate (changes/s) | sent | delivered / expected | lost subs | delivered updates/s | p50 / p99 / max (ms) | server CPU (cores) | server RSS (MB) | loadgen CPU (cores) | updates per frame |");
+                println!("|---|---|---|---|---|---|---|---|---|---|---|");
                 let mut best: Option<yws::FanoutStep> = None;
                 let mut failed_in_a_row = 0;
                 for (i, &rate) in args.rates.iter().enumerate() {
                     let s = yws::fanout_step(&target, args.subscribers, args.fanout_writers, rate, args.duration, i).await?;
                     println!(
-                        "| {label} | {:.0} | {} | {} / {} | {} | {:.0} | {:.1} / {:.1} / {:.1} | {:.2} | {:.1} | {:.2} |",
-                        s.rate, s.sent, s.delivered, s.expected, s.lost, s.per_sec, s.p50, s.p99, s.max, s.cpu, s.rss_mb, s.own_cpu
+                        "| {label} | {:.0} | {} | {} / {} | {} | {:.0} | {:.1} / {:.1} / {:.1} | {:.2} | {:.1} | {:.2} | {:.1} |",
+                        s.rate, s.sent, s.delivered, s.expected, s.lost, s.per_sec, s.p50, s.p99, s.max, s.cpu, s.rss_mb, s.own_cpu,
+                        s.delivered as f64 / s.frames.max(1) as f64
                     );
                     // Two failing steps in a row end the climb (one may be noise on a shared
                     // machine).

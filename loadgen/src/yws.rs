@@ -207,7 +207,10 @@ struct Log {
 
 impl Log {
     /// Calls `f(slot, clock)` for every change an update carries. A single-struct update is
-    /// read from its header; merged updates (a server that coalesces) are decoded.
+    /// read from its header; merged updates (a server that coalesces) are decoded and every
+    /// clock range they insert is counted (each generated change inserts one clock). (Not the
+    /// update's `state_vector()`: yrs gives an upper bound there only for a client whose blocks
+    /// start at clock 0, so a merge of later changes would count nothing.)
     fn changes(&self, update: &[u8], mut f: impl FnMut(usize, u32)) {
         let mut pos = 0;
         let header = (|| {
@@ -226,15 +229,14 @@ impl Log {
         let Ok(update) = yrs::Update::decode_v1(update) else {
             return;
         };
-        let lower = update.state_vector_lower();
-        let upper = update.state_vector();
-        for (client, hi) in upper.iter() {
+        for (client, ranges) in update.insertions(true).iter() {
             let Some(&slot) = self.clients.get(&client.get()) else {
                 continue;
             };
-            let lo = lower.get(client);
-            for clock in lo..*hi {
-                f(slot, clock);
+            for range in ranges.iter() {
+                for clock in range.clone() {
+                    f(slot, clock);
+                }
             }
         }
     }
@@ -254,6 +256,9 @@ pub struct FanoutStep {
     pub rss_mb: f64,
     /// CPU of the load generator itself (cores): near 2 on 2 cores means it is the limit.
     pub own_cpu: f64,
+    /// Frames carrying updates that reached the subscribers (fewer than `delivered` when the
+    /// server coalesces).
+    pub frames: u64,
 }
 
 impl FanoutStep {
@@ -306,16 +311,18 @@ pub async fn fanout_step(
     let stop = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let delivered = Arc::new(AtomicU64::new(0));
+    let frames = Arc::new(AtomicU64::new(0));
     let ready = Arc::new(Barrier::new(subscribers + 1));
     let hard = Instant::now() + Duration::from_secs_f64(duration) + Duration::from_secs(60);
     let mut subs = Vec::new();
     for _ in 0..subscribers {
-        let (target, room, log, mut stop, delivered, ready) = (
+        let (target, room, log, mut stop, delivered, frames, ready) = (
             target.clone(),
             room.clone(),
             log.clone(),
             stop_rx.clone(),
             delivered.clone(),
+            frames.clone(),
             ready.clone(),
         );
         subs.push(tokio::spawn(async move {
@@ -324,6 +331,9 @@ pub async fn fanout_step(
             let (ws, _) = opened?;
             let (_sink, mut stream) = ws.split();
             let mut micros: Vec<u32> = Vec::new();
+            // Each change counts once per subscriber, however often or merged it arrives.
+            let mut seen: Vec<Vec<bool>> =
+                log.sent_at.iter().map(|w| vec![false; w.len()]).collect();
             let mut lost = false;
             // One pinned stop future (no timer armed per frame: the generator must stay cheap).
             let stopped = async {
@@ -349,15 +359,19 @@ pub async fn fanout_step(
                     let now = log.epoch.elapsed().as_nanos() as u64;
                     let mut n = 0;
                     log.changes(update, |slot, clock| {
-                        if let Some(sent) = log.sent_at[slot].get(clock as usize) {
+                        let clock = clock as usize;
+                        if let Some(sent) = log.sent_at[slot].get(clock) {
                             let sent = sent.load(Ordering::Relaxed);
-                            if sent > 0 {
+                            if sent > 0 && !std::mem::replace(&mut seen[slot][clock], true) {
                                 micros.push((now.saturating_sub(sent) / 1000) as u32);
                                 n += 1;
                             }
                         }
                     });
                     delivered.fetch_add(n, Ordering::Relaxed);
+                    if n > 0 {
+                        frames.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             Ok::<_, String>((micros, lost))
@@ -443,6 +457,7 @@ pub async fn fanout_step(
             (Some(a), Some(b)) => (b.0 - a.0) / elapsed,
             _ => f64::NAN,
         },
+        frames: frames.load(Ordering::Relaxed),
     })
 }
 

@@ -108,27 +108,44 @@ impl Conn {
         self.out.push(WsMessage::Binary(frame.into()));
     }
 
-    /// Writes what is queued; false when the socket failed or stalled past the idle timeout.
+    /// Writes what is queued: every frame is fed to the socket's write buffer and the buffer is
+    /// flushed once (one write for the whole step, under one stall timer). False when the socket
+    /// failed or stalled past the idle timeout.
     async fn flush(&mut self, sink: &mut Sink) -> bool {
-        let stall = self.shared.config.idle_timeout;
-        for frame in self.out.drain(..) {
-            let len = match &frame {
-                WsMessage::Binary(b) => b.len() as u64,
-                _ => 0,
-            };
-            match timeout(stall, sink.send(frame)).await {
-                Ok(Ok(())) => {
-                    self.shared
-                        .metrics
-                        .bytes_out
-                        .fetch_add(len, Ordering::Relaxed);
-                }
-                _ => return false,
-            }
+        if self.out.is_empty() {
+            return true;
         }
-        true
+        let stall = self.shared.config.idle_timeout;
+        let out = &mut self.out;
+        let mut bytes = 0u64;
+        let written = timeout(stall, async {
+            for frame in out.drain(..) {
+                if let WsMessage::Binary(b) = &frame {
+                    bytes += b.len() as u64;
+                }
+                sink.feed(frame).await?;
+            }
+            sink.flush().await
+        })
+        .await;
+        self.out.clear();
+        match written {
+            Ok(Ok(())) => {
+                self.shared
+                    .metrics
+                    .bytes_out
+                    .fetch_add(bytes, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
     }
 }
+
+/// Messages taken from a connection's queues in one step before its frames are written: what
+/// piled up while the connection waited goes out in one write (and, for y-websocket, as one
+/// merged update). Bounded so one step's frames stay bounded too.
+const DRAIN_PER_STEP: usize = 256;
 
 /// One foreign protocol.
 pub(crate) trait Protocol: Send + 'static {
@@ -150,6 +167,10 @@ pub(crate) trait Protocol: Send + 'static {
 
     /// Something the presence relay delivered.
     fn relayed(&mut self, conn: &mut Conn, item: Self::Relayed) -> Result<(), Stop>;
+
+    /// Called before the frames of a step are written: a protocol that holds back what it can
+    /// coalesce (y-websocket merges the document updates of one step) queues it now.
+    fn coalesce(&mut self, _conn: &mut Conn) {}
 
     /// The frames telling the client why it is closed (sent before the close frame).
     fn farewell(&mut self, stop: &Stop) -> Vec<Vec<u8>>;
@@ -232,6 +253,7 @@ pub(crate) async fn serve<P: Protocol>(
     let stop = match protocol.start(&mut conn).await {
         Err(stop) => stop,
         Ok(()) => loop {
+            protocol.coalesce(&mut conn);
             if !conn.flush(&mut sink).await {
                 break Stop::quiet();
             }
@@ -252,7 +274,7 @@ pub(crate) async fn serve<P: Protocol>(
                             // error first): translate what is queued; an error in it is the stop.
                             let mut stop = Stop::quiet();
                             while let Ok(message) = from_documents.try_recv() {
-                                if let Err(error) = protocol.document(&mut conn, message) {
+                                if let Err(error) = protocol.document(&mut conn, *message) {
                                     stop = error;
                                     break;
                                 }
@@ -271,13 +293,34 @@ pub(crate) async fn serve<P: Protocol>(
                 _ = ping.tick() => conn.out.push(WsMessage::Ping(Bytes::new())),
                 message = from_documents.recv() => {
                     let Some(message) = message else { break Stop::quiet() };
-                    if let Err(stop) = protocol.document(&mut conn, message) {
+                    let mut result = protocol.document(&mut conn, *message);
+                    // Take what else is queued now (bounded), to write it all at once.
+                    for _ in 1..DRAIN_PER_STEP {
+                        if result.is_err() {
+                            break;
+                        }
+                        match from_documents.try_recv() {
+                            Ok(message) => result = protocol.document(&mut conn, *message),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(stop) = result {
                         break stop;
                     }
                 }
                 item = relay_rx.recv() => {
                     let Some(item) = item else { continue };
-                    if let Err(stop) = protocol.relayed(&mut conn, item) {
+                    let mut result = protocol.relayed(&mut conn, item);
+                    for _ in 1..DRAIN_PER_STEP {
+                        if result.is_err() {
+                            break;
+                        }
+                        match relay_rx.try_recv() {
+                            Ok(item) => result = protocol.relayed(&mut conn, item),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(stop) = result {
                         break stop;
                     }
                 }
@@ -315,6 +358,7 @@ pub(crate) async fn serve<P: Protocol>(
         tracing::debug!(connection = id, ?code, reason = %stop.reason, "closing");
     }
     protocol.finish(&mut conn).await;
+    protocol.coalesce(&mut conn);
     let mut last = std::mem::take(&mut conn.out);
     if stop.code.is_some() {
         // An error: what was queued no longer matters; the error does.

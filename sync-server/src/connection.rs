@@ -58,11 +58,16 @@ impl CloseReason {
     }
 }
 
+/// A queued message. Boxed: tokio's channel allocates its first block of 32 slots when it is
+/// created, so every idle connection pays for 32 slots; 32 pointers instead of 32 `Message`s
+/// (~80 bytes each) saves ~2 KB per connection for one small allocation per message sent.
+pub(crate) type Queued = Box<Message>;
+
 /// The sending side of a connection, as documents hold it.
 #[derive(Clone)]
 pub(crate) struct Outbox {
     id: u64,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Queued>,
     close: Arc<watch::Sender<Option<CloseReason>>>,
 }
 
@@ -82,7 +87,7 @@ impl Outbox {
         capacity: usize,
     ) -> (
         Self,
-        mpsc::Receiver<Message>,
+        mpsc::Receiver<Queued>,
         watch::Receiver<Option<CloseReason>>,
     ) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
@@ -103,7 +108,7 @@ impl Outbox {
     /// Queues a message without waiting. False when the connection is gone or its queue is full
     /// (then it is being closed with `Overloaded`).
     pub(crate) fn send(&self, message: Message) -> bool {
-        match self.tx.try_send(message) {
+        match self.tx.try_send(Box::new(message)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.close_with(CloseReason::now(Message::Error {
@@ -472,7 +477,7 @@ type Sink = SplitSink<WebSocket, WsMessage>;
 
 async fn write_loop(
     mut sink: Sink,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::Receiver<Queued>,
     mut closed: watch::Receiver<Option<CloseReason>>,
     close: Arc<watch::Sender<Option<CloseReason>>>,
     shared: Arc<Shared>,
@@ -489,7 +494,7 @@ async fn write_loop(
                 let written = tokio::select! {
                     biased;
                     _ = closed.changed() => break,
-                    written = writer.write(&mut sink, &message) => written,
+                    written = writer.write_queued(&mut sink, message, &mut rx) => written,
                 };
                 if !written {
                     close_once(&close, CloseReason::flush());
@@ -526,12 +531,57 @@ async fn write_loop(
     .await;
 }
 
+/// Messages written in one step of the writer before the socket is flushed: what piled up in the
+/// queue goes out in one write (bounded, so the write buffer is too).
+const WRITE_PER_FLUSH: usize = 256;
+
 struct Writer {
     stream: u32,
     shared: Arc<Shared>,
 }
 
 impl Writer {
+    /// Writes `first` and then whatever else is queued (up to [`WRITE_PER_FLUSH`] messages),
+    /// flushing the socket once; false when the socket failed or stalled past the idle timeout.
+    async fn write_queued(
+        &mut self,
+        sink: &mut Sink,
+        first: Queued,
+        rx: &mut mpsc::Receiver<Queued>,
+    ) -> bool {
+        let stall = self.shared.config.idle_timeout;
+        let written = timeout(stall, async {
+            self.feed(sink, &first).await?;
+            for _ in 1..WRITE_PER_FLUSH {
+                let Ok(message) = rx.try_recv() else { break };
+                self.feed(sink, &message).await?;
+            }
+            sink.flush().await
+        })
+        .await;
+        matches!(written, Ok(Ok(())))
+    }
+
+    /// Puts one message into the socket's write buffer as one or more frames.
+    async fn feed(&mut self, sink: &mut Sink, message: &Message) -> Result<(), axum::Error> {
+        match message {
+            Message::Error { code, .. } | Message::Reject { code, .. } => {
+                self.shared.metrics.count_error(*code)
+            }
+            _ => {}
+        }
+        self.stream = self.stream.wrapping_add(1);
+        for frame in encode_frames(message, self.shared.config.max_frame_bytes, self.stream) {
+            let len = frame.len() as u64;
+            sink.feed(WsMessage::Binary(frame.into())).await?;
+            self.shared
+                .metrics
+                .bytes_out
+                .fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Writes one message as one or more frames; false when the socket failed or stalled.
     async fn write(&mut self, sink: &mut Sink, message: &Message) -> bool {
         match message {

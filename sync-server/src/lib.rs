@@ -341,8 +341,10 @@ async fn amrepo_handler(
 
 /// The read buffer of one WebSocket. tungstenite's default (128 KiB) is allocated per connection
 /// and zero-filled on every read: it made an idle connection cost 144 KB and was 19% of the
-/// fan-out profile (bench/RESULTS.md, cause 1). Larger frames still arrive; the buffer grows.
-const READ_BUFFER_BYTES: usize = 4096;
+/// fan-out profile (BENCHMARKS.md, "Cause 1"). Every idle connection holds this much, so it is
+/// small (1 KiB: 7.6 KB per idle y-websocket connection, against 12.9 KB with 4 KiB). Larger
+/// frames still arrive: the buffer grows to the frame, read at most this much per `read` call.
+const READ_BUFFER_BYTES: usize = 1024;
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     (

@@ -93,6 +93,9 @@ pub(crate) struct Yws {
     joined: bool,
     /// Whether a read-only refusal was sent already.
     denied: bool,
+    /// Document updates taken in this step, written as one merged update by
+    /// [`Protocol::coalesce`] (at most `DRAIN_PER_STEP` of `compat`).
+    updates: Vec<Vec<u8>>,
 }
 
 impl Yws {
@@ -103,6 +106,32 @@ impl Yws {
             lease: None,
             joined: false,
             denied: false,
+            updates: Vec::new(),
+        }
+    }
+
+    /// Queues the updates held back in this step as one sync-update frame: y-websocket clients
+    /// apply one update per message, so several become one merged update (`Y.mergeUpdates`).
+    fn emit_updates(&mut self, conn: &mut Conn) {
+        let update = match self.updates.len() {
+            0 => return,
+            1 => self.updates.pop(),
+            _ => match yrs::merge_updates_v1(&self.updates) {
+                Ok(merged) => Some(merged),
+                Err(error) => {
+                    // They came from the document actor, which encoded them: not expected. Send
+                    // them as they are, one frame each.
+                    tracing::error!(%error, "merging Yrs updates failed");
+                    for update in self.updates.drain(..) {
+                        conn.send(sync_frame(UPDATE, &update));
+                    }
+                    None
+                }
+            },
+        };
+        self.updates.clear();
+        if let Some(update) = update {
+            conn.send(sync_frame(UPDATE, &update));
         }
     }
 
@@ -296,14 +325,16 @@ impl Protocol for Yws {
                 let (subtype, data) = match payload {
                     SyncPayload::YrsStep1(sv) => (STEP1, sv),
                     SyncPayload::YrsStep2(update) => (STEP2, update),
-                    SyncPayload::YrsUpdate(update) => (UPDATE, update),
+                    SyncPayload::YrsUpdate(update) => {
+                        // Held back to be merged with the others of this step.
+                        self.updates.push(update);
+                        return Ok(());
+                    }
                     SyncPayload::Automerge(_) => return Ok(()),
                 };
-                let mut frame = Vec::with_capacity(data.len() + 12);
-                write_var(&mut frame, MSG_SYNC);
-                write_var(&mut frame, subtype);
-                write_buf(&mut frame, &data);
-                conn.send(frame);
+                // Whatever was held back goes first: the order of frames is kept.
+                self.emit_updates(conn);
+                conn.send(sync_frame(subtype, &data));
                 Ok(())
             }
             Message::Error { code, message, .. } => Err(Stop::error(code, message)),
@@ -314,6 +345,7 @@ impl Protocol for Yws {
             } => {
                 if !self.denied {
                     self.denied = true;
+                    self.emit_updates(conn);
                     conn.send(auth_denied(&reason));
                 }
                 Ok(())
@@ -325,8 +357,13 @@ impl Protocol for Yws {
     }
 
     fn relayed(&mut self, conn: &mut Conn, item: Arc<[u8]>) -> Result<(), Stop> {
+        // Awareness is independent of document updates: no need to emit them first.
         conn.send(item.to_vec());
         Ok(())
+    }
+
+    fn coalesce(&mut self, conn: &mut Conn) {
+        self.emit_updates(conn);
     }
 
     fn farewell(&mut self, stop: &Stop) -> Vec<Vec<u8>> {
@@ -375,6 +412,15 @@ impl Protocol for Yws {
                     .await;
         }
     }
+}
+
+/// `[0, subtype, varUint8Array(data)]`: a sync message.
+fn sync_frame(subtype: u64, data: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(data.len() + 12);
+    write_var(&mut frame, MSG_SYNC);
+    write_var(&mut frame, subtype);
+    write_buf(&mut frame, data);
+    frame
 }
 
 /// `[2, 0, reason]`: y-protocols' "permission denied".

@@ -67,6 +67,8 @@ struct YClient {
     doc: yrs::Doc,
     denied: Vec<String>,
     closed: bool,
+    /// Sync-update frames received.
+    update_frames: usize,
 }
 
 impl YClient {
@@ -82,7 +84,26 @@ impl YClient {
             doc,
             denied: Vec::new(),
             closed: false,
+            update_frames: 0,
         }
+    }
+
+    /// Sets `keys` one transaction (one update) each and sends the updates in one write.
+    async fn set_many(&mut self, keys: impl Iterator<Item = (String, i64)>) -> usize {
+        let map = self.doc.get_or_insert_map("root");
+        let mut sent = 0;
+        for (key, value) in keys {
+            let update = {
+                let mut txn = self.doc.transact_mut();
+                map.insert(&mut txn, key, value);
+                txn.encode_update_v1()
+            };
+            let frame = YMessage::Sync(SyncMessage::Update(update)).encode_v1();
+            self.ws.feed(WsMessage::Binary(frame.into())).await.unwrap();
+            sent += 1;
+        }
+        self.ws.flush().await.unwrap();
+        sent
     }
 
     async fn set(&mut self, key: &str, value: i64) {
@@ -110,6 +131,10 @@ impl YClient {
                 let _ = self.ws.send(WsMessage::Binary(reply.into())).await;
             }
             YMessage::Sync(SyncMessage::SyncStep2(update) | SyncMessage::Update(update)) => {
+                if frame.get(1) == Some(&2) {
+                    // `[0, 2, …]`: an update (not a step 2).
+                    self.update_frames += 1;
+                }
                 let update = yrs::Update::decode_v1(&update).unwrap();
                 self.doc.transact_mut().apply_update(update).unwrap();
             }
@@ -199,6 +224,52 @@ async fn accord_and_yjs_clients_edit_the_same_document() {
         "both sides hold the same state"
     );
     assert!(server.committed() >= 4, "{} commits", server.committed());
+    server.stop().await;
+}
+
+/// Updates relayed to a y-websocket client are coalesced: a burst of single-key updates from one
+/// client reaches another as a few merged updates (one per group commit, and what a connection
+/// takes from its queue in one step), and both hold the same state.
+#[tokio::test]
+async fn yjs_updates_are_coalesced_and_converge() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), false)).await;
+    let room = "coalesce";
+    let mut reader = YClient::connect(server.addr, room, None).await;
+    let mut writer = YClient::connect(server.addr, room, None).await;
+    // Both finish the handshake (the server's step 1 and step 2) before the burst.
+    for client in [&mut reader, &mut writer] {
+        client
+            .pump_until(Duration::from_millis(300), |_| false)
+            .await;
+    }
+    const UPDATES: usize = 400;
+    let sent = writer
+        .set_many((0..UPDATES).map(|i| (format!("k{}", i % 50), i as i64)))
+        .await;
+    assert_eq!(sent, UPDATES);
+    let expected = writer.json();
+    assert!(
+        reader.pump_until(WAIT, |y| y.json() == expected).await,
+        "the reader converges: {} vs {}",
+        reader.json(),
+        expected
+    );
+    assert!(
+        reader.update_frames <= UPDATES / 4,
+        "{UPDATES} updates arrived in {} frames",
+        reader.update_frames
+    );
+    eprintln!(
+        "{UPDATES} updates reached the reader in {} frames",
+        reader.update_frames
+    );
+    // The writer is not sent its own updates back, and whatever it gets changes nothing.
+    writer
+        .pump_until(Duration::from_millis(200), |_| false)
+        .await;
+    assert_eq!(writer.json(), expected);
+    assert_eq!(server.committed(), UPDATES as u64);
     server.stop().await;
 }
 
