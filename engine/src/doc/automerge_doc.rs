@@ -197,9 +197,7 @@ impl AutomergeDoc {
             return Some(self.to_json());
         };
         if let Some(fresh) = self.fresh.iter().find(|f| f.path == *path) {
-            if fresh.visible(&self.doc) {
-                return Some(fresh.to_json());
-            }
+            return Some(fresh.to_json());
         }
         let obj = resolve(&self.doc, parent, path).ok()?;
         let (value, id) = self.doc.get(&obj, prop(last)).ok()??;
@@ -239,7 +237,7 @@ impl AutomergeDoc {
             }
             tracker.heads = heads;
         }
-        let (touched, fresh) = tracker.take();
+        let (touched, fresh) = tracker.take(&self.doc);
         self.fresh = fresh;
         touched
     }
@@ -330,7 +328,14 @@ struct Tracker {
     window: u64,
     /// Maps made this window under an object made before it (see [`FreshMap`]).
     pending: Vec<FreshMap>,
+    /// Objects older than the window that the document showed at their path (they and every
+    /// ancestor won their place) when last checked; one is forgotten as soon as an op writes at
+    /// its path or an ancestor's, the only way it can stop being shown. Bounded by [`MAX_SHOWN`].
+    shown: Vec<(automerge::ObjId, Path)>,
 }
+
+/// At most this many shown objects (collections) are remembered; beyond, they are checked again.
+const MAX_SHOWN: usize = 64;
 
 /// A map made in the current take window under an object that existed before (a new entry of a
 /// collection), with what its ops wrote. Every op on it was decoded (it is no older than the
@@ -339,8 +344,9 @@ struct Tracker {
 /// increment or nested object) its contents are exactly `values`. Whether it is what the document
 /// shows at `path` (it may have lost a conflict with another value there, or it or an ancestor
 /// may have been deleted or replaced, in this window or, for the ancestors, before) is checked
-/// when it is read: every step from it up to the root must be visible. Otherwise, or when it is
-/// not clean, it is read from the document as before.
+/// at the take: it must win its place in its parent, and the parent must be shown (known from
+/// [`Tracker::shown`], or checked up to the root). Otherwise, or when it is not clean, it is read
+/// from the document as before.
 struct FreshMap {
     /// The object's id: (counter, actor) of the op that made it.
     id: (u64, automerge::ActorId),
@@ -350,15 +356,6 @@ struct FreshMap {
 }
 
 impl FreshMap {
-    /// Whether the document shows this map at its path: it and every ancestor win their place.
-    fn visible(&self, doc: &AutoCommit) -> bool {
-        let Ok(id) = doc.import_obj(&format!("{}@{}", self.id.0, self.id.1)) else {
-            return false;
-        };
-        doc.parents(&id)
-            .is_ok_and(|mut parents| parents.all(|p| p.visible))
-    }
-
     /// The JSON the document would show for it (keys in order, as Automerge iterates a map).
     fn to_json(&self) -> serde_json::Value {
         let mut values: Vec<&(String, ScalarValue)> = self.values.iter().collect();
@@ -381,19 +378,51 @@ impl Tracker {
             objects: HashMap::new(),
             window: 0,
             pending: Vec::new(),
+            shown: Vec::new(),
         }
     }
 
-    /// The touched paths (`None`: unknown) and the clean new maps of the window; starts the next.
-    fn take(&mut self) -> (Option<Vec<Path>>, Vec<FreshMap>) {
+    /// The touched paths (`None`: unknown) and the clean new maps of the window that `doc` shows
+    /// at their path; starts the next window.
+    fn take(&mut self, doc: &AutoCommit) -> (Option<Vec<Path>>, Vec<FreshMap>) {
         self.window += 1;
         let touched = std::mem::take(&mut self.touched);
         let mut fresh = std::mem::take(&mut self.pending);
         if std::mem::replace(&mut self.overflow, false) {
+            // Some ops were not looked at: what was known shown may no longer be.
+            self.shown.clear();
             return (None, Vec::new());
         }
-        fresh.retain(|f| f.clean);
+        fresh.retain(|f| f.clean && self.is_shown(doc, f));
         (Some(touched.into_iter().collect()), fresh)
+    }
+
+    /// Whether `doc` shows the new map `fresh` at its path: it wins its place in its parent and
+    /// the parent is shown (remembered, or checked up to the root and then remembered).
+    fn is_shown(&mut self, doc: &AutoCommit, fresh: &FreshMap) -> bool {
+        let Ok(id) = doc.import_obj(&format!("{}@{}", fresh.id.0, fresh.id.1)) else {
+            return false;
+        };
+        let Ok(mut parents) = doc.parents(&id) else {
+            return false;
+        };
+        let Some(parent) = parents.next().filter(|p| p.visible) else {
+            return false;
+        };
+        if self.shown.iter().any(|(obj, _)| *obj == parent.obj) {
+            return true;
+        }
+        if !parents.all(|p| p.visible) {
+            return false;
+        }
+        let Some((parent_path, _)) = fresh.path.split_last() else {
+            return false;
+        };
+        if self.shown.len() >= MAX_SHOWN {
+            self.shown.clear();
+        }
+        self.shown.push((parent.obj, Path(parent_path.to_vec())));
+        true
     }
 
     /// An op of a change inside the object `obj`, which was made in this window.
@@ -459,6 +488,9 @@ impl Tracker {
             };
             if fresh {
                 self.written_inside(&op.obj, op);
+            } else if exact && !self.shown.is_empty() {
+                // A write at a shown object's path or an ancestor's may hide it.
+                self.shown.retain(|(_, shown)| !shown.starts_with(&path));
             }
             if let LegacyOpType::Make(kind) = op.action {
                 if self.objects.len() >= MAX_OBJECTS {
@@ -984,13 +1016,33 @@ mod tests {
             }])
             .expect("ops")
             .expect("change");
+        let mut late = server_copy(&mut server);
+        // The replacement and a new entry in the replaced map in one window...
         server.apply_changes(&cc.bytes).expect("merge");
         server.apply_changes(&ca2.bytes).expect("merge");
-        let path = Path::keys(["wallet", "entries", "m"]);
-        server.take_touched().expect("tracked");
-        let reference =
-            AutomergeDoc::load(ReplicaId::from_bytes([9; 16]), &server.save()).expect("load");
-        assert_eq!(server.get_json(&path), reference.get_json(&path));
+        assert_eq!(assert_reads_match(&mut server), 2);
+        // ... and in two: the replaced map was known shown, and must be forgotten.
+        tracked(&mut late);
+        late.apply_changes(&cc.bytes).expect("merge");
+        assert_eq!(assert_reads_match(&mut late), 1);
+        late.apply_changes(&ca2.bytes).expect("merge");
+        assert_eq!(assert_reads_match(&mut late), 1);
+    }
+
+    /// A tracked copy of `doc` that has seen a new entry of `wallet/entries` (so it knows that
+    /// collection is shown).
+    fn server_copy(doc: &mut AutomergeDoc) -> AutomergeDoc {
+        let mut copy =
+            AutomergeDoc::load(ReplicaId::from_bytes([6; 16]), &doc.save()).expect("load");
+        tracked(&mut copy);
+        copy.apply_ops(&[Op::Put {
+            path: Path::keys(["wallet", "entries", "s"]),
+            value: json!({"amount": 5}),
+        }])
+        .expect("ops");
+        copy.take_touched().expect("tracked");
+        assert_eq!(copy.tracking.as_ref().map(|t| t.shown.len()), Some(1));
+        copy
     }
 
     #[test]
