@@ -4,6 +4,11 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+/// The maps keyed by entry keys and claimed values, which are touched after every commit: hashed
+/// with foldhash (randomly seeded per process, so keys chosen by clients cannot be aimed at
+/// collisions) rather than SipHash, which showed up in profiles of the commit path.
+type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+
 use serde_json::Value;
 
 use super::spec::{Fold, Rule};
@@ -34,7 +39,7 @@ enum Aggregate {
     /// claims change, so finding them does not cost a scan of every value).
     Claims {
         field: String,
-        by_value: HashMap<String, BTreeSet<String>>,
+        by_value: FastMap<String, BTreeSet<String>>,
         contested: BTreeSet<String>,
     },
     /// Only the live count matters.
@@ -54,22 +59,30 @@ impl Aggregate {
                     return;
                 };
                 let value = value.to_string();
-                let claims = by_value.entry(value.clone()).or_default();
                 if sign > 0.0 {
-                    claims.insert(key.to_owned());
-                } else {
+                    match by_value.get_mut(&value) {
+                        Some(claims) => {
+                            claims.insert(key.to_owned());
+                            if claims.len() > 1 {
+                                contested.insert(value);
+                            }
+                        }
+                        // The first claim (the common case): no one else, so not contested.
+                        None => {
+                            by_value.insert(value, BTreeSet::from([key.to_owned()]));
+                        }
+                    }
+                } else if let Some(claims) = by_value.get_mut(&value) {
                     claims.remove(key);
-                }
-                match claims.len() {
-                    0 => {
-                        by_value.remove(&value);
-                        contested.remove(&value);
-                    }
-                    1 => {
-                        contested.remove(&value);
-                    }
-                    _ => {
-                        contested.insert(value);
+                    match claims.len() {
+                        0 => {
+                            by_value.remove(&value);
+                            contested.remove(&value);
+                        }
+                        1 => {
+                            contested.remove(&value);
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -115,7 +128,7 @@ pub(crate) fn contribution(fold: &Fold, entry: &Value) -> f64 {
 /// A guarded collection and the aggregates of the rules that watch it.
 pub(crate) struct Collection {
     pub path: Path,
-    entries: HashMap<String, Entry>,
+    entries: FastMap<String, Entry>,
     voided: HashSet<String>,
     live: usize,
     /// (index of the rule in the schema, its aggregate)
@@ -127,7 +140,7 @@ impl Collection {
     pub fn new(path: Path) -> Self {
         Self {
             path,
-            entries: HashMap::new(),
+            entries: FastMap::default(),
             voided: HashSet::new(),
             live: 0,
             aggregates: Vec::new(),
@@ -148,7 +161,7 @@ impl Collection {
                 key_field: field, ..
             } => Aggregate::Claims {
                 field: field.clone(),
-                by_value: HashMap::new(),
+                by_value: FastMap::default(),
                 contested: BTreeSet::new(),
             },
             _ => Aggregate::Count,
@@ -163,7 +176,7 @@ impl Collection {
             Some(Value::Object(map)) => map,
             _ => serde_json::Map::new(),
         };
-        let mut entries = HashMap::with_capacity(fresh.len());
+        let mut entries = FastMap::with_capacity_and_hasher(fresh.len(), Default::default());
         for (key, value) in fresh {
             let meta = self.entries.get(&key).map_or(meta, |e| e.meta);
             entries.insert(key, Entry { value, meta });
@@ -172,10 +185,10 @@ impl Collection {
         self.rebuild();
     }
 
-    /// Reads one entry again after a change touched it.
-    pub fn refresh(&mut self, doc: &Document, key: &str, meta: EntryMeta) {
-        let path = self.path.clone().key(key);
-        let fresh = doc.get(&path);
+    /// Reads one entry again after a change touched it; `path` is the entry's (this
+    /// collection's path and `key`).
+    pub fn refresh(&mut self, doc: &Document, key: &str, path: &Path, meta: EntryMeta) {
+        let fresh = doc.get(path);
         let live = !self.voided.contains(key);
         if let Some(old) = self.entries.remove(key) {
             if live {

@@ -110,6 +110,8 @@ pub struct Reconciler {
     by: String,
     authority: bool,
     collections: Vec<Collection>,
+    /// For each spec, the index of its collection in `collections` (collection rules only).
+    collection_of: Vec<Option<usize>>,
     records: Records,
     loaded: bool,
     roots: Vec<String>,
@@ -134,6 +136,7 @@ impl Reconciler {
         authority: bool,
     ) -> Self {
         let mut collections: Vec<Collection> = Vec::new();
+        let mut collection_of = vec![None; schema.invariants.len()];
         for (index, spec) in schema.invariants.iter().enumerate() {
             if !spec.rule.is_collection() {
                 continue;
@@ -147,6 +150,7 @@ impl Reconciler {
                 }
             };
             collections[at].watch(index, &spec.rule);
+            collection_of[index] = Some(at);
         }
         let mut roots: Vec<String> = schema
             .invariants
@@ -167,6 +171,7 @@ impl Reconciler {
             by: by.into(),
             authority,
             collections,
+            collection_of,
             records: Records::default(),
             loaded: false,
             roots,
@@ -228,11 +233,7 @@ impl Reconciler {
         let specs = std::mem::take(&mut self.specs);
         for (index, spec) in specs.iter().enumerate() {
             let found = if spec.rule.is_collection() {
-                match self
-                    .collections
-                    .iter()
-                    .find(|c| &c.path == spec.rule.path())
-                {
+                match self.collection_of[index].and_then(|at| self.collections.get(at)) {
                     Some(collection) => check_collection(self.document, index, spec, collection),
                     None => Vec::new(),
                 }
@@ -316,15 +317,19 @@ impl Reconciler {
                 collection.set_voided(voided_of(&self.records, &collection.path));
             }
         }
+        // The touched entries of each collection, borrowed from `paths` (no copies on this path,
+        // which runs after every commit): the key, and the touched path when it is the entry's.
+        let mut keys: Vec<(&str, Option<&Path>)> = Vec::new();
         for collection in &mut self.collections {
             let depth = collection.path.segments().len();
-            let mut keys = std::collections::BTreeSet::new();
+            keys.clear();
             let mut reload = false;
             for path in &paths {
                 if path.starts_with(&collection.path) {
                     match path.segments().get(depth) {
                         Some(crate::doc::Segment::Key(key)) => {
-                            keys.insert(key.clone());
+                            let entry = (path.segments().len() == depth + 1).then_some(path);
+                            keys.push((key.as_str(), entry));
                         }
                         Some(_) => {}
                         None => reload = true,
@@ -335,21 +340,31 @@ impl Reconciler {
             }
             if reload {
                 collection.load(doc, meta);
-            } else {
-                for key in keys {
-                    // Several changes may have arrived together: credit the one that wrote
-                    // this entry when the document can tell (Automerge).
-                    let meta = if several_changes {
-                        let path = collection.path.clone().key(key.clone());
-                        EntryMeta {
-                            change: writer_of(doc, &path).or(meta.change),
-                            ..meta
-                        }
-                    } else {
-                        meta
-                    };
-                    collection.refresh(doc, &key, meta);
-                }
+                continue;
+            }
+            // Each entry once, in key order; a touched path that is the entry's own sorts first.
+            keys.sort_unstable_by(|a, b| (a.0, a.1.is_none()).cmp(&(b.0, b.1.is_none())));
+            keys.dedup_by(|a, b| a.0 == b.0);
+            for &(key, entry) in &keys {
+                let built;
+                let path = match entry {
+                    Some(path) => path,
+                    None => {
+                        built = collection.path.clone().key(key);
+                        &built
+                    }
+                };
+                // Several changes may have arrived together: credit the one that wrote this
+                // entry when the document can tell (Automerge).
+                let meta = if several_changes {
+                    EntryMeta {
+                        change: writer_of(doc, path).or(meta.change),
+                        ..meta
+                    }
+                } else {
+                    meta
+                };
+                collection.refresh(doc, key, path, meta);
             }
         }
         Some(paths)
