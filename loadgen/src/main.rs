@@ -410,6 +410,32 @@ fn generate(writer: u64, run_id: u64, document: DocumentId, count: usize) -> Res
     Ok(changes)
 }
 
+/// CPU seconds (user + system) the embedded server used so far: this process's, less its own
+/// threads' (the main thread and its runtime's workers). Counting the other way round (the
+/// server's threads) would miss the time of server threads that have exited. Linux only (`/proc`);
+/// `None` elsewhere.
+fn server_cpu_seconds() -> Option<f64> {
+    let ticks = |stat: &str| -> Option<f64> {
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After the command: utime and stime are fields 14 and 15 (1-based) → index 11, 12.
+        Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+    };
+    let total = ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    let mut own = 0.0;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm == "accord-loadgen" || comm.starts_with("tokio-rt-worker") {
+            if let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) {
+                own += ticks(&stat).unwrap_or(0.0);
+            }
+        }
+    }
+    // Ticks are 1/100 s on Linux (USER_HZ).
+    Some((total - own) / 100.0)
+}
+
 /// The document type [`generate_trip`] declares (the demo schema's).
 const TRIP_TYPE: &str = "trip";
 
@@ -703,6 +729,7 @@ async fn commits(
     });
     let start = Arc::new(Barrier::new(args.writers + 1));
     let until = Duration::from_secs_f64(args.duration);
+    let cpu_before = metrics.and_then(|_| server_cpu_seconds());
     let mut tasks = Vec::new();
     for (w, (document, changes)) in batches.into_iter().enumerate() {
         tasks.push(tokio::spawn(writer(
@@ -732,6 +759,9 @@ async fn commits(
         }
     }
     let elapsed = last.duration_since(begun).as_secs_f64().max(1e-9);
+    let server_cpu = cpu_before
+        .zip(server_cpu_seconds())
+        .map(|(before, after)| after - before);
     total.ack_micros.sort_unstable();
     let s = "commits".to_string();
     rows.push((
@@ -777,6 +807,13 @@ async fn commits(
             percentile(&total.ack_micros, 99.0)
         ),
     ));
+    if let Some(cpu) = server_cpu {
+        rows.push((
+            s.clone(),
+            "server CPU per acked change (us)".into(),
+            format!("{:.1}", cpu * 1e6 / total.acked.max(1) as f64),
+        ));
+    }
     if let (Some(m), Some((changes0, commits0))) = (metrics, before) {
         let changes = m.changes_committed.load(Ordering::Relaxed) - changes0;
         let txns = m.commits.load(Ordering::Relaxed) - commits0;
