@@ -234,7 +234,9 @@ impl Reconciler {
         for (index, spec) in specs.iter().enumerate() {
             let found = if spec.rule.is_collection() {
                 match self.collection_of[index].and_then(|at| self.collections.get(at)) {
-                    Some(collection) => check_collection(self.document, index, spec, collection),
+                    Some(collection) => {
+                        check_collection(doc, self.document, index, spec, collection)
+                    }
                     None => Vec::new(),
                 }
             } else if touches(touched.as_deref(), spec.rule.path()) {
@@ -799,6 +801,7 @@ fn voided_of(records: &Records, path: &Path) -> std::collections::HashSet<String
 /// Checks rule `index` over its collection using the running aggregates; only a broken rule
 /// pays for ranking the entries.
 fn check_collection(
+    doc: &Document,
     document: DocumentId,
     index: usize,
     spec: &InvariantSpec,
@@ -822,7 +825,7 @@ fn check_collection(
     };
     match &spec.rule {
         Rule::Range {
-            fold: Some(fold),
+            fold: Some(_),
             min,
             max,
             ..
@@ -837,17 +840,13 @@ fn check_collection(
             let mut victims = Vec::new();
             let mut options = Vec::new();
             for (key, entry) in collection.ranked_live() {
-                let c = contribution(fold, &entry.value);
+                let c = collection.amount(entry, index);
                 let breaks = (c < 0.0 && min.is_some_and(|lo| running + c < lo))
                     || (c > 0.0 && max.is_some_and(|hi| running + c > hi));
                 if breaks {
                     victims.push(key.clone());
-                    options.push(option_for(
-                        key,
-                        &entry.value,
-                        entry.value.clone(),
-                        &entry.meta,
-                    ));
+                    let value = collection.value(doc, key);
+                    options.push(option_for(key, &value, value.clone(), &entry.meta));
                 } else {
                     running += c;
                 }
@@ -868,16 +867,20 @@ fn check_collection(
             .contested(index)
             .into_iter()
             .map(|(value, keys)| {
-                let mut claims: Vec<(&String, &super::collection::Entry)> = keys
+                let mut claims: Vec<(&String, &super::collection::Entry, Value)> = keys
                     .iter()
-                    .filter_map(|k| collection.entry(k).map(|e| (k, e)))
+                    .filter_map(|k| {
+                        collection
+                            .entry(k)
+                            .map(|e| (k, e, collection.value(doc, k)))
+                    })
                     .collect();
                 claims.sort_by(|a, b| (a.1.meta.seq, a.0).cmp(&(b.1.meta.seq, b.0)));
-                let involved: Vec<String> = claims.iter().map(|(k, _)| (*k).clone()).collect();
+                let involved: Vec<String> = claims.iter().map(|(k, _, _)| (*k).clone()).collect();
                 let victims: Vec<String> = involved[1..].to_vec();
                 let options = claims
                     .iter()
-                    .map(|(k, e)| option_for(k, &e.value, e.value.clone(), &e.meta))
+                    .map(|(k, e, value)| option_for(k, value, value.clone(), &e.meta))
                     .collect();
                 let reason = match &spec.rule {
                     Rule::Once { .. } => format!(
@@ -887,7 +890,7 @@ fn check_collection(
                     _ => {
                         let who: Vec<String> = claims
                             .iter()
-                            .map(|(k, e)| author_of(&e.value).unwrap_or_else(|| (*k).clone()))
+                            .map(|(k, _, value)| author_of(value).unwrap_or_else(|| (*k).clone()))
                             .collect();
                         format!("{} all claimed {field} {value}", who.join(" and "))
                     }
@@ -904,7 +907,10 @@ fn check_collection(
             let victims: Vec<String> = over.iter().map(|(k, _)| (*k).clone()).collect();
             let options = over
                 .iter()
-                .map(|(k, e)| option_for(k, &e.value, e.value.clone(), &e.meta))
+                .map(|(k, e)| {
+                    let value = collection.value(doc, k);
+                    option_for(k, &value, value.clone(), &e.meta)
+                })
                 .collect();
             let reason = format!(
                 "{path} holds {} entries, at most {max} allowed",
