@@ -11,6 +11,12 @@
 //!   so it can be applied unchanged to Accord's `/yjs` and to other Yjs servers (`--target`, with
 //!   `{room}` in the URL; `--proto hocuspocus` for Hocuspocus); see `yws.rs` and `bench/run.sh`.
 //!
+//! `commits --trip-changes` sends changes shaped like the demo trip document instead (each adds a
+//! wallet ledger entry, a seat booking and a payment, after a first change that declares the
+//! document type `trip`), and `--schema FILE` gives the embedded server invariants to check on
+//! every commit (`sync-server/examples/trip.schema.json`): the two runs differ only by the
+//! invariant checks, which is how the invariant layer's cost on commit throughput is measured.
+//!
 //! The changes are generated before the clock starts (real Yrs updates made by the engine's
 //! `Document`), and the generator speaks the wire protocol directly, so the measured cost is the
 //! server's. Every loop is bounded by `--duration` (plus a grace period to drain) and by
@@ -129,6 +135,14 @@ struct Args {
     /// Worker threads of the embedded server's runtime.
     #[arg(long, default_value_t = 2)]
     server_threads: usize,
+    /// commits: changes shaped like the demo trip document (typed `trip`; each adds a ledger
+    /// entry, a booking and a payment, all valid) instead of small overwrites of 16 keys.
+    #[arg(long)]
+    trip_changes: bool,
+    /// The embedded server checks the invariants of this schema (JSON, e.g.
+    /// `sync-server/examples/trip.schema.json`) on documents of its type.
+    #[arg(long)]
+    schema: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -170,12 +184,25 @@ fn real_main(args: Args) -> Result<()> {
     if yws_scenario && args.target.is_some() {
         return yws_main(&args, args.target.clone().unwrap_or_default());
     }
+    let schemas = match &args.schema {
+        Some(path) => {
+            if args.url.is_some() {
+                return Err("--schema configures the embedded server: not with --url".into());
+            }
+            let json = std::fs::read_to_string(path)
+                .map_err(|e| format!("--schema {}: {e}", path.display()))?;
+            let schema = accord_engine::invariant::Schema::from_json(&json)
+                .map_err(|e| format!("--schema {}: {e}", path.display()))?;
+            vec![schema]
+        }
+        None => Vec::new(),
+    };
     let server = match &args.url {
         Some(url) => {
             check_local(url)?;
             None
         }
-        None => Some(EmbeddedServer::start(args.server_threads)?),
+        None => Some(EmbeddedServer::start(args.server_threads, schemas)?),
     };
     let url = args
         .url
@@ -310,15 +337,16 @@ struct EmbeddedServer {
 }
 
 impl EmbeddedServer {
-    fn start(threads: usize) -> Result<Self> {
+    fn start(threads: usize, schemas: Vec<accord_engine::invariant::Schema>) -> Result<Self> {
         let data = tempfile::tempdir().map_err(|e| e.to_string())?;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let config = accord_server::Config::new(
+        let mut config = accord_server::Config::new(
             data.path().join("server"),
             accord_server::auth::AuthMode::Disabled,
         );
+        config.schemas = schemas;
         let metrics = Arc::new(Metrics::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server_metrics = metrics.clone();
@@ -375,6 +403,98 @@ fn generate(writer: u64, run_id: u64, document: DocumentId, count: usize) -> Res
             value: serde_json::json!(i),
         };
         match doc.apply_ops(&[op]) {
+            Ok(Some(change)) => changes.push(change),
+            Ok(None) => {}
+            Err(e) => return Err(format!("generate: {:?}", e.error)),
+        }
+    }
+    Ok(changes)
+}
+
+/// CPU seconds (user + system) the embedded server used so far: this process's, less its own
+/// threads' (the main thread and its runtime's workers). Counting the other way round (the
+/// server's threads) would miss the time of server threads that have exited. Linux only (`/proc`);
+/// `None` elsewhere.
+fn server_cpu_seconds() -> Option<f64> {
+    let ticks = |stat: &str| -> Option<f64> {
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After the command: utime and stime are fields 14 and 15 (1-based) → index 11, 12.
+        Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+    };
+    let total = ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    let mut own = 0.0;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm == "accord-loadgen" || comm.starts_with("tokio-rt-worker") {
+            if let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) {
+                own += ticks(&stat).unwrap_or(0.0);
+            }
+        }
+    }
+    // Ticks are 1/100 s on Linux (USER_HZ).
+    Some((total - own) / 100.0)
+}
+
+/// The document type [`generate_trip`] declares (the demo schema's).
+const TRIP_TYPE: &str = "trip";
+
+/// `count` Yrs changes by one writer shaped like the demo trip document: the first declares the
+/// type and makes the collections; each next one adds a wallet entry (deposits of 2 and spends of
+/// 1, alternating, so the balance never goes below zero), a booking of a seat no one else holds
+/// and a payment with a new reference. Every invariant of `trip.schema.json` that watches these
+/// paths (range with a fold, unique, once) is touched by every change and none breaks.
+fn generate_trip(
+    writer: u64,
+    run_id: u64,
+    document: DocumentId,
+    count: usize,
+) -> Result<Vec<Change>> {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&run_id.to_le_bytes());
+    id[8..].copy_from_slice(&writer.to_le_bytes());
+    let mut doc = Document::new(DocKind::Yrs, ReplicaId::from_bytes(id), document);
+    let mut changes = Vec::with_capacity(count);
+    let key = |root: &str, collection: &str, entry: String| {
+        Path::keys([root.to_string(), collection.to_string(), entry])
+    };
+    for i in 0..count {
+        let ops = if i == 0 {
+            vec![
+                accord_engine::invariant::type_op(DocKind::Yrs, TRIP_TYPE),
+                Op::Put {
+                    path: Path::keys(["wallet"]),
+                    value: serde_json::json!({"entries": {}}),
+                },
+                Op::Put {
+                    path: Path::keys(["trip"]),
+                    value: serde_json::json!({"status": "planning", "bookings": {}, "payments": {}}),
+                },
+            ]
+        } else {
+            let (amount, kind) = if i % 2 == 1 {
+                (2, "deposit")
+            } else {
+                (1, "spend")
+            };
+            let tag = format!("w{writer}-{i}");
+            vec![
+                Op::Put {
+                    path: key("wallet", "entries", format!("e{tag}")),
+                    value: serde_json::json!({"amount": amount, "kind": kind}),
+                },
+                Op::Put {
+                    path: key("trip", "bookings", format!("b{tag}")),
+                    value: serde_json::json!({"seat": format!("s{tag}")}),
+                },
+                Op::Put {
+                    path: key("trip", "payments", format!("p{tag}")),
+                    value: serde_json::json!({"ref": format!("r{tag}"), "amount": 1}),
+                },
+            ]
+        };
+        match doc.apply_ops(&ops) {
             Ok(Some(change)) => changes.push(change),
             Ok(None) => {}
             Err(e) => return Err(format!("generate: {:?}", e.error)),
@@ -590,7 +710,12 @@ async fn commits(
     let mut batches = Vec::new();
     for w in 0..args.writers {
         let document = document_id(run_id, (w % documents) as u64);
-        batches.push((document, generate(w as u64, run_id, document, per_writer)?));
+        let changes = if args.trip_changes {
+            generate_trip(w as u64, run_id, document, per_writer)?
+        } else {
+            generate(w as u64, run_id, document, per_writer)?
+        };
+        batches.push((document, changes));
     }
     eprintln!(
         "commits: generated in {:.1}s; running for {}s",
@@ -606,6 +731,7 @@ async fn commits(
     });
     let start = Arc::new(Barrier::new(args.writers + 1));
     let until = Duration::from_secs_f64(args.duration);
+    let cpu_before = metrics.and_then(|_| server_cpu_seconds());
     let mut tasks = Vec::new();
     for (w, (document, changes)) in batches.into_iter().enumerate() {
         tasks.push(tokio::spawn(writer(
@@ -635,6 +761,9 @@ async fn commits(
         }
     }
     let elapsed = last.duration_since(begun).as_secs_f64().max(1e-9);
+    let server_cpu = cpu_before
+        .zip(server_cpu_seconds())
+        .map(|(before, after)| after - before);
     total.ack_micros.sort_unstable();
     let s = "commits".to_string();
     rows.push((
@@ -643,6 +772,22 @@ async fn commits(
         format!("{} x {}", args.writers, args.window),
     ));
     rows.push((s.clone(), "documents".into(), documents.to_string()));
+    rows.push((
+        s.clone(),
+        "changes".into(),
+        if args.trip_changes {
+            "trip (ledger entry + booking + payment)".into()
+        } else {
+            "16-key overwrites".into()
+        },
+    ));
+    rows.push((
+        s.clone(),
+        "invariants checked".into(),
+        args.schema
+            .as_ref()
+            .map_or("none".into(), |p| p.display().to_string()),
+    ));
     rows.push((
         s.clone(),
         "changes sent / acked".into(),
@@ -664,6 +809,13 @@ async fn commits(
             percentile(&total.ack_micros, 99.0)
         ),
     ));
+    if let Some(cpu) = server_cpu {
+        rows.push((
+            s.clone(),
+            "server CPU per acked change (us)".into(),
+            format!("{:.1}", cpu * 1e6 / total.acked.max(1) as f64),
+        ));
+    }
     if let (Some(m), Some((changes0, commits0, txns0))) = (metrics, before) {
         let changes = m.changes_committed.load(Ordering::Relaxed) - changes0;
         let commits = m.commits.load(Ordering::Relaxed) - commits0;
@@ -674,10 +826,21 @@ async fn commits(
             format!("{commits} / {txns}"),
         ));
         rows.push((
-            s,
+            s.clone(),
             "changes per transaction".into(),
             format!("{:.1}", changes as f64 / txns.max(1) as f64),
         ));
+        if args.schema.is_some() {
+            // Violations the server's invariant loop found (0 when every change is valid; a
+            // schema every change breaks shows the checks do run).
+            let mut found = 0;
+            for kind in ["range", "unique", "transitions", "once", "capacity"] {
+                for policy in ["auto", "reject", "compensate", "ask"] {
+                    found += m.invariant_count(kind, policy, "found");
+                }
+            }
+            rows.push((s, "invariant violations found".into(), found.to_string()));
+        }
     }
     if total.acked == 0 {
         return Err("commits: nothing was acknowledged".into());

@@ -6,6 +6,13 @@
 //! object ids to their paths; objects made by a change get their parent's path plus the key, and
 //! objects made before tracking started are looked up once through their parents. Objects inside
 //! lists and texts are reported as the list or text itself (their index moves).
+//!
+//! The same decoding also remembers what each new map made under an existing object holds (a new
+//! ledger entry, a new booking): every op that ever touched such a map is among the changes just
+//! decoded, so while none of its keys was written twice its value is exactly those ops' values,
+//! and [`AutomergeDoc::get_json`] answers it after one visibility check instead of walking from
+//! the root and reading the map (each step costs microseconds in Automerge 0.12). See
+//! [`FreshMap`].
 
 use std::collections::{HashMap, HashSet};
 
@@ -29,6 +36,10 @@ const TEXT_ENCODING: TextEncoding = TextEncoding::Utf16CodeUnit;
 const MAX_TOUCHED: usize = 4096;
 /// At most this many object paths are cached; beyond, the cache starts over.
 const MAX_OBJECTS: usize = 65_536;
+/// At most this many new maps are remembered per take (see [`FreshMap`]); beyond, they are read.
+const MAX_FRESH: usize = 256;
+/// At most this many keys are remembered per new map; beyond, it is read.
+const MAX_FRESH_KEYS: usize = 64;
 /// At most this many changes are decoded to find unseen edits (made through [`AutomergeDoc::native`]
 /// and committed there); beyond, "unknown".
 const MAX_UNSEEN_CHANGES: usize = 1024;
@@ -38,6 +49,9 @@ pub struct AutomergeDoc {
     doc: AutoCommit,
     /// Changed paths, when they are being tracked.
     tracking: Option<Tracker>,
+    /// The new maps of the last take, whose values are known without reading the document.
+    /// Valid only until the document changes: every method that may change it clears this.
+    fresh: Vec<FreshMap>,
     /// Whether texts may hold characters outside the BMP, so splice positions must be checked
     /// against surrogate pairs (a scan of the text, skipped while it is known to be BMP-only).
     astral: bool,
@@ -60,6 +74,7 @@ impl AutomergeDoc {
         Self {
             doc,
             tracking: None,
+            fresh: Vec::new(),
             astral: false,
             saved: None,
         }
@@ -74,6 +89,7 @@ impl AutomergeDoc {
         Ok(Self {
             doc,
             tracking: None,
+            fresh: Vec::new(),
             astral: true,
             saved: None,
         })
@@ -98,6 +114,7 @@ impl AutomergeDoc {
     /// are picked up by [`crate::Replica::change_native`] when it commits.
     pub fn native(&mut self) -> &mut AutoCommit {
         self.astral = true;
+        self.fresh.clear();
         &mut self.doc
     }
 
@@ -108,6 +125,7 @@ impl AutomergeDoc {
 
     /// Applies ops in one change. Returns `None` when they changed nothing.
     pub fn apply_ops(&mut self, ops: &[Op]) -> Result<Option<Change>, DocError> {
+        self.fresh.clear();
         for op in ops {
             if let Op::Splice { insert, .. } = op {
                 self.astral |= super::ops::has_astral(insert);
@@ -122,6 +140,7 @@ impl AutomergeDoc {
 
     /// Commits whatever is pending in the native document as one change.
     pub fn commit(&mut self) -> Option<Change> {
+        self.fresh.clear();
         let hash = self.doc.commit()?;
         let change = self.doc.get_change_by_hash(&hash)?;
         if let Some(tracker) = &mut self.tracking {
@@ -141,6 +160,7 @@ impl AutomergeDoc {
 
     /// Applies changes (or a saved document) from elsewhere; returns the changes that were new.
     pub fn apply_changes(&mut self, bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+        self.fresh.clear();
         let before = self.doc.get_heads();
         self.astral = true;
         self.doc
@@ -222,6 +242,9 @@ impl AutomergeDoc {
         let Some((parent, last)) = path.split_last() else {
             return Some(self.to_json());
         };
+        if let Some(fresh) = self.fresh.iter().find(|f| f.path == *path) {
+            return Some(fresh.to_json());
+        }
         let obj = resolve(&self.doc, parent, path).ok()?;
         let (value, id) = self.doc.get(&obj, prop(last)).ok()??;
         Some(value_to_json(&self.doc, &value, &id))
@@ -241,6 +264,7 @@ impl AutomergeDoc {
     /// starts now), too much changed, or a change could not be followed. Then everything must be
     /// assumed changed.
     pub fn take_touched(&mut self) -> Option<Vec<Path>> {
+        self.fresh.clear();
         let Some(tracker) = &mut self.tracking else {
             self.track_changes();
             return None;
@@ -259,7 +283,9 @@ impl AutomergeDoc {
             }
             tracker.heads = heads;
         }
-        tracker.take()
+        let (touched, fresh) = tracker.take(&self.doc);
+        self.fresh = fresh;
+        touched
     }
 
     /// The keys of the map at `path` (the root's keys for the root path).
@@ -372,6 +398,7 @@ impl AutomergeDoc {
     ) -> Result<Vec<Change>, DocError> {
         let message = automerge::sync::Message::decode(bytes)
             .map_err(|e| DocError::malformed("automerge sync message", e))?;
+        self.fresh.clear();
         let before = self.doc.get_heads();
         if !message.changes.is_empty() {
             self.astral = true;
@@ -453,6 +480,47 @@ struct Tracker {
     objects: HashMap<(u64, automerge::ActorId), Place>,
     /// Counts takes.
     window: u64,
+    /// Maps made this window under an object made before it (see [`FreshMap`]).
+    pending: Vec<FreshMap>,
+    /// Objects older than the window that the document showed at their path (they and every
+    /// ancestor won their place) when last checked; one is forgotten as soon as an op writes at
+    /// its path or an ancestor's, the only way it can stop being shown. Bounded by [`MAX_SHOWN`].
+    shown: Vec<(automerge::ObjId, Path)>,
+}
+
+/// At most this many shown objects (collections) are remembered; beyond, they are checked again.
+const MAX_SHOWN: usize = 64;
+
+/// A map made in the current take window under an object that existed before (a new entry of a
+/// collection), with what its ops wrote. Every op on it was decoded (it is no older than the
+/// window, and any op on it depends on the change that made it), so while it stays `clean` (each
+/// key put once with a scalar: no two writes, so no concurrent winner to pick; no delete,
+/// increment or nested object) its contents are exactly `values`. Whether it is what the document
+/// shows at `path` (it may have lost a conflict with another value there, or it or an ancestor
+/// may have been deleted or replaced, in this window or, for the ancestors, before) is checked
+/// at the take: it must win its place in its parent, and the parent must be shown (known from
+/// [`Tracker::shown`], or checked up to the root). Otherwise, or when it is not clean, it is read
+/// from the document as before.
+struct FreshMap {
+    /// The object's id: (counter, actor) of the op that made it.
+    id: (u64, automerge::ActorId),
+    path: Path,
+    values: Vec<(String, ScalarValue)>,
+    clean: bool,
+}
+
+impl FreshMap {
+    /// The JSON the document would show for it (keys in order, as Automerge iterates a map).
+    fn to_json(&self) -> serde_json::Value {
+        let mut values: Vec<&(String, ScalarValue)> = self.values.iter().collect();
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        serde_json::Value::Object(
+            values
+                .into_iter()
+                .map(|(k, v)| (k.clone(), scalar_to_json(v)))
+                .collect(),
+        )
+    }
 }
 
 impl Tracker {
@@ -463,16 +531,78 @@ impl Tracker {
             overflow: false,
             objects: HashMap::new(),
             window: 0,
+            pending: Vec::new(),
+            shown: Vec::new(),
         }
     }
 
-    fn take(&mut self) -> Option<Vec<Path>> {
+    /// The touched paths (`None`: unknown) and the clean new maps of the window that `doc` shows
+    /// at their path; starts the next window.
+    fn take(&mut self, doc: &AutoCommit) -> (Option<Vec<Path>>, Vec<FreshMap>) {
         self.window += 1;
         let touched = std::mem::take(&mut self.touched);
+        let mut fresh = std::mem::take(&mut self.pending);
         if std::mem::replace(&mut self.overflow, false) {
-            return None;
+            // Some ops were not looked at: what was known shown may no longer be.
+            self.shown.clear();
+            return (None, Vec::new());
         }
-        Some(touched.into_iter().collect())
+        fresh.retain(|f| f.clean && self.is_shown(doc, f));
+        (Some(touched.into_iter().collect()), fresh)
+    }
+
+    /// Whether `doc` shows the new map `fresh` at its path: it wins its place in its parent and
+    /// the parent is shown (remembered, or checked up to the root and then remembered).
+    fn is_shown(&mut self, doc: &AutoCommit, fresh: &FreshMap) -> bool {
+        let Ok(id) = doc.import_obj(&format!("{}@{}", fresh.id.0, fresh.id.1)) else {
+            return false;
+        };
+        let Ok(mut parents) = doc.parents(&id) else {
+            return false;
+        };
+        let Some(parent) = parents.next().filter(|p| p.visible) else {
+            return false;
+        };
+        if self.shown.iter().any(|(obj, _)| *obj == parent.obj) {
+            return true;
+        }
+        if !parents.all(|p| p.visible) {
+            return false;
+        }
+        let Some((parent_path, _)) = fresh.path.split_last() else {
+            return false;
+        };
+        if self.shown.len() >= MAX_SHOWN {
+            self.shown.clear();
+        }
+        self.shown.push((parent.obj, Path(parent_path.to_vec())));
+        true
+    }
+
+    /// An op of a change inside the object `obj`, which was made in this window.
+    fn written_inside(&mut self, obj: &LegacyObjId, op: &automerge::legacy::Op) {
+        let LegacyObjId::Id(id) = obj else {
+            return;
+        };
+        let Some(fresh) = self
+            .pending
+            .iter_mut()
+            .find(|f| f.id.0 == id.0 && f.id.1 == id.1)
+        else {
+            return;
+        };
+        if !fresh.clean {
+            return;
+        }
+        match (&op.key, &op.action) {
+            (OpKey::Map(key), LegacyOpType::Put(value))
+                if fresh.values.len() < MAX_FRESH_KEYS
+                    && !fresh.values.iter().any(|(k, _)| k == key.as_str()) =>
+            {
+                fresh.values.push((key.to_string(), value.clone()));
+            }
+            _ => fresh.clean = false,
+        }
     }
 
     fn touch(&mut self, path: Path) {
@@ -510,11 +640,27 @@ impl Tracker {
                 OpKey::Map(key) if place.exact => (place.path.key(key.as_str()), true),
                 _ => (place.path, false),
             };
-            if let LegacyOpType::Make(_) = op.action {
+            if fresh {
+                self.written_inside(&op.obj, op);
+            } else if exact && !self.shown.is_empty() {
+                // A write at a shown object's path or an ancestor's may hide it.
+                self.shown.retain(|(_, shown)| !shown.starts_with(&path));
+            }
+            if let LegacyOpType::Make(kind) = op.action {
                 if self.objects.len() >= MAX_OBJECTS {
                     self.objects.clear();
+                    // Ops on a forgotten new map would no longer be seen as inside it.
+                    self.pending.clear();
                 }
                 let id = (start + i as u64, expanded.actor_id.clone());
+                if !fresh && exact && kind == ObjType::Map && self.pending.len() < MAX_FRESH {
+                    self.pending.push(FreshMap {
+                        id: id.clone(),
+                        path: path.clone(),
+                        values: Vec::new(),
+                        clean: true,
+                    });
+                }
                 let made = Some(self.window);
                 let child = Place {
                     path: path.clone(),
@@ -562,6 +708,8 @@ impl Tracker {
         }
         if self.objects.len() >= MAX_OBJECTS {
             self.objects.clear();
+            // Ops on a forgotten new map would no longer be seen as inside it.
+            self.pending.clear();
         }
         self.objects.insert(key, place.clone());
         Some(place)
@@ -908,6 +1056,147 @@ mod tests {
                 vec![Path::keys(["trip", "notes"]), Path::keys(["trip", "stops"])]
             );
         }
+    }
+
+    /// What `doc` shows at each touched path equals what a copy that never tracked reads there.
+    fn assert_reads_match(doc: &mut AutomergeDoc) -> usize {
+        let touched = doc.take_touched().expect("tracked");
+        let reference =
+            AutomergeDoc::load(ReplicaId::from_bytes([9; 16]), &doc.save()).expect("load");
+        for path in &touched {
+            assert_eq!(doc.get_json(path), reference.get_json(path), "at {path}");
+        }
+        touched.len()
+    }
+
+    #[test]
+    fn new_entries_are_read_from_their_ops() {
+        let mut doc = doc_with(json!({"wallet": {"entries": {"d1": {"amount": 1}}}}));
+        tracked(&mut doc);
+        doc.apply_ops(&[Op::Put {
+            path: Path::keys(["wallet", "entries", "n1"]),
+            value: json!({"amount": 2.5, "kind": "spend", "by": "ana", "ok": true, "z": null}),
+        }])
+        .expect("ops");
+        doc.take_touched().expect("tracked");
+        assert_eq!(doc.fresh.len(), 1, "the new entry is known from its ops");
+        let path = Path::keys(["wallet", "entries", "n1"]);
+        let reference =
+            AutomergeDoc::load(ReplicaId::from_bytes([9; 16]), &doc.save()).expect("load");
+        assert_eq!(doc.get_json(&path), reference.get_json(&path));
+        // Any change to the document forgets what the ops said.
+        doc.apply_ops(&[Op::Put {
+            path: Path::keys(["wallet", "entries", "n1", "amount"]),
+            value: json!(3),
+        }])
+        .expect("ops");
+        assert!(doc.fresh.is_empty());
+        assert_eq!(doc.get_json(&path).expect("entry")["amount"], json!(3));
+    }
+
+    #[test]
+    fn new_entries_written_twice_nested_or_deleted_are_read_from_the_document() {
+        let mut doc = doc_with(json!({"wallet": {"entries": {}}}));
+        tracked(&mut doc);
+        let entry = |k: &str| Path::keys(["wallet", "entries", k]);
+        doc.apply_ops(&[
+            Op::Put {
+                path: entry("a"),
+                value: json!({"amount": 1}),
+            },
+            Op::Put {
+                path: entry("a").key("amount"),
+                value: json!(2),
+            },
+            Op::Put {
+                path: entry("b"),
+                value: json!({"tags": ["x"]}),
+            },
+            Op::Put {
+                path: entry("c"),
+                value: json!({"amount": 1}),
+            },
+            Op::Delete { path: entry("c") },
+            Op::Put {
+                path: entry("d"),
+                value: json!({"amount": 1}),
+            },
+            Op::Put {
+                path: entry("d"),
+                value: json!({"amount": 4}),
+            },
+        ])
+        .expect("ops");
+        assert_eq!(assert_reads_match(&mut doc), 4);
+    }
+
+    #[test]
+    fn new_entries_that_lose_a_conflict_or_sit_in_a_replaced_map_are_read_from_the_document() {
+        let bytes = doc_with(json!({"wallet": {"entries": {"d1": {"amount": 1}}}})).save();
+        let fork =
+            |n: u8| AutomergeDoc::load(ReplicaId::from_bytes([n; 16]), &bytes).expect("load");
+        let (mut a, mut b, mut c) = (fork(2), fork(3), fork(4));
+        let mut server = fork(5);
+        tracked(&mut server);
+        // a and b write the same new entry concurrently; c replaces the whole collection.
+        let ca = a
+            .apply_ops(&[Op::Put {
+                path: Path::keys(["wallet", "entries", "n"]),
+                value: json!({"amount": 1, "by": "a"}),
+            }])
+            .expect("ops")
+            .expect("change");
+        let cb = b
+            .apply_ops(&[Op::Put {
+                path: Path::keys(["wallet", "entries", "n"]),
+                value: json!({"amount": 2, "by": "b"}),
+            }])
+            .expect("ops")
+            .expect("change");
+        server.apply_changes(&ca.bytes).expect("merge");
+        server.apply_changes(&cb.bytes).expect("merge");
+        assert_eq!(assert_reads_match(&mut server), 1);
+        let cc = c
+            .apply_ops(&[Op::Put {
+                path: Path::keys(["wallet", "entries"]),
+                value: json!({}),
+            }])
+            .expect("ops")
+            .expect("change");
+        let ca2 = a
+            .apply_ops(&[Op::Put {
+                path: Path::keys(["wallet", "entries", "m"]),
+                value: json!({"amount": 3}),
+            }])
+            .expect("ops")
+            .expect("change");
+        let mut late = server_copy(&mut server);
+        // The replacement and a new entry in the replaced map in one window...
+        server.apply_changes(&cc.bytes).expect("merge");
+        server.apply_changes(&ca2.bytes).expect("merge");
+        assert_eq!(assert_reads_match(&mut server), 2);
+        // ... and in two: the replaced map was known shown, and must be forgotten.
+        tracked(&mut late);
+        late.apply_changes(&cc.bytes).expect("merge");
+        assert_eq!(assert_reads_match(&mut late), 1);
+        late.apply_changes(&ca2.bytes).expect("merge");
+        assert_eq!(assert_reads_match(&mut late), 1);
+    }
+
+    /// A tracked copy of `doc` that has seen a new entry of `wallet/entries` (so it knows that
+    /// collection is shown).
+    fn server_copy(doc: &mut AutomergeDoc) -> AutomergeDoc {
+        let mut copy =
+            AutomergeDoc::load(ReplicaId::from_bytes([6; 16]), &doc.save()).expect("load");
+        tracked(&mut copy);
+        copy.apply_ops(&[Op::Put {
+            path: Path::keys(["wallet", "entries", "s"]),
+            value: json!({"amount": 5}),
+        }])
+        .expect("ops");
+        copy.take_touched().expect("tracked");
+        assert_eq!(copy.tracking.as_ref().map(|t| t.shown.len()), Some(1));
+        copy
     }
 
     #[test]

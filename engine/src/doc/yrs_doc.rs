@@ -756,9 +756,12 @@ fn map_to_json<T: ReadTxn>(txn: &T, map: &MapRef) -> serde_json::Value {
             .fold(0i64, |a, b| a.saturating_add(b));
         return serde_json::Value::from(sum);
     }
-    let sorted: BTreeMap<String, serde_json::Value> = map
+    // Sorted by key, built once: a `BTreeMap` collected into the JSON map would build the tree
+    // twice, and this runs for every entry the invariant layer reads after a commit.
+    let mut entries: Vec<(String, serde_json::Value)> = map
         .iter(txn)
         .map(|(k, v)| (k.to_string(), out_to_json(txn, &v)))
         .collect();
-    serde_json::Value::Object(sorted.into_iter().collect())
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    serde_json::Value::Object(entries.into_iter().collect())
 }

@@ -110,6 +110,8 @@ pub struct Reconciler {
     by: String,
     authority: bool,
     collections: Vec<Collection>,
+    /// For each spec, the index of its collection in `collections` (collection rules only).
+    collection_of: Vec<Option<usize>>,
     records: Records,
     loaded: bool,
     roots: Vec<String>,
@@ -134,6 +136,7 @@ impl Reconciler {
         authority: bool,
     ) -> Self {
         let mut collections: Vec<Collection> = Vec::new();
+        let mut collection_of = vec![None; schema.invariants.len()];
         for (index, spec) in schema.invariants.iter().enumerate() {
             if !spec.rule.is_collection() {
                 continue;
@@ -147,6 +150,7 @@ impl Reconciler {
                 }
             };
             collections[at].watch(index, &spec.rule);
+            collection_of[index] = Some(at);
         }
         let mut roots: Vec<String> = schema
             .invariants
@@ -167,6 +171,7 @@ impl Reconciler {
             by: by.into(),
             authority,
             collections,
+            collection_of,
             records: Records::default(),
             loaded: false,
             roots,
@@ -228,12 +233,10 @@ impl Reconciler {
         let specs = std::mem::take(&mut self.specs);
         for (index, spec) in specs.iter().enumerate() {
             let found = if spec.rule.is_collection() {
-                match self
-                    .collections
-                    .iter()
-                    .find(|c| &c.path == spec.rule.path())
-                {
-                    Some(collection) => check_collection(self.document, index, spec, collection),
+                match self.collection_of[index].and_then(|at| self.collections.get(at)) {
+                    Some(collection) => {
+                        check_collection(doc, self.document, index, spec, collection)
+                    }
                     None => Vec::new(),
                 }
             } else if touches(touched.as_deref(), spec.rule.path()) {
@@ -316,15 +319,19 @@ impl Reconciler {
                 collection.set_voided(voided_of(&self.records, &collection.path));
             }
         }
+        // The touched entries of each collection, borrowed from `paths` (no copies on this path,
+        // which runs after every commit): the key, and the touched path when it is the entry's.
+        let mut keys: Vec<(&str, Option<&Path>)> = Vec::new();
         for collection in &mut self.collections {
             let depth = collection.path.segments().len();
-            let mut keys = std::collections::BTreeSet::new();
+            keys.clear();
             let mut reload = false;
             for path in &paths {
                 if path.starts_with(&collection.path) {
                     match path.segments().get(depth) {
                         Some(crate::doc::Segment::Key(key)) => {
-                            keys.insert(key.clone());
+                            let entry = (path.segments().len() == depth + 1).then_some(path);
+                            keys.push((key.as_str(), entry));
                         }
                         Some(_) => {}
                         None => reload = true,
@@ -335,21 +342,31 @@ impl Reconciler {
             }
             if reload {
                 collection.load(doc, meta);
-            } else {
-                for key in keys {
-                    // Several changes may have arrived together: credit the one that wrote
-                    // this entry when the document can tell (Automerge).
-                    let meta = if several_changes {
-                        let path = collection.path.clone().key(key.clone());
-                        EntryMeta {
-                            change: writer_of(doc, &path).or(meta.change),
-                            ..meta
-                        }
-                    } else {
-                        meta
-                    };
-                    collection.refresh(doc, &key, meta);
-                }
+                continue;
+            }
+            // Each entry once, in key order; a touched path that is the entry's own sorts first.
+            keys.sort_unstable_by(|a, b| (a.0, a.1.is_none()).cmp(&(b.0, b.1.is_none())));
+            keys.dedup_by(|a, b| a.0 == b.0);
+            for &(key, entry) in &keys {
+                let built;
+                let path = match entry {
+                    Some(path) => path,
+                    None => {
+                        built = collection.path.clone().key(key);
+                        &built
+                    }
+                };
+                // Several changes may have arrived together: credit the one that wrote this
+                // entry when the document can tell (Automerge).
+                let meta = if several_changes {
+                    EntryMeta {
+                        change: writer_of(doc, path).or(meta.change),
+                        ..meta
+                    }
+                } else {
+                    meta
+                };
+                collection.refresh(doc, key, path, meta);
             }
         }
         Some(paths)
@@ -784,6 +801,7 @@ fn voided_of(records: &Records, path: &Path) -> std::collections::HashSet<String
 /// Checks rule `index` over its collection using the running aggregates; only a broken rule
 /// pays for ranking the entries.
 fn check_collection(
+    doc: &Document,
     document: DocumentId,
     index: usize,
     spec: &InvariantSpec,
@@ -807,7 +825,7 @@ fn check_collection(
     };
     match &spec.rule {
         Rule::Range {
-            fold: Some(fold),
+            fold: Some(_),
             min,
             max,
             ..
@@ -822,17 +840,13 @@ fn check_collection(
             let mut victims = Vec::new();
             let mut options = Vec::new();
             for (key, entry) in collection.ranked_live() {
-                let c = contribution(fold, &entry.value);
+                let c = collection.amount(entry, index);
                 let breaks = (c < 0.0 && min.is_some_and(|lo| running + c < lo))
                     || (c > 0.0 && max.is_some_and(|hi| running + c > hi));
                 if breaks {
                     victims.push(key.clone());
-                    options.push(option_for(
-                        key,
-                        &entry.value,
-                        entry.value.clone(),
-                        &entry.meta,
-                    ));
+                    let value = collection.value(doc, key);
+                    options.push(option_for(key, &value, value.clone(), &entry.meta));
                 } else {
                     running += c;
                 }
@@ -853,16 +867,20 @@ fn check_collection(
             .contested(index)
             .into_iter()
             .map(|(value, keys)| {
-                let mut claims: Vec<(&String, &super::collection::Entry)> = keys
+                let mut claims: Vec<(&String, &super::collection::Entry, Value)> = keys
                     .iter()
-                    .filter_map(|k| collection.entry(k).map(|e| (k, e)))
+                    .filter_map(|k| {
+                        collection
+                            .entry(k)
+                            .map(|e| (k, e, collection.value(doc, k)))
+                    })
                     .collect();
                 claims.sort_by(|a, b| (a.1.meta.seq, a.0).cmp(&(b.1.meta.seq, b.0)));
-                let involved: Vec<String> = claims.iter().map(|(k, _)| (*k).clone()).collect();
+                let involved: Vec<String> = claims.iter().map(|(k, _, _)| (*k).clone()).collect();
                 let victims: Vec<String> = involved[1..].to_vec();
                 let options = claims
                     .iter()
-                    .map(|(k, e)| option_for(k, &e.value, e.value.clone(), &e.meta))
+                    .map(|(k, e, value)| option_for(k, value, value.clone(), &e.meta))
                     .collect();
                 let reason = match &spec.rule {
                     Rule::Once { .. } => format!(
@@ -872,7 +890,7 @@ fn check_collection(
                     _ => {
                         let who: Vec<String> = claims
                             .iter()
-                            .map(|(k, e)| author_of(&e.value).unwrap_or_else(|| (*k).clone()))
+                            .map(|(k, _, value)| author_of(value).unwrap_or_else(|| (*k).clone()))
                             .collect();
                         format!("{} all claimed {field} {value}", who.join(" and "))
                     }
@@ -889,7 +907,10 @@ fn check_collection(
             let victims: Vec<String> = over.iter().map(|(k, _)| (*k).clone()).collect();
             let options = over
                 .iter()
-                .map(|(k, e)| option_for(k, &e.value, e.value.clone(), &e.meta))
+                .map(|(k, e)| {
+                    let value = collection.value(doc, k);
+                    option_for(k, &value, value.clone(), &e.meta)
+                })
                 .collect();
             let reason = format!(
                 "{path} holds {} entries, at most {max} allowed",
