@@ -54,6 +54,7 @@ use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -251,6 +252,13 @@ pub async fn run_with_metrics(
     let app = static_files::mount(app, shared.config.demo_dir.clone());
     tracing::info!(address = ?listener.local_addr().ok(), "accord-server listening");
     let mut stop = shared.shutdown.clone();
+    // Small frames (a keystroke, an ack) go out at once: without TCP_NODELAY, Nagle's algorithm
+    // holds a frame written while the previous one is unacknowledged until the peer's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set on an accepted connection");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stop.wait_for(|stop| *stop).await;
     });
