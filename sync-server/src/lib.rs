@@ -53,8 +53,8 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
 use axum::serve::ListenerExt;
+use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 
