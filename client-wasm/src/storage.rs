@@ -211,11 +211,17 @@ impl KvStorage {
                 store.outbox.insert(n, entry);
                 store.outbox_next = store.outbox_next.max(n + 1);
             } else if let Some(n) = key.strip_prefix("t/") {
-                let n = parse_hex(n)?;
-                let entry = parse_settled(n, value)?;
-                store.settled_keys.insert((entry.document, entry.change), n);
-                store.settled.insert(n, entry);
-                store.settled_next = store.settled_next.max(n + 1);
+                // Statuses are advisory: one that does not parse (truncated, or written by a
+                // newer build) is dropped rather than keeping the replica and its outbox from
+                // opening.
+                match parse_hex(n).and_then(|n| parse_settled(n, value).map(|e| (n, e))) {
+                    Ok((n, entry)) => {
+                        store.settled_keys.insert((entry.document, entry.change), n);
+                        store.settled.insert(n, entry);
+                        store.settled_next = store.settled_next.max(n + 1);
+                    }
+                    Err(_) => store.pending.get_mut().push(KvWrite::Delete(key.clone())),
+                }
             }
         }
         for (doc, bytes) in snapshots {
@@ -506,7 +512,13 @@ mod tests {
         assert_eq!(back.outbox().unwrap(), vec![entry]);
         assert_eq!(back.settled().unwrap(), s.settled().unwrap());
         assert_eq!(back.settled().unwrap().len(), 2);
-        assert!(KvStorage::load([("t/0000000000000001".to_owned(), &[1u8; 50][..])]).is_err());
+        let bad = KvStorage::load([("t/0000000000000001".to_owned(), &[1u8; 50][..])])
+            .expect("a bad status does not stop the store from opening");
+        assert!(bad.settled.is_empty());
+        assert_eq!(
+            bad.take_writes(),
+            vec![KvWrite::Delete("t/0000000000000001".into())]
+        );
         assert!(KvStorage::load([("r".to_owned(), &[1u8, 2][..])]).is_err());
     }
 }

@@ -317,10 +317,17 @@ impl<S: Storage> Replica<S> {
         for entry in replica.storage.outbox()? {
             replica.outbox_insert(entry);
         }
-        // Statuses settled before a restart read the same after it.
+        // Statuses settled before a restart read the same after it. They are advisory: a store
+        // whose statuses do not read back still opens (its documents and outbox are what
+        // matter), and its changes read `Unknown` until settled again.
+        let stored = replica.storage.settled().unwrap_or_default();
         let mut forget = Batch::default();
-        for entry in replica.storage.settled()? {
-            replica.remember(entry.document, entry.change, entry.settlement, &mut forget);
+        for entry in stored {
+            for (document, change) in
+                replica.remember(entry.document, entry.change, entry.settlement)
+            {
+                forget.push(Write::ForgetSettled { document, change });
+            }
         }
         replica.storage.write(&forget)?;
         Ok(replica)
@@ -746,21 +753,20 @@ impl<S: Storage> Replica<S> {
                         seq: highest,
                     });
                 }
+                let settled: Vec<_> = confirmed.iter().map(|c| (document, c.change)).collect();
+                self.forget_to_make_room(&settled, &mut batch);
                 self.storage.write(&batch)?;
                 if let Some(entry) = self.docs.get_mut(&document) {
                     entry.last_seq = entry.last_seq.max(highest);
                 }
-                let mut forget = Batch::default();
                 for commit in &confirmed {
                     self.outbox_remove(document, commit.change);
                     self.remember(
                         document,
                         commit.change,
                         Settlement::Confirmed { seq: commit.seq },
-                        &mut forget,
                     );
                 }
-                self.storage.write(&forget)?;
                 for commit in confirmed {
                     self.events.push_back(Event::Confirmed {
                         document,
@@ -792,13 +798,12 @@ impl<S: Storage> Replica<S> {
                         settlement: settlement.clone(),
                     }));
                 }
+                self.forget_to_make_room(&[(document, change)], &mut batch);
                 self.storage.write(&batch)?;
                 if ours {
                     self.outbox_remove(document, change);
                 }
-                let mut forget = Batch::default();
-                self.remember(document, change, settlement, &mut forget);
-                self.storage.write(&forget)?;
+                self.remember(document, change, settlement);
                 self.events.push_back(Event::Rejected {
                     document,
                     change,
@@ -1100,17 +1105,17 @@ impl<S: Storage> Replica<S> {
         self.change(document, &ops)
     }
 
-    /// Remembers a settled status in memory, bounded by `max_tracked_statuses`; the statuses it
-    /// forgets to stay within the bound are added to `forget` for storage.
+    /// Remembers a settled status in memory, bounded by `max_tracked_statuses`; returns the
+    /// statuses it forgot to stay within the bound, oldest first.
     fn remember(
         &mut self,
         document: DocumentId,
         change: ChangeId,
         settlement: Settlement,
-        forget: &mut Batch,
-    ) {
+    ) -> Vec<(DocumentId, ChangeId)> {
+        let mut forgotten = Vec::new();
         if self.config.max_tracked_statuses == 0 {
-            return;
+            return forgotten;
         }
         if self
             .statuses
@@ -1120,10 +1125,34 @@ impl<S: Storage> Replica<S> {
             self.status_order.push_back((document, change));
         }
         while self.status_order.len() > self.config.max_tracked_statuses {
-            if let Some((document, change)) = self.status_order.pop_front() {
-                self.statuses.remove(&(document, change));
-                forget.push(Write::ForgetSettled { document, change });
+            if let Some(old) = self.status_order.pop_front() {
+                self.statuses.remove(&old);
+                forgotten.push(old);
             }
+        }
+        forgotten
+    }
+
+    /// Adds to `batch` the `ForgetSettled` writes that [`Replica::remember`] will need when
+    /// `settling` is remembered next, so the statuses on disk and in memory stay the same set
+    /// with one write.
+    fn forget_to_make_room(&self, settling: &[(DocumentId, ChangeId)], batch: &mut Batch) {
+        let max = self.config.max_tracked_statuses;
+        if max == 0 {
+            return;
+        }
+        let mut new = std::collections::HashSet::new();
+        for key in settling {
+            if !self.statuses.contains_key(key) {
+                new.insert(*key);
+            }
+        }
+        let over = (self.status_order.len() + new.len()).saturating_sub(max);
+        for (document, change) in self.status_order.iter().take(over) {
+            batch.push(Write::ForgetSettled {
+                document: *document,
+                change: *change,
+            });
         }
     }
 

@@ -1077,7 +1077,7 @@ fn merge(changes: &[PendingChange]) -> Option<Vec<u8>> {
     if let [one] = changes {
         return Some(one.change.bytes.clone());
     }
-    match yrs::merge_updates_v1(changes.iter().map(|c| c.change.bytes.as_slice())) {
+    match merge_yrs_updates(changes.iter().map(|c| c.change.bytes.as_slice())) {
         Ok(bytes) => Some(bytes),
         Err(error) => {
             // The server encoded every part itself, so this does not happen; should it, the merge
@@ -1138,5 +1138,47 @@ fn refuse_writes(
             message.changes = automerge::sync::ChunkList::empty();
             (Some(SyncPayload::Automerge(message.encode())), true)
         }
+    }
+}
+
+/// `yrs::merge_updates_v1`, with a panic inside yrs (its merge has `unwrap`s) turned into an
+/// error: the merge only saves frames, so a failure sends the parts one by one instead of
+/// taking down the document actor or the connection.
+pub(crate) fn merge_yrs_updates<'a>(
+    parts: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<u8>, String> {
+    let parts: Vec<&[u8]> = parts.into_iter().collect();
+    std::panic::catch_unwind(|| yrs::merge_updates_v1(parts.iter().copied()))
+        .map_err(|_| "the Yrs merge panicked".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_yrs_updates;
+    use yrs::updates::decoder::Decode;
+    use yrs::{Doc, GetString, ReadTxn, Text, Transact, Update};
+
+    #[test]
+    fn merged_updates_apply_like_their_parts_and_garbage_is_an_error_not_a_panic() {
+        let doc = Doc::with_client_id(1);
+        let text = doc.get_or_insert_text("t");
+        let mut parts = Vec::new();
+        for word in ["a", "b", "c"] {
+            let before = doc.transact().state_vector();
+            let mut txn = doc.transact_mut();
+            text.push(&mut txn, word);
+            drop(txn);
+            parts.push(doc.transact().encode_state_as_update_v1(&before));
+        }
+        let merged = merge_yrs_updates(parts.iter().map(Vec::as_slice)).expect("merge");
+        let other = Doc::with_client_id(2);
+        let other_text = other.get_or_insert_text("t");
+        other
+            .transact_mut()
+            .apply_update(Update::decode_v1(&merged).expect("decode"))
+            .expect("apply");
+        assert_eq!(other_text.get_string(&other.transact()), "abc");
+        assert!(merge_yrs_updates([&[0xff, 0xff, 0xff][..], &[7, 1, 2][..]]).is_err());
     }
 }

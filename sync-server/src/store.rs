@@ -271,12 +271,14 @@ impl Store {
                     out.push(Ok(written));
                 }
                 Err(error) => {
-                    // Dropping the savepoint rolls this write back.
-                    drop(savepoint);
-                    if tx.is_autocommit() {
+                    if savepoint.is_autocommit() {
                         // SQLite rolled the whole transaction back (I/O error, disk full).
                         return Err(error);
                     }
+                    // Roll this write back, checking that it worked: a silently failed
+                    // rollback would commit its half-write with the others, so that fails the
+                    // whole group instead.
+                    savepoint.finish()?;
                     out.push(Err(error));
                 }
             }

@@ -116,7 +116,7 @@ impl Yws {
         let update = match self.updates.len() {
             0 => return,
             1 => self.updates.pop(),
-            _ => match yrs::merge_updates_v1(&self.updates) {
+            _ => match crate::document::merge_yrs_updates(self.updates.iter().map(Vec::as_slice)) {
                 Ok(merged) => Some(merged),
                 Err(error) => {
                     // They came from the document actor, which encoded them: not expected. Send

@@ -90,12 +90,56 @@ fn a_reopened_replica_keeps_documents_and_outbox() {
 #[test]
 fn acks_move_changes_out_of_the_outbox() {
     for kind in [DocKind::Automerge, DocKind::Yrs] {
-        let mut replica = Replica::open(
-            MemoryStorage::new(),
-            ReplicaId::from_bytes([1; 16]),
-            ReplicaConfig::default(),
-        )
-        .expect("replica");
+        ack_one_reject_one(kind, ReplicaConfig::default());
+    }
+}
+
+#[test]
+fn settled_statuses_are_bounded_the_same_on_disk_and_in_memory() {
+    for kind in [DocKind::Automerge, DocKind::Yrs] {
+        let config = ReplicaConfig {
+            max_tracked_statuses: 1,
+            ..ReplicaConfig::default()
+        };
+        let (mut replica, first, second) = ack_one_reject_one(kind, config.clone());
+        // Only the newest status is kept (the bound is 1), in memory and in storage alike.
+        assert_eq!(
+            replica.change_status(doc_id(), first).expect("status"),
+            ChangeStatus::Unknown
+        );
+        let rejected = ChangeStatus::Rejected {
+            code: ErrorCode::Forbidden,
+            reason: "read-only".into(),
+        };
+        assert_eq!(
+            replica.change_status(doc_id(), second).expect("status"),
+            rejected
+        );
+        let mut storage = replica.storage().clone();
+        assert_eq!(storage.settled().expect("settled").len(), 1);
+        // And it reads the same after a restart.
+        let mut reopened =
+            Replica::open(storage, ReplicaId::from_bytes([1; 16]), config).expect("reopen");
+        assert_eq!(
+            reopened.change_status(doc_id(), second).expect("status"),
+            rejected
+        );
+        assert_eq!(
+            reopened.change_status(doc_id(), first).expect("status"),
+            ChangeStatus::Unknown
+        );
+    }
+}
+
+/// Two local changes; the server confirms the first and refuses the second.
+fn ack_one_reject_one(
+    kind: DocKind,
+    config: ReplicaConfig,
+) -> (Replica<MemoryStorage>, ChangeId, ChangeId) {
+    {
+        let mut replica =
+            Replica::open(MemoryStorage::new(), ReplicaId::from_bytes([1; 16]), config)
+                .expect("replica");
         replica.create(doc_id(), kind).expect("create");
         let first = replica
             .change(doc_id(), &init_ops())
@@ -212,6 +256,7 @@ fn acks_move_changes_out_of_the_outbox() {
             }]
         ));
         assert_eq!(replica.outbox().count(), 0);
+        (replica, first, second)
     }
 }
 
