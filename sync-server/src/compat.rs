@@ -109,8 +109,9 @@ impl Conn {
     }
 
     /// Writes what is queued: every frame is fed to the socket's write buffer and the buffer is
-    /// flushed once (one write for the whole step, under one stall timer). False when the socket
-    /// failed or stalled past the idle timeout.
+    /// flushed once (one write for the whole step). False when the socket failed or one frame (or
+    /// the flush) made no progress for the idle timeout: a slow but live client catching up on
+    /// many large frames is not cut off for the size of its backlog.
     async fn flush(&mut self, sink: &mut Sink) -> bool {
         if self.out.is_empty() {
             return true;
@@ -118,19 +119,25 @@ impl Conn {
         let stall = self.shared.config.idle_timeout;
         let out = &mut self.out;
         let mut bytes = 0u64;
-        let written = timeout(stall, async {
+        let written: Result<(), ()> = async {
             for frame in out.drain(..) {
                 if let WsMessage::Binary(b) = &frame {
                     bytes += b.len() as u64;
                 }
-                sink.feed(frame).await?;
+                timeout(stall, sink.feed(frame))
+                    .await
+                    .map_err(drop)?
+                    .map_err(drop)?;
             }
-            sink.flush().await
-        })
+            timeout(stall, sink.flush())
+                .await
+                .map_err(drop)?
+                .map_err(drop)
+        }
         .await;
         self.out.clear();
         match written {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 self.shared
                     .metrics
                     .bytes_out

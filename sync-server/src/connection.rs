@@ -542,7 +542,9 @@ struct Writer {
 
 impl Writer {
     /// Writes `first` and then whatever else is queued (up to [`WRITE_PER_FLUSH`] messages),
-    /// flushing the socket once; false when the socket failed or stalled past the idle timeout.
+    /// flushing the socket once; false when the socket failed or one message (or the flush) made
+    /// no progress for the idle timeout, so a long backlog to a slow but live client is not
+    /// mistaken for a stall.
     async fn write_queued(
         &mut self,
         sink: &mut Sink,
@@ -550,16 +552,25 @@ impl Writer {
         rx: &mut mpsc::Receiver<Queued>,
     ) -> bool {
         let stall = self.shared.config.idle_timeout;
-        let written = timeout(stall, async {
-            self.feed(sink, &first).await?;
+        let written: Result<(), ()> = async {
+            timeout(stall, self.feed(sink, &first))
+                .await
+                .map_err(drop)?
+                .map_err(drop)?;
             for _ in 1..WRITE_PER_FLUSH {
                 let Ok(message) = rx.try_recv() else { break };
-                self.feed(sink, &message).await?;
+                timeout(stall, self.feed(sink, &message))
+                    .await
+                    .map_err(drop)?
+                    .map_err(drop)?;
             }
-            sink.flush().await
-        })
+            timeout(stall, sink.flush())
+                .await
+                .map_err(drop)?
+                .map_err(drop)
+        }
         .await;
-        matches!(written, Ok(Ok(())))
+        written.is_ok()
     }
 
     /// Puts one message into the socket's write buffer as one or more frames.

@@ -181,6 +181,9 @@ pub(crate) struct Shared {
     pub(crate) storage: storage::Storage,
     /// Permits for REST requests in flight.
     pub(crate) rest_permits: Arc<Semaphore>,
+    /// Permits for REST change-feed reads (large, up to `FEED_MAX_BYTES`): one fewer than the
+    /// store's reader threads, so documents' loads and catch-ups always find a reader free.
+    pub(crate) feed_permits: Semaphore,
     /// Presence relays and the peer id of the foreign-protocol endpoints.
     pub(crate) compat: compat::Compat,
 }
@@ -228,6 +231,7 @@ pub async fn run_with_metrics(
     let shared = Arc::new(Shared {
         connections: Arc::new(Semaphore::new(config.max_connections)),
         rest_permits: Arc::new(Semaphore::new(config.max_rest_in_flight.max(1))),
+        feed_permits: Semaphore::new(config.storage.readers.saturating_sub(1).max(1)),
         config,
         metrics,
         documents,

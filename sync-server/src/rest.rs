@@ -410,6 +410,12 @@ async fn feed(
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     let limit = query.limit.unwrap_or(FEED_DEFAULT).clamp(1, FEED_MAX);
     let since = query.since;
+    // Feed reads queue here, not in the store's read queue, where they would hold every reader
+    // thread and stall documents' loads.
+    let _feed =
+        shared.feed_permits.acquire().await.map_err(|_| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "closed")
+        })?;
     let found = shared
         .storage
         .read(move |store| {
