@@ -17,7 +17,7 @@ import { args, median, mustBeLocal, readTrace, withTimeout, sleep } from './comm
 const a = args()
 const kind = a.kind || 'yjs'
 const label = a.label || 'server'
-const trials = Number(a.trials || (kind === 'yjs' ? 11 : 5))
+const trials = Number(a.trials || (kind === 'yjs' ? 41 : 5))
 const tracePath = a.trace || path.resolve(process.cwd(), '../../shared/data/traces/automerge-paper.json.gz')
 const cacheDir = a['cache-dir'] || '/tmp/accord-bench-cache'
 const room = `cold-${kind}-${Date.now().toString(36)}`
