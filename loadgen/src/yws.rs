@@ -15,6 +15,7 @@
 //! Server RSS and CPU come from `/proc/{--server-pid}`. A frame is `varUint type` + payload
 //! (0 sync: `varUint subtype` + `varUint8Array`); see ../shared/design/PEERS.md.
 
+use accord_engine::protocol::put_varint;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,14 +54,6 @@ pub struct Target {
 
 const HANDSHAKE: Duration = Duration::from_secs(20);
 
-fn write_var_uint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
 fn read_var_uint(buf: &[u8], pos: &mut usize) -> Option<u64> {
     let mut n = 0u64;
     let mut shift = 0;
@@ -87,12 +80,12 @@ impl Target {
     fn sync_frame(&self, room: &str, subtype: u64, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(payload.len() + room.len() + 8);
         if self.proto == Proto::Hocuspocus {
-            write_var_uint(&mut out, room.len() as u64);
+            put_varint(&mut out, room.len() as u64);
             out.extend_from_slice(room.as_bytes());
         }
         out.push(0);
-        write_var_uint(&mut out, subtype);
-        write_var_uint(&mut out, payload.len() as u64);
+        put_varint(&mut out, subtype);
+        put_varint(&mut out, payload.len() as u64);
         out.extend_from_slice(payload);
         out
     }
@@ -125,7 +118,7 @@ impl Target {
         if self.proto == Proto::Hocuspocus {
             // [name, Auth, Token, varString token]: the provider sends it even without a token.
             let mut auth = Vec::new();
-            write_var_uint(&mut auth, room.len() as u64);
+            put_varint(&mut auth, room.len() as u64);
             auth.extend_from_slice(room.as_bytes());
             auth.extend_from_slice(&[2, 0, 0]);
             send(&mut ws, auth).await?;

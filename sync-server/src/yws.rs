@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use accord_engine::protocol::{ErrorCode, Message, SyncPayload};
+use accord_engine::protocol::{put_bytes, put_varint, ErrorCode, Message, SyncPayload};
 use accord_engine::{DocKind, DocumentId};
 use axum::body::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -417,33 +417,33 @@ impl Protocol for Yws {
 /// `[0, subtype, varUint8Array(data)]`: a sync message.
 fn sync_frame(subtype: u64, data: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(data.len() + 12);
-    write_var(&mut frame, MSG_SYNC);
-    write_var(&mut frame, subtype);
-    write_buf(&mut frame, data);
+    put_varint(&mut frame, MSG_SYNC);
+    put_varint(&mut frame, subtype);
+    put_bytes(&mut frame, data);
     frame
 }
 
 /// `[2, 0, reason]`: y-protocols' "permission denied".
 fn auth_denied(reason: &str) -> Vec<u8> {
     let mut frame = Vec::with_capacity(reason.len() + 8);
-    write_var(&mut frame, MSG_AUTH);
-    write_var(&mut frame, 0);
-    write_buf(&mut frame, reason.as_bytes());
+    put_varint(&mut frame, MSG_AUTH);
+    put_varint(&mut frame, 0);
+    put_bytes(&mut frame, reason.as_bytes());
     frame
 }
 
 /// `[1, varUint8Array(update)]` for `(client, clock, JSON state)` entries.
 fn awareness_frame(entries: &[(u64, u32, &str)]) -> Vec<u8> {
     let mut update = Vec::new();
-    write_var(&mut update, entries.len() as u64);
+    put_varint(&mut update, entries.len() as u64);
     for (client, clock, json) in entries {
-        write_var(&mut update, *client);
-        write_var(&mut update, u64::from(*clock));
-        write_buf(&mut update, json.as_bytes());
+        put_varint(&mut update, *client);
+        put_varint(&mut update, u64::from(*clock));
+        put_bytes(&mut update, json.as_bytes());
     }
     let mut frame = Vec::with_capacity(update.len() + 8);
-    write_var(&mut frame, MSG_AWARENESS);
-    write_buf(&mut frame, &update);
+    put_varint(&mut frame, MSG_AWARENESS);
+    put_bytes(&mut frame, &update);
     frame
 }
 
@@ -521,23 +521,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn write_var(out: &mut Vec<u8>, mut value: u64) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-fn write_buf(out: &mut Vec<u8>, bytes: &[u8]) {
-    write_var(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,7 +529,7 @@ mod tests {
     fn varints_round_trip() {
         for value in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
             let mut out = Vec::new();
-            write_var(&mut out, value);
+            put_varint(&mut out, value);
             assert_eq!(Reader::new(&out).var().unwrap(), value);
         }
         assert!(Reader::new(&[0x80]).var().is_err());
@@ -564,10 +547,10 @@ mod tests {
         assert_eq!(entries, vec![(7, 3, r#"{"user":"a"}"#), (9, 1, "null")]);
         assert!(parse_awareness(&[200, 200, 200, 1]).is_err());
         let mut bad = Vec::new();
-        write_var(&mut bad, 1);
-        write_var(&mut bad, 1);
-        write_var(&mut bad, 1);
-        write_buf(&mut bad, b"{not json");
+        put_varint(&mut bad, 1);
+        put_varint(&mut bad, 1);
+        put_varint(&mut bad, 1);
+        put_bytes(&mut bad, b"{not json");
         assert!(parse_awareness(&bad).is_err());
     }
 }

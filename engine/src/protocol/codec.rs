@@ -317,7 +317,9 @@ fn invalid(field: &'static str, value: u8) -> DecodeError {
     }
 }
 
-pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+/// Appends `value` as an unsigned LEB128 varint (7 bits a byte, low first), the integer encoding
+/// of this protocol and of lib0 (`writeVarUint`), which y-protocols messages use.
+pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     loop {
         let byte = (value & 0x7f) as u8;
         value >>= 7;
@@ -329,7 +331,9 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     }
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+/// Appends `bytes` prefixed by their length as a varint ([`put_varint`]; lib0's
+/// `writeVarUint8Array`).
+pub fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     put_varint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
 }

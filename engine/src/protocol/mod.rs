@@ -44,7 +44,7 @@ mod codec;
 mod message;
 
 pub use chunk::{encode_frames, Reassembler};
-pub use codec::{decode, encode, DecodeError, Limits};
+pub use codec::{decode, encode, put_bytes, put_varint, DecodeError, Limits};
 pub use message::{Commit, ErrorCode, Message, SyncPayload};
 
 /// The protocol version this engine speaks.
