@@ -188,6 +188,29 @@ fn change_id(document: DocumentId, bytes: &[u8]) -> Result<ChangeId, StoreError>
     Ok(ChangeId(array))
 }
 
+/// How a WAL checkpoint treats the writer and the readers (SQLite's checkpoint modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointMode {
+    /// Copy what can be copied now; wait for no one.
+    Passive,
+    /// Wait for the writer and readers, copy everything, and make the next write start the WAL
+    /// from its beginning (bounds the WAL file).
+    Restart,
+    /// As `Restart`, and truncate the WAL file to nothing.
+    Truncate,
+}
+
+/// What one checkpoint did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpointed {
+    /// It could not finish: another connection held a lock it needed.
+    pub busy: bool,
+    /// Frames in the WAL (-1 when the database is not in WAL mode).
+    pub wal_frames: i64,
+    /// Frames of it now copied into the database file.
+    pub copied_frames: i64,
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path` for writing: WAL, `synchronous=FULL`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -231,6 +254,63 @@ impl Store {
                 path: path.display().to_string(),
                 source,
             })
+    }
+
+    /// Opens a connection to the database at `path` (which [`Store::open`] created) that only
+    /// checkpoints the WAL ([`Store::checkpoint`]), for a writer that leaves checkpoints to others
+    /// ([`Store::leave_checkpoints_to_others`]).
+    pub fn open_checkpointer(path: &Path, busy: Duration) -> Result<Self, StoreError> {
+        let opened = (|| {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(busy)?;
+            conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+            Ok(conn)
+        })();
+        opened
+            .map(|conn| Self { conn })
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
+    /// Stops this connection from checkpointing the WAL itself. By default SQLite checkpoints
+    /// inside the commit that takes the WAL past 1,000 pages: that commit then also copies the
+    /// pages into the database file and fsyncs it, and every write grouped into it (every
+    /// acknowledgement waiting on it) pays for that. After this call another connection must
+    /// checkpoint ([`Store::checkpoint`]), or the WAL grows without bound.
+    pub fn leave_checkpoints_to_others(&self) -> Result<(), StoreError> {
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
+    /// Makes SQLite cut the WAL file back to `bytes` when the WAL starts over (a WAL that grew
+    /// during a burst does not keep its size on disk).
+    pub fn limit_wal_file(&self, bytes: i64) -> Result<(), StoreError> {
+        self.conn.pragma_update(None, "journal_size_limit", bytes)?;
+        Ok(())
+    }
+
+    /// Runs one WAL checkpoint (`PRAGMA wal_checkpoint(mode)`). `Passive` copies what it can
+    /// without waiting for anyone; `Restart` waits (up to the busy timeout) for the writer and
+    /// the readers so that the next write starts the WAL over; `Truncate` also empties the file.
+    pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<Checkpointed, StoreError> {
+        let sql = match mode {
+            CheckpointMode::Passive => "PRAGMA wal_checkpoint(PASSIVE)",
+            CheckpointMode::Restart => "PRAGMA wal_checkpoint(RESTART)",
+            CheckpointMode::Truncate => "PRAGMA wal_checkpoint(TRUNCATE)",
+        };
+        let done = self.conn.query_row(sql, [], |row| {
+            Ok(Checkpointed {
+                busy: row.get::<_, i64>(0)? != 0,
+                wal_frames: row.get(1)?,
+                copied_frames: row.get(2)?,
+            })
+        })?;
+        Ok(done)
     }
 
     /// Runs `writes` in one transaction (one fsync), each in its own savepoint: a write that
