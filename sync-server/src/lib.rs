@@ -186,6 +186,8 @@ pub(crate) struct Shared {
     pub(crate) feed_permits: Semaphore,
     /// Presence relays and the peer id of the foreign-protocol endpoints.
     pub(crate) compat: compat::Compat,
+    /// Every open WebSocket connection, closed at shutdown.
+    pub(crate) open: connection::Registry,
 }
 
 /// Runs the server on `listener` until `shutdown` completes, then stops accepting, lets each
@@ -240,6 +242,7 @@ pub async fn run_with_metrics(
         next_connection: std::sync::atomic::AtomicU64::new(1),
         storage,
         compat: compat::Compat::new(),
+        open: connection::Registry::default(),
     });
     let grace = shared.config.shutdown_grace;
     let app = Router::new()
@@ -272,11 +275,13 @@ pub async fn run_with_metrics(
         _ = shutdown => {
             tracing::info!("shutting down");
             let _ = shutdown_tx.send(true);
+            shared.open.close_all();
             (&mut server).await
         }
     };
     drop(server);
     let _ = shutdown_tx.send(true);
+    shared.open.close_all();
     shared.documents.close();
     drop(shared);
     // Wait for every connection and document task to finish (each holds an `alive` sender).
