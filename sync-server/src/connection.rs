@@ -433,7 +433,10 @@ impl Reader {
                         .metrics
                         .bytes_in
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    self.frame(&bytes).await
+                    // Boxed: a frame's handling (subscribing, waiting for a document's inbox)
+                    // needs more room than the wait for the next frame; held in place it would
+                    // size every idle connection's task.
+                    Box::pin(self.frame(&bytes)).await
                 }
                 WsMessage::Text(_) => {
                     self.fail(
@@ -667,7 +670,8 @@ async fn write_loop(mut sink: Sink, inbox: Inbox, outbox: Outbox, shared: Arc<Sh
                 _ = inbox.notified() => {}
                 _ = ping.as_mut() => {
                     ping.as_mut().reset(Instant::now() + ping_every);
-                    let sent = timeout(writer.shared.config.idle_timeout, sink.send(WsMessage::Ping(Default::default()))).await;
+                    let ping = sink.send(WsMessage::Ping(Default::default()));
+                    let sent = Box::pin(timeout(writer.shared.config.idle_timeout, ping)).await;
                     if !matches!(sent, Ok(Ok(()))) {
                         outbox.close_with(CloseReason::flush());
                         break;
@@ -680,7 +684,8 @@ async fn write_loop(mut sink: Sink, inbox: Inbox, outbox: Outbox, shared: Arc<Sh
         let written = tokio::select! {
             biased;
             _ = outbox.closed() => break,
-            written = writer.write_queued(&mut sink, taken.messages) => written,
+            // Boxed, like the close below: only the idle wait stays in the task's future.
+            written = Box::pin(writer.write_queued(&mut sink, taken.messages)) => written,
         };
         if !written {
             outbox.close_with(CloseReason::flush());
@@ -688,7 +693,7 @@ async fn write_loop(mut sink: Sink, inbox: Inbox, outbox: Outbox, shared: Arc<Sh
         }
     }
     let reason = inbox.close_reason().unwrap_or_else(CloseReason::flush);
-    let _ = timeout(CLOSE_TIMEOUT, async {
+    let _ = Box::pin(timeout(CLOSE_TIMEOUT, async {
         if reason.flush {
             loop {
                 let taken = inbox.take(WRITE_PER_FLUSH);
@@ -707,7 +712,7 @@ async fn write_loop(mut sink: Sink, inbox: Inbox, outbox: Outbox, shared: Arc<Sh
         }
         let _ = sink.send(WsMessage::Close(None)).await;
         let _ = sink.close().await;
-    })
+    }))
     .await;
 }
 
