@@ -13,7 +13,7 @@
 //! its one timer (pings, the idle timeout, the token's expiry). Every queue is bounded: the
 //! document outbox and the relay queue ([`RelayQueue`]) hold `outbound_queue` items, and a
 //! connection that lets either fill is closed with `Overloaded` (documents and rooms never wait
-//! for it). An idle connection is kept small (~3.9 KB of RSS in all; see [`serve`]).
+//! for it). An idle connection is kept small (~3.3 KB of RSS in all; see [`serve`]).
 //!
 //! Presence (y-websocket awareness, automerge-repo ephemeral messages) never reaches the document
 //! actors: it is relayed between the foreign connections of a document through a [`Hub`].
