@@ -360,7 +360,7 @@ async fn amrepo_handler(
 /// and zero-filled on every read: it made an idle connection cost 144 KB and was 19% of the
 /// fan-out profile (BENCHMARKS.md, "Cause 1"). Every idle connection holds this much, so it is
 /// small: 512 bytes, the largest single allocation of an idle y-websocket connection after its
-/// task (3.4 KB per connection in all, against 3.9 KB with 1 KiB and 12.9 KB with 4 KiB). Larger
+/// task (~3.2 KB of RSS per connection in all; 1 KiB cost ~0.5 KB more, 4 KiB ~3.5 KB). Larger
 /// frames still arrive: the buffer grows to the frame, read at most this much per `read` call,
 /// so a large incoming message costs one `read` per 512 bytes (a 1 MB upload ~2,000 calls);
 /// large messages mostly go out (cold loads), and writes are not limited by this.
