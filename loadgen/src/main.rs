@@ -57,6 +57,9 @@ enum Scenario {
     YwsDocs,
     /// y-websocket protocol: `--connections` idle connections.
     YwsIdle,
+    /// Accord's own protocol (`--url` of a running server, with `--server-pid`): `--connections`
+    /// idle connections, each subscribed to one of `--rooms` Yrs documents.
+    Idle,
 }
 
 /// Load generator for accord-server (traffic to 127.0.0.1 only).
@@ -126,10 +129,10 @@ struct Args {
     /// yws-docs: milliseconds between one client's keystrokes.
     #[arg(long, default_value_t = 2_000)]
     type_interval_ms: u64,
-    /// yws-idle: connections.
+    /// yws-idle, idle: connections.
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
-    /// yws-idle: rooms the connections spread over.
+    /// yws-idle, idle: rooms (documents) the connections spread over.
     #[arg(long, default_value_t = 1)]
     rooms: usize,
     /// Worker threads of the embedded server's runtime.
@@ -231,6 +234,14 @@ fn real_main(args: Args) -> Result<()> {
         }
         return result;
     }
+    if args.scenario == Scenario::Idle {
+        let result = runtime.block_on(native_idle(&args, &url, run_id));
+        drop(runtime);
+        if let Some(server) = server {
+            server.stop();
+        }
+        return result;
+    }
     let result = runtime.block_on(async {
         if matches!(args.scenario, Scenario::Commits | Scenario::All) {
             commits(&args, &url, run_id, metrics.as_deref(), &mut rows).await?;
@@ -309,6 +320,53 @@ fn yws_main(args: &Args, template: String) -> Result<()> {
         }
         Ok::<(), String>(())
     })
+}
+
+/// `idle`: native connections that said hello and subscribed, then hold still; the server's RSS
+/// after minus before, per connection (needs `--server-pid`).
+async fn native_idle(args: &Args, url: &str, run_id: u64) -> Result<()> {
+    let Some(pid) = args.server_pid else {
+        return Err("idle needs --url and --server-pid (the server's RSS is measured)".into());
+    };
+    let before = yws::proc_usage(Some(pid)).map_or(0, |u| u.1);
+    let started = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(128));
+    let mut tasks = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let (url, sem) = (url.to_string(), sem.clone());
+        let room = (i % args.rooms.max(1)) as u64;
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
+            let mut replica = [0x80u8; 16];
+            replica[8..].copy_from_slice(&(i as u64).to_le_bytes());
+            let mut conn = Conn::open(&url, ReplicaId::from_bytes(replica)).await?;
+            conn.subscribe(document_id(run_id, (1 << 20) + room))
+                .await?;
+            Ok::<Conn, String>(conn)
+        }));
+    }
+    let mut held = Vec::with_capacity(args.connections);
+    for task in tasks {
+        held.push(task.await.map_err(|e| e.to_string())??);
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "idle: {} connected in {connect_secs:.1}s; holding {}s",
+        held.len(),
+        args.duration
+    );
+    tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    let after = yws::proc_usage(Some(pid)).map_or(0, |u| u.1);
+    let n = held.len();
+    drop(held);
+    let per = (after as f64 - before as f64) / n.max(1) as f64;
+    println!(
+        "RESULT native-idle {} connections={n} rss_before_mb={:.1} rss_after_mb={:.1} bytes_per_conn={per:.0} connect_s={connect_secs:.1}",
+        args.label,
+        before as f64 / 1e6,
+        after as f64 / 1e6
+    );
+    Ok(())
 }
 
 fn check_local(url: &str) -> Result<()> {

@@ -31,9 +31,9 @@ use axum::body::Bytes;
 use ciborium::Value;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use crate::compat::{derived_replica, Conn, Hub, Protocol, Stop};
+use crate::compat::{derived_replica, Conn, Hub, Protocol, RelayQueue, Stop};
 use crate::document::{Command, Lease, SubscribeRequest};
 
 /// The only protocol version there is.
@@ -65,7 +65,7 @@ pub(crate) struct Ephemeral {
 /// One automerge-repo connection.
 pub(crate) struct AmRepo {
     server_peer: String,
-    relay: mpsc::Sender<Arc<Ephemeral>>,
+    relay: RelayQueue<Arc<Ephemeral>>,
     /// The client's peer id, once it joined.
     peer: Option<String>,
     replica: Option<ReplicaId>,
@@ -210,7 +210,7 @@ fn id_field(value: Option<String>, name: &str) -> Result<String, Stop> {
 }
 
 impl AmRepo {
-    pub(crate) fn new(server_peer: String, relay: mpsc::Sender<Arc<Ephemeral>>) -> Self {
+    pub(crate) fn new(server_peer: String, relay: RelayQueue<Arc<Ephemeral>>) -> Self {
         Self {
             server_peer,
             relay,
@@ -314,13 +314,10 @@ impl AmRepo {
                 // `doc-unavailable` in `document`), or it is gone.
                 return Ok(());
             }
-            conn.shared.compat.ephemeral.join(
-                document,
-                conn.id,
-                self.relay.clone(),
-                conn.outbox.clone(),
-                |_| (),
-            );
+            conn.shared
+                .compat
+                .ephemeral
+                .join(document, conn.id, self.relay.clone(), |_| ());
             self.documents.insert(
                 document,
                 Subscribed {

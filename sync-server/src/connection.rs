@@ -2,15 +2,17 @@
 //! queue.
 //!
 //! The reader (this task) joins frames with a [`Reassembler`] under the configured limits and
-//! hands Sync payloads to document actors. A writer task owns the socket's sending half and a
-//! bounded queue of messages; documents put messages in with `try_send`, and when the queue is
-//! full the connection is closed with `Overloaded`: a slow client never blocks a document.
+//! hands Sync payloads to document actors. A writer task owns the socket's sending half and
+//! drains the connection's bounded queue (an [`Outbox`]/[`Inbox`] pair, also used by the foreign
+//! protocols of `compat`); documents queue messages without waiting, and when the queue is full
+//! the connection is closed with `Overloaded`: a slow client never blocks a document. Shutdown
+//! closes every connection through the [`Registry`].
 //! Outgoing messages larger than the frame limit are split with [`encode_frames`].
 //! A malformed or oversized frame gets an error and closes this connection only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use accord_engine::protocol::{
@@ -20,7 +22,7 @@ use accord_engine::{DocKind, DocumentId, ReplicaId};
 use axum::extract::ws::{Message as WsMessage, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, Notify};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::{unix_now, Grant};
@@ -48,6 +50,14 @@ impl CloseReason {
         }
     }
 
+    /// Send what is queued, then `message`, then close (shutdown).
+    pub(crate) fn after(message: Message) -> Self {
+        Self {
+            message: Some(message),
+            flush: true,
+        }
+    }
+
     /// Drop what is queued, send `message`, close. (Also used by the foreign-protocol relays
     /// of `compat` to close a slow member.)
     pub(crate) fn now(message: Message) -> Self {
@@ -58,17 +68,52 @@ impl CloseReason {
     }
 }
 
-/// A queued message. Boxed: tokio's channel allocates its first block of 32 slots when it is
-/// created, so every idle connection pays for 32 slots; 32 pointers instead of 32 `Message`s
-/// (~80 bytes each) saves ~2 KB per connection for one small allocation per message sent.
-pub(crate) type Queued = Box<Message>;
+/// A queued message.
+pub(crate) type Queued = Message;
+
+/// What a connection shares with the documents (and presence rooms) that send to it: the bounded
+/// queue of messages, the close reason and the wake-ups, in one allocation.
+///
+/// Written by hand instead of a tokio `mpsc` channel plus a `watch` for the close: the channel
+/// allocates its shared state (cache-padded, ~0.5 KB) and a first block of 32 slots (~0.3 KB)
+/// when it is created, and the `watch` another ~0.4 KB, all of which every idle connection held
+/// (BENCHMARKS.md, "5. Idle connections"). Here an idle connection holds this struct (~0.2 KB)
+/// and the queue allocates only while it holds messages (the receiver takes the whole buffer).
+/// The bound and the behaviour when it is reached (the connection is closed with `Overloaded`)
+/// are the channel's.
+struct Mailbox {
+    id: u64,
+    /// Messages the queue holds at most.
+    bound: usize,
+    state: Mutex<MailboxState>,
+    /// Wakes the one task that drains the queue (`notify_one` keeps a permit when it is busy).
+    wake: Notify,
+    /// Wakes every task waiting for the close (`notify_waiters`; waiters check `state` after
+    /// registering, so none misses it).
+    closing: Notify,
+}
+
+struct MailboxState {
+    queue: VecDeque<Queued>,
+    /// Boxed: a reason holds a whole `Message`, and most connections never get one.
+    close: Option<Box<CloseReason>>,
+    /// The receiving side is gone: sends fail, as on a closed channel.
+    gone: bool,
+}
 
 /// The sending side of a connection, as documents hold it.
 #[derive(Clone)]
-pub(crate) struct Outbox {
-    id: u64,
-    tx: mpsc::Sender<Queued>,
-    close: Arc<watch::Sender<Option<CloseReason>>>,
+pub(crate) struct Outbox(Arc<Mailbox>);
+
+/// The receiving side of a connection's queue: the task that writes to its socket.
+pub(crate) struct Inbox(Arc<Mailbox>);
+
+/// What [`Inbox::take`] took.
+pub(crate) struct Taken {
+    /// The messages, oldest first.
+    pub(crate) messages: VecDeque<Queued>,
+    /// Whether more are queued (the batch was cut at its maximum).
+    pub(crate) more: bool,
 }
 
 impl CloseReason {
@@ -78,78 +123,231 @@ impl CloseReason {
     }
 }
 
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, MailboxState> {
+        // Nothing panics while holding it; a poisoned lock still holds consistent state.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 impl Outbox {
-    /// An outbox whose messages are read by the caller instead of a native writer task: the
-    /// foreign-protocol adapters (`compat`) subscribe to documents with it and translate what
-    /// arrives. Returns the outbox, its queue and its close signal.
-    pub(crate) fn detached(
-        id: u64,
-        capacity: usize,
-    ) -> (
-        Self,
-        mpsc::Receiver<Queued>,
-        watch::Receiver<Option<CloseReason>>,
-    ) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let (close_tx, close_rx) = watch::channel(None);
-        let outbox = Outbox {
+    /// A connection's queue of at most `capacity` messages: the outbox documents send to, and
+    /// the inbox its socket's writer (a native writer task, or a foreign-protocol adapter of
+    /// `compat`, which translates what arrives) reads.
+    pub(crate) fn detached(id: u64, capacity: usize) -> (Self, Inbox) {
+        let mailbox = Arc::new(Mailbox {
             id,
-            tx,
-            close: Arc::new(close_tx),
-        };
-        (outbox, rx, close_rx)
+            bound: capacity.max(1),
+            state: Mutex::new(MailboxState {
+                queue: VecDeque::new(),
+                close: None,
+                gone: false,
+            }),
+            wake: Notify::new(),
+            closing: Notify::new(),
+        });
+        (Outbox(mailbox.clone()), Inbox(mailbox))
     }
 
     /// The connection's id.
     pub(crate) fn id(&self) -> u64 {
-        self.id
+        self.0.id
     }
 
     /// Queues a message without waiting. False when the connection is gone or its queue is full
     /// (then it is being closed with `Overloaded`).
     pub(crate) fn send(&self, message: Message) -> bool {
-        match self.tx.try_send(Box::new(message)) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close_with(CloseReason::now(Message::Error {
-                    code: ErrorCode::Overloaded,
-                    document: None,
-                    message: "the connection did not keep up with its outbound queue".into(),
-                }));
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        let mut state = self.0.lock();
+        if state.gone {
+            return false;
         }
+        if state.queue.len() >= self.0.bound {
+            drop(state);
+            self.close_with(CloseReason::now(Message::Error {
+                code: ErrorCode::Overloaded,
+                document: None,
+                message: "the connection did not keep up with its outbound queue".into(),
+            }));
+            return false;
+        }
+        state.queue.push_back(message);
+        drop(state);
+        self.0.wake.notify_one();
+        true
     }
 
     /// Asks the connection to close (the first reason wins).
     pub(crate) fn close_with(&self, reason: CloseReason) {
-        close_once(&self.close, reason);
+        let mut state = self.0.lock();
+        if state.close.is_some() {
+            return;
+        }
+        state.close = Some(Box::new(reason));
+        drop(state);
+        self.0.wake.notify_one();
+        self.0.closing.notify_waiters();
+    }
+
+    /// Wakes the connection's task (e.g. a presence relay queued something for it).
+    pub(crate) fn wake(&self) {
+        self.0.wake.notify_one();
+    }
+
+    /// Whether a close was asked for.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.0.lock().close.is_some()
+    }
+
+    /// Completes once a close is asked for (at once if it was already).
+    pub(crate) async fn closed(&self) {
+        loop {
+            let notified = self.0.closing.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_closing() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
-/// Records `reason` unless a reason is already recorded (the first one wins).
-fn close_once(close: &watch::Sender<Option<CloseReason>>, reason: CloseReason) {
-    close.send_if_modified(|current| {
-        let first = current.is_none();
-        if first {
-            *current = Some(reason);
+impl Inbox {
+    /// Takes up to `max` queued messages. A batch that takes the whole queue takes its buffer
+    /// too, so an idle connection holds no queue memory.
+    pub(crate) fn take(&self, max: usize) -> Taken {
+        let mut state = self.0.lock();
+        if state.queue.len() <= max {
+            return Taken {
+                messages: std::mem::take(&mut state.queue),
+                more: false,
+            };
         }
-        first
-    });
+        let messages = state.queue.drain(..max).collect();
+        Taken {
+            messages,
+            more: true,
+        }
+    }
+
+    /// The close reason, once a close was asked for.
+    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
+        self.0.lock().close.as_deref().cloned()
+    }
+
+    /// Completes when something was queued or a close was asked for since the last call (or
+    /// spuriously: callers check [`Inbox::take`] and [`Inbox::close_reason`] after it).
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        // (Not an `async fn`: its future would be 16 bytes larger, in every idle connection.)
+        self.0.wake.notified()
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        // The reader is gone: later sends fail (documents drop the subscriber), and what is
+        // queued is freed now rather than with the last outbox clone.
+        let queue = {
+            let mut state = self.0.lock();
+            state.gone = true;
+            std::mem::take(&mut state.queue)
+        };
+        drop(queue);
+    }
+}
+
+/// Every open connection's outbox, so that shutdown closes them all with `ShuttingDown`.
+///
+/// Instead of each connection task waiting on the shutdown flag: that wait's future (~130
+/// bytes with the receiver) sits in every idle connection's task, while an entry here is ~20.
+#[derive(Default)]
+pub(crate) struct Registry {
+    state: Mutex<RegistryState>,
+}
+
+#[derive(Default)]
+struct RegistryState {
+    open: HashMap<u64, Outbox>,
+    closing: bool,
+}
+
+/// The error a connection gets when the server shuts down.
+pub(crate) fn shutting_down() -> Message {
+    Message::Error {
+        code: ErrorCode::ShuttingDown,
+        document: None,
+        message: "the server is shutting down".into(),
+    }
+}
+
+/// An admitted connection: it holds one of the `max_connections` slots, counts in the
+/// connections gauge and is in the [`Registry`]; dropping it gives all three back. One guard
+/// (16 bytes in the connection's task) instead of a semaphore permit, a gauge guard and a
+/// registry entry (40).
+pub(crate) struct Admitted {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, RegistryState> {
+        // Nothing panics while holding it; a poisoned lock still holds consistent state.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Admits the connection of `outbox` to the server of `shared`: `Overloaded` when every
+    /// connection slot is taken, `ShuttingDown` once the server is shutting down.
+    pub(crate) fn admit(shared: &Arc<Shared>, outbox: &Outbox) -> Result<Admitted, ErrorCode> {
+        let Ok(permit) = shared.connections.try_acquire() else {
+            return Err(ErrorCode::Overloaded);
+        };
+        {
+            let mut state = shared.open.lock();
+            if state.closing {
+                return Err(ErrorCode::ShuttingDown);
+            }
+            state.open.insert(outbox.id(), outbox.clone());
+        }
+        // Given back by `Admitted::drop`.
+        permit.forget();
+        shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        Ok(Admitted {
+            shared: shared.clone(),
+            id: outbox.id(),
+        })
+    }
+
+    /// Closes every open connection (after what is queued for it) with `ShuttingDown`, and
+    /// refuses connections registering later.
+    pub(crate) fn close_all(&self) {
+        let open = {
+            let mut state = self.lock();
+            state.closing = true;
+            std::mem::take(&mut state.open)
+        };
+        for outbox in open.values() {
+            outbox.close_with(CloseReason::after(shutting_down()));
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.shared.open.lock().open.remove(&self.id);
+        self.shared
+            .metrics
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        self.shared.connections.add_permits(1);
+    }
 }
 
 struct Subscription {
     lease: Lease,
-}
-
-/// Decrements the connection gauge when dropped.
-struct Counted(Arc<crate::metrics::Metrics>);
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Serves one upgraded WebSocket until it closes.
@@ -157,41 +355,34 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let _alive = shared.alive.clone();
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     let (mut sink, stream) = socket.split();
-    let Ok(_permit) = shared.connections.clone().try_acquire_owned() else {
-        tracing::warn!(connection = id, "connection limit reached");
-        let refusal = Message::Error {
-            code: ErrorCode::Overloaded,
-            document: None,
-            message: "the server is at its connection limit".into(),
-        };
-        shared.metrics.count_error(ErrorCode::Overloaded);
-        let _ = timeout(CLOSE_TIMEOUT, async {
-            let _ = sink
-                .send(WsMessage::Binary(
-                    accord_engine::protocol::encode(&refusal).into(),
-                ))
-                .await;
-            let _ = sink.send(WsMessage::Close(None)).await;
-        })
-        .await;
-        return;
+    let (outbox, inbox) = Outbox::detached(id, shared.config.outbound_queue);
+    let _admitted = match Registry::admit(&shared, &outbox) {
+        Ok(admitted) => admitted,
+        Err(code) => {
+            let refusal = if code == ErrorCode::ShuttingDown {
+                shutting_down()
+            } else {
+                tracing::warn!(connection = id, "connection limit reached");
+                Message::Error {
+                    code,
+                    document: None,
+                    message: "the server is at its connection limit".into(),
+                }
+            };
+            shared.metrics.count_error(code);
+            let _ = timeout(CLOSE_TIMEOUT, async {
+                let _ = sink
+                    .send(WsMessage::Binary(
+                        accord_engine::protocol::encode(&refusal).into(),
+                    ))
+                    .await;
+                let _ = sink.send(WsMessage::Close(None)).await;
+            })
+            .await;
+            return;
+        }
     };
-    shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
-    let _counted = Counted(shared.metrics.clone());
-    let (tx, rx) = mpsc::channel(shared.config.outbound_queue.max(1));
-    let (close_tx, close_rx) = watch::channel(None);
-    let outbox = Outbox {
-        id,
-        tx,
-        close: Arc::new(close_tx),
-    };
-    let writer = tokio::spawn(write_loop(
-        sink,
-        rx,
-        close_rx.clone(),
-        outbox.close.clone(),
-        shared.clone(),
-    ));
+    let writer = tokio::spawn(write_loop(sink, inbox, outbox.clone(), shared.clone()));
     let mut reader = Reader {
         reassembler: Reassembler::new(shared.config.limits()),
         shared: shared.clone(),
@@ -201,7 +392,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         expires: None,
         subscriptions: HashMap::new(),
     };
-    reader.run(stream, close_rx).await;
+    reader.run(stream).await;
     reader.outbox.close_with(CloseReason::flush());
     for (_, subscription) in reader.subscriptions.drain() {
         let unsubscribe = Command::Unsubscribe { connection: id };
@@ -223,23 +414,14 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(
-        &mut self,
-        mut stream: SplitStream<WebSocket>,
-        mut closed: watch::Receiver<Option<CloseReason>>,
-    ) {
-        let mut shutdown = self.shared.shutdown.clone();
+    async fn run(&mut self, mut stream: SplitStream<WebSocket>) {
         let idle = self.shared.config.idle_timeout;
         loop {
             let expires = self.expires;
             let far = Instant::now() + Duration::from_secs(86_400 * 365);
             let next = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => {
-                    self.fail(ErrorCode::ShuttingDown, None, "the server is shutting down");
-                    return;
-                }
-                _ = closed.changed() => return,
+                _ = self.outbox.closed() => return,
                 _ = tokio::time::sleep_until(expires.unwrap_or(far)), if expires.is_some() => {
                     self.fail(ErrorCode::TokenExpired, None, "the token expired");
                     return;
@@ -248,13 +430,13 @@ impl Reader {
             };
             let message = match next {
                 Err(_) => {
-                    tracing::debug!(connection = self.outbox.id, "idle timeout");
+                    tracing::debug!(connection = self.outbox.id(), "idle timeout");
                     self.outbox.close_with(CloseReason::flush());
                     return;
                 }
                 Ok(None) => return,
                 Ok(Some(Err(error))) => {
-                    tracing::debug!(connection = self.outbox.id, %error, "socket error");
+                    tracing::debug!(connection = self.outbox.id(), %error, "socket error");
                     return;
                 }
                 Ok(Some(Ok(message))) => message,
@@ -265,7 +447,10 @@ impl Reader {
                         .metrics
                         .bytes_in
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    self.frame(&bytes).await
+                    // Boxed: a frame's handling (subscribing, waiting for a document's inbox)
+                    // needs more room than the wait for the next frame; held in place it would
+                    // size every idle connection's task.
+                    Box::pin(self.frame(&bytes)).await
                 }
                 WsMessage::Text(_) => {
                     self.fail(
@@ -317,7 +502,7 @@ impl Reader {
                     DecodeError::TooLarge { .. } => ErrorCode::MessageTooLarge,
                     _ => ErrorCode::MalformedFrame,
                 };
-                tracing::debug!(connection = self.outbox.id, %error, "bad frame");
+                tracing::debug!(connection = self.outbox.id(), %error, "bad frame");
                 self.fail(code, None, error.to_string());
                 false
             }
@@ -347,7 +532,7 @@ impl Reader {
             } => self.subscribe(&grant, document, kind, since_seq).await,
             Message::Unsubscribe { document } => {
                 if let Some(subscription) = self.subscriptions.remove(&document) {
-                    let connection = self.outbox.id;
+                    let connection = self.outbox.id();
                     subscription
                         .lease
                         .send(Command::Unsubscribe { connection })
@@ -365,7 +550,7 @@ impl Reader {
                     return true;
                 };
                 let command = Command::Sync {
-                    connection: self.outbox.id,
+                    connection: self.outbox.id(),
                     payload,
                 };
                 if !subscription.lease.send(command).await {
@@ -475,50 +660,64 @@ impl Reader {
 
 type Sink = SplitSink<WebSocket, WsMessage>;
 
-async fn write_loop(
-    mut sink: Sink,
-    mut rx: mpsc::Receiver<Queued>,
-    mut closed: watch::Receiver<Option<CloseReason>>,
-    close: Arc<watch::Sender<Option<CloseReason>>>,
-    shared: Arc<Shared>,
-) {
+/// Writes what documents queue for one native connection, pings it, and closes it.
+async fn write_loop(mut sink: Sink, inbox: Inbox, outbox: Outbox, shared: Arc<Shared>) {
     let mut writer = Writer { stream: 0, shared };
     let ping_every = (writer.shared.config.idle_timeout / 3).max(Duration::from_millis(10));
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    let ping = tokio::time::sleep(ping_every);
+    let mut ping = std::pin::pin!(ping);
+    let mut more = false;
     loop {
-        tokio::select! {
+        if inbox.close_reason().is_some() {
+            break;
+        }
+        let taken = inbox.take(WRITE_PER_FLUSH);
+        if taken.messages.is_empty() {
+            if more {
+                // The last batch was cut at its maximum: the permit that announced what is
+                // left may be spent.
+                more = false;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = inbox.notified() => {}
+                _ = ping.as_mut() => {
+                    ping.as_mut().reset(Instant::now() + ping_every);
+                    let ping = sink.send(WsMessage::Ping(Default::default()));
+                    let sent = Box::pin(timeout(writer.shared.config.idle_timeout, ping)).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        outbox.close_with(CloseReason::flush());
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        more = taken.more;
+        let written = tokio::select! {
             biased;
-            _ = closed.changed() => break,
-            message = rx.recv() => {
-                let Some(message) = message else { break };
-                let written = tokio::select! {
-                    biased;
-                    _ = closed.changed() => break,
-                    written = writer.write_queued(&mut sink, message, &mut rx) => written,
-                };
-                if !written {
-                    close_once(&close, CloseReason::flush());
-                    return;
-                }
-            }
-            _ = ping.tick() => {
-                let sent = timeout(writer.shared.config.idle_timeout, sink.send(WsMessage::Ping(Default::default()))).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    close_once(&close, CloseReason::flush());
-                    return;
-                }
-            }
+            _ = outbox.closed() => break,
+            // Boxed, like the close below: only the idle wait stays in the task's future.
+            written = Box::pin(writer.write_queued(&mut sink, taken.messages)) => written,
+        };
+        if !written {
+            outbox.close_with(CloseReason::flush());
+            return;
         }
     }
-    let reason = closed
-        .borrow_and_update()
-        .clone()
-        .unwrap_or_else(CloseReason::flush);
-    let _ = timeout(CLOSE_TIMEOUT, async {
+    let reason = inbox.close_reason().unwrap_or_else(CloseReason::flush);
+    let _ = Box::pin(timeout(CLOSE_TIMEOUT, async {
         if reason.flush {
-            while let Ok(message) = rx.try_recv() {
-                if !writer.write(&mut sink, &message).await {
-                    return;
+            loop {
+                let taken = inbox.take(WRITE_PER_FLUSH);
+                if taken.messages.is_empty() {
+                    break;
+                }
+                for message in &taken.messages {
+                    if !writer.write(&mut sink, message).await {
+                        return;
+                    }
                 }
             }
         }
@@ -527,7 +726,7 @@ async fn write_loop(
         }
         let _ = sink.send(WsMessage::Close(None)).await;
         let _ = sink.close().await;
-    })
+    }))
     .await;
 }
 
@@ -541,25 +740,15 @@ struct Writer {
 }
 
 impl Writer {
-    /// Writes `first` and then whatever else is queued (up to [`WRITE_PER_FLUSH`] messages),
-    /// flushing the socket once; false when the socket failed or one message (or the flush) made
-    /// no progress for the idle timeout, so a long backlog to a slow but live client is not
-    /// mistaken for a stall.
-    async fn write_queued(
-        &mut self,
-        sink: &mut Sink,
-        first: Queued,
-        rx: &mut mpsc::Receiver<Queued>,
-    ) -> bool {
+    /// Writes a batch taken from the queue (at most [`WRITE_PER_FLUSH`] messages), flushing the
+    /// socket once; false when the socket failed or one message (or the flush) made no progress
+    /// for the idle timeout, so a long backlog to a slow but live client is not mistaken for a
+    /// stall.
+    async fn write_queued(&mut self, sink: &mut Sink, batch: VecDeque<Queued>) -> bool {
         let stall = self.shared.config.idle_timeout;
         let written: Result<(), ()> = async {
-            timeout(stall, self.feed(sink, &first))
-                .await
-                .map_err(drop)?
-                .map_err(drop)?;
-            for _ in 1..WRITE_PER_FLUSH {
-                let Ok(message) = rx.try_recv() else { break };
-                timeout(stall, self.feed(sink, &message))
+            for message in &batch {
+                timeout(stall, self.feed(sink, message))
                     .await
                     .map_err(drop)?
                     .map_err(drop)?;
@@ -617,5 +806,114 @@ impl Writer {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message that says which it is.
+    fn ack(seq: u8) -> Message {
+        Message::Unsubscribe {
+            document: DocumentId::from_bytes([seq; 16]),
+        }
+    }
+
+    fn overloaded(reason: Option<CloseReason>) -> bool {
+        matches!(
+            reason.as_ref().and_then(CloseReason::message),
+            Some(Message::Error {
+                code: ErrorCode::Overloaded,
+                ..
+            })
+        ) && reason.is_some_and(|r| !r.flush)
+    }
+
+    #[test]
+    fn a_full_outbox_closes_the_connection_with_overloaded() {
+        let (outbox, inbox) = Outbox::detached(7, 3);
+        assert_eq!(outbox.id(), 7);
+        for seq in 0..3 {
+            assert!(outbox.send(ack(seq)));
+        }
+        assert!(inbox.close_reason().is_none());
+        assert!(!outbox.send(ack(3)), "the fourth message is over the bound");
+        assert!(overloaded(inbox.close_reason()));
+        // The first reason wins.
+        outbox.close_with(CloseReason::flush());
+        assert!(overloaded(inbox.close_reason()));
+        // What was queued before is still there, in order.
+        let taken = inbox.take(10);
+        assert!(!taken.more);
+        let seqs: Vec<u8> = taken
+            .messages
+            .iter()
+            .map(|m| match m {
+                Message::Unsubscribe { document } => document.as_bytes()[0],
+                _ => u8::MAX,
+            })
+            .collect();
+        assert_eq!(seqs, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn taking_everything_takes_the_buffer_and_batches_are_bounded() {
+        let (outbox, inbox) = Outbox::detached(1, 100);
+        for seq in 0..10 {
+            assert!(outbox.send(ack(seq)));
+        }
+        let first = inbox.take(4);
+        assert_eq!(first.messages.len(), 4);
+        assert!(first.more);
+        let rest = inbox.take(100);
+        assert_eq!(rest.messages.len(), 6);
+        assert!(!rest.more);
+        assert_eq!(
+            outbox.0.lock().queue.capacity(),
+            0,
+            "an empty queue holds no buffer"
+        );
+    }
+
+    #[test]
+    fn sends_fail_once_the_inbox_is_gone() {
+        let (outbox, inbox) = Outbox::detached(1, 4);
+        assert!(outbox.send(ack(1)));
+        drop(inbox);
+        assert!(!outbox.send(ack(2)));
+        assert!(
+            !outbox.is_closing(),
+            "a gone connection is not closed by a send"
+        );
+    }
+
+    #[tokio::test]
+    async fn sends_and_closes_wake_the_connection() {
+        let (outbox, inbox) = Outbox::detached(1, 4);
+        let sender = outbox.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            sender.send(ack(1));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            sender.close_with(CloseReason::flush());
+        });
+        let wait = Duration::from_secs(5);
+        timeout(wait, inbox.notified())
+            .await
+            .expect("woken by the send");
+        assert_eq!(inbox.take(4).messages.len(), 1);
+        // Two waiters for the close: both complete.
+        let (a, b) = tokio::join!(
+            timeout(wait, outbox.closed()),
+            timeout(wait, outbox.closed())
+        );
+        assert!(a.is_ok() && b.is_ok());
+        assert!(inbox.close_reason().is_some_and(|r| r.flush));
+        // Closed already: completes at once.
+        timeout(wait, outbox.closed())
+            .await
+            .expect("already closed");
+        task.await.unwrap();
     }
 }

@@ -186,6 +186,8 @@ pub(crate) struct Shared {
     pub(crate) feed_permits: Semaphore,
     /// Presence relays and the peer id of the foreign-protocol endpoints.
     pub(crate) compat: compat::Compat,
+    /// Every open WebSocket connection, closed at shutdown.
+    pub(crate) open: connection::Registry,
 }
 
 /// Runs the server on `listener` until `shutdown` completes, then stops accepting, lets each
@@ -240,6 +242,7 @@ pub async fn run_with_metrics(
         next_connection: std::sync::atomic::AtomicU64::new(1),
         storage,
         compat: compat::Compat::new(),
+        open: connection::Registry::default(),
     });
     let grace = shared.config.shutdown_grace;
     let app = Router::new()
@@ -272,11 +275,13 @@ pub async fn run_with_metrics(
         _ = shutdown => {
             tracing::info!("shutting down");
             let _ = shutdown_tx.send(true);
+            shared.open.close_all();
             (&mut server).await
         }
     };
     drop(server);
     let _ = shutdown_tx.send(true);
+    shared.open.close_all();
     shared.documents.close();
     drop(shared);
     // Wait for every connection and document task to finish (each holds an `alive` sender).
@@ -354,9 +359,12 @@ async fn amrepo_handler(
 /// The read buffer of one WebSocket. tungstenite's default (128 KiB) is allocated per connection
 /// and zero-filled on every read: it made an idle connection cost 144 KB and was 19% of the
 /// fan-out profile (BENCHMARKS.md, "Cause 1"). Every idle connection holds this much, so it is
-/// small (1 KiB: 7.6 KB per idle y-websocket connection, against 12.9 KB with 4 KiB). Larger
-/// frames still arrive: the buffer grows to the frame, read at most this much per `read` call.
-const READ_BUFFER_BYTES: usize = 1024;
+/// small: 512 bytes, the largest single allocation of an idle y-websocket connection after its
+/// task (~3.2 KB of RSS per connection in all; 1 KiB cost ~0.5 KB more, 4 KiB ~3.5 KB). Larger
+/// frames still arrive: the buffer grows to the frame, read at most this much per `read` call,
+/// so a large incoming message costs one `read` per 512 bytes (a 1 MB upload ~2,000 calls);
+/// large messages mostly go out (cold loads), and writes are not limited by this.
+const READ_BUFFER_BYTES: usize = 512;
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     (

@@ -22,9 +22,9 @@ use std::sync::Arc;
 use accord_engine::protocol::{put_bytes, put_varint, ErrorCode, Message, SyncPayload};
 use accord_engine::{DocKind, DocumentId};
 use axum::body::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use crate::compat::{random_replica, Conn, Hub, Protocol, Stop};
+use crate::compat::{random_replica, Conn, Hub, Protocol, RelayQueue, Stop};
 use crate::document::{Command, Lease, SubscribeRequest};
 
 const MSG_SYNC: u64 = 0;
@@ -88,7 +88,7 @@ impl Awareness {
 /// One y-websocket connection.
 pub(crate) struct Yws {
     document: DocumentId,
-    relay: mpsc::Sender<Arc<[u8]>>,
+    relay: RelayQueue<Arc<[u8]>>,
     lease: Option<Lease>,
     joined: bool,
     /// Whether a read-only refusal was sent already.
@@ -99,7 +99,7 @@ pub(crate) struct Yws {
 }
 
 impl Yws {
-    pub(crate) fn new(room: &str, relay: mpsc::Sender<Arc<[u8]>>) -> Self {
+    pub(crate) fn new(room: &str, relay: RelayQueue<Arc<[u8]>>) -> Self {
         Self {
             document: crate::compat::room_document(room),
             relay,
@@ -113,23 +113,24 @@ impl Yws {
     /// Queues the updates held back in this step as one sync-update frame: y-websocket clients
     /// apply one update per message, so several become one merged update (`Y.mergeUpdates`).
     fn emit_updates(&mut self, conn: &mut Conn) {
-        let update = match self.updates.len() {
+        // Taken, so the vector's capacity goes with this step (an idle connection keeps none).
+        let mut updates = std::mem::take(&mut self.updates);
+        let update = match updates.len() {
             0 => return,
-            1 => self.updates.pop(),
-            _ => match crate::document::merge_yrs_updates(self.updates.iter().map(Vec::as_slice)) {
+            1 => updates.pop(),
+            _ => match crate::document::merge_yrs_updates(updates.iter().map(Vec::as_slice)) {
                 Ok(merged) => Some(merged),
                 Err(error) => {
                     // They came from the document actor, which encoded them: not expected. Send
                     // them as they are, one frame each.
                     tracing::error!(%error, "merging Yrs updates failed");
-                    for update in self.updates.drain(..) {
+                    for update in updates {
                         conn.send(sync_frame(UPDATE, &update));
                     }
                     None
                 }
             },
         };
-        self.updates.clear();
         if let Some(update) = update {
             conn.send(sync_frame(UPDATE, &update));
         }
@@ -245,13 +246,13 @@ impl Protocol for Yws {
                 ))
             }
         }
-        let snapshot = conn.shared.compat.awareness.join(
-            document,
-            conn.id,
-            self.relay.clone(),
-            conn.outbox.clone(),
-            |room| room.state.snapshot(),
-        );
+        let snapshot =
+            conn.shared
+                .compat
+                .awareness
+                .join(document, conn.id, self.relay.clone(), |room| {
+                    room.state.snapshot()
+                });
         self.joined = true;
         if let Some(frame) = snapshot {
             conn.send(frame);

@@ -157,3 +157,92 @@ async fn a_slow_consumer_is_cut_off_while_fan_out_latency_holds() {
     drop(slow);
     server.stop().await;
 }
+
+/// A y-websocket connection (`/yjs/{room}`) that has sent its sync step 1.
+async fn yjs(addr: std::net::SocketAddr, room: &str) -> Ws {
+    use futures_util::SinkExt;
+    let url = format!("ws://{addr}/yjs/{room}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    // Sync step 1 with an empty state vector.
+    let step1 = vec![0, 0, 1, 0];
+    ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        step1.into(),
+    ))
+    .await
+    .unwrap();
+    ws
+}
+
+/// Reads a raw socket until it closes or `within` passes: the close code, if it closed.
+async fn close_code(ws: &mut Ws, within: Duration) -> Option<u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let deadline = Instant::now() + within;
+    while let Ok(next) = tokio::time::timeout(deadline - Instant::now(), ws.next()).await {
+        match next {
+            Some(Ok(WsMessage::Close(frame))) => {
+                return Some(frame.map_or(1005, |f| f.code.into()))
+            }
+            None | Some(Err(_)) => return Some(1006),
+            Some(Ok(_)) => {}
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn yjs_idle_timeout_drops_the_unresponsive_and_keeps_the_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.idle_timeout = Duration::from_millis(600);
+    let server = Server::start(config).await;
+    // `quiet` keeps reading, so tungstenite answers the server's pings; `deaf` never reads.
+    let mut quiet = yjs(server.addr, "idle-room").await;
+    let mut deaf = yjs(server.addr, "idle-room").await;
+    let started = Instant::now();
+    assert_eq!(
+        close_code(&mut quiet, Duration::from_millis(2_400)).await,
+        None,
+        "a quiet client that answers pings stays connected"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(2_000));
+    assert!(
+        close_code(&mut deaf, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a client that stops answering is disconnected"
+    );
+    assert_eq!(
+        server
+            .metrics
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_connection_with_shutting_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), false)).await;
+    let mut native = connect_ws(server.addr).await;
+    hello(&mut native, 1).await;
+    let (messages, _) = read_all(&mut native, Duration::from_millis(300)).await;
+    assert!(matches!(messages.first(), Some(Message::Welcome { .. })));
+    let mut yws = yjs(server.addr, "shutdown-room").await;
+    let (mut automerge, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/automerge", server.addr))
+            .await
+            .unwrap();
+    // Everyone is connected and idle.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(server.stop());
+    let (messages, closed) = read_all(&mut native, WAIT).await;
+    assert!(closed);
+    assert_eq!(error_codes(&messages), vec![ErrorCode::ShuttingDown]);
+    let shutting_down = 4000 + ErrorCode::ShuttingDown.code();
+    assert_eq!(close_code(&mut yws, WAIT).await, Some(shutting_down));
+    assert_eq!(close_code(&mut automerge, WAIT).await, Some(shutting_down));
+    stopping.await.unwrap();
+}
