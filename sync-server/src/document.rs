@@ -125,7 +125,7 @@ pub(crate) enum Command {
 }
 
 struct Entry {
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Box<Command>>,
     leases: Arc<AtomicUsize>,
 }
 
@@ -142,14 +142,14 @@ pub(crate) struct Documents {
 
 /// A connection's hold on a document actor: while any lease is held the actor is not evicted.
 pub(crate) struct Lease {
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Box<Command>>,
     leases: Arc<AtomicUsize>,
 }
 
 impl Lease {
     /// Sends a command, waiting for room in the document's inbox. False when the actor is gone.
     pub(crate) async fn send(&self, command: Command) -> bool {
-        self.tx.send(command).await.is_ok()
+        self.tx.send(Box::new(command)).await.is_ok()
     }
 }
 
@@ -316,7 +316,9 @@ enum Found {
 impl Actor {
     async fn run(
         mut self,
-        mut rx: mpsc::Receiver<Command>,
+        // Boxed commands: tokio's channel allocates its first block of 32 slots up front, and
+        // 32 pointers instead of 32 `Command`s is ~1.8 KB less in every loaded document.
+        mut rx: mpsc::Receiver<Box<Command>>,
         leases: Arc<AtomicUsize>,
         mut shutdown: watch::Receiver<bool>,
         _alive: mpsc::Sender<()>,
@@ -371,7 +373,7 @@ impl Actor {
             for command in batch {
                 // Boxed (like the flushes below): the futures of a command's handling are
                 // larger than the idle actor; held in place they would size every actor's task.
-                result = Box::pin(self.handle(command)).await;
+                result = Box::pin(self.handle(*command)).await;
                 if result.is_err() {
                     break;
                 }
