@@ -68,7 +68,10 @@ fn setup(entries: usize, count: usize) -> (Document, Vec<Vec<u8>>) {
         .expect("a change");
     server.apply_changes(&first.bytes).expect("setup");
     for i in 0..entries {
-        let change = client.apply_ops(&ops("old", i)).expect("setup").expect("a change");
+        let change = client
+            .apply_ops(&ops("old", i))
+            .expect("setup")
+            .expect("a change");
         server.apply_changes(&change.bytes).expect("setup");
     }
     let updates = (0..count)
