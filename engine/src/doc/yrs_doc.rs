@@ -41,7 +41,15 @@ struct Tracker {
     /// for good (its item's parent and key never change), so its path is built once instead of
     /// at every change (Yrs walks up to the root and allocates every segment). Paths through a
     /// list are not kept: an index moves as the list changes.
-    bases: HashMap<yrs::branch::BranchID, Arc<Path>, foldhash::quality::RandomState>,
+    /// With each, the index in `entries` of the collection it is, if it is one.
+    bases: HashMap<yrs::branch::BranchID, Base, foldhash::quality::RandomState>,
+}
+
+/// A changed map's path, and the index in [`Tracker::entries`] of the collection it is, if any.
+#[derive(Clone, Debug)]
+struct Base {
+    path: Arc<Path>,
+    entries: Option<usize>,
 }
 
 /// Map paths kept in [`Tracker::bases`] before it starts over.
@@ -94,21 +102,73 @@ impl Tracker {
         });
     }
 
-    /// The path of the map `map` changed in `event` (under the root `root`).
-    fn base_of(&mut self, root: &str, event: &yrs::types::Event, map: &MapRef) -> Arc<Path> {
-        let id = AsRef::<yrs::branch::Branch>::as_ref(map).id();
-        if let Some(path) = self.bases.get(&id) {
-            return path.clone();
+    /// The path of the type changed in `event` (under the root `root`), and which of
+    /// [`Tracker::entries`] it is.
+    fn base_of(&mut self, root: &str, event: &yrs::types::Event) -> Base {
+        let yrs::types::Event::Map(map_event) = event else {
+            return Base {
+                path: Arc::new(event_path(root, event)),
+                entries: None,
+            };
+        };
+        let id = AsRef::<yrs::branch::Branch>::as_ref(map_event.target()).id();
+        if let Some(base) = self.bases.get(&id) {
+            return base.clone();
         }
         let path = Arc::new(event_path(root, event));
-        let fixed = path.segments().iter().all(|s| matches!(s, Segment::Key(_)));
+        let base = Base {
+            entries: self.entries.iter().position(|(p, _)| *p == *path),
+            path,
+        };
+        let fixed = base
+            .path
+            .segments()
+            .iter()
+            .all(|s| matches!(s, Segment::Key(_)));
         if fixed {
             if self.bases.len() >= BASES_MAX {
                 self.bases.clear();
             }
-            self.bases.insert(id, path.clone());
+            self.bases.insert(id, base.clone());
         }
-        path
+        base
+    }
+
+    /// Records what `event` (under the root `root`) changed, at `base`.
+    fn record(&mut self, txn: &TransactionMut, event: &yrs::types::Event, base: Base) {
+        let yrs::types::Event::Map(map_event) = event else {
+            self.push(Touched {
+                path: base.path,
+                keys: Vec::new(),
+            });
+            return;
+        };
+        let changes = map_event.keys(txn);
+        if changes.is_empty() {
+            return;
+        }
+        let fields = base
+            .entries
+            .and_then(|at| self.entries.get(at))
+            .map(|(_, fields)| fields)
+            .filter(|_| self.valued.len() + changes.len() <= VALUED_MAX);
+        let keys = changes
+            .iter()
+            .map(|(key, change)| TouchedKey {
+                key: key.clone(),
+                fields: match change {
+                    yrs::types::EntryChange::Inserted(value)
+                    | yrs::types::EntryChange::Updated(_, value) => {
+                        fields.and_then(|fields| project(txn, value, fields))
+                    }
+                    yrs::types::EntryChange::Removed(_) => None,
+                },
+            })
+            .collect();
+        self.push(Touched {
+            path: base.path,
+            keys,
+        });
     }
 
     fn take(&mut self) -> Option<Vec<Touched>> {
@@ -358,54 +418,25 @@ impl YrsDoc {
                     return;
                 };
                 // All of one transaction's events under this root come in this one call, and
-                // they describe its end state: first drop what earlier transactions left that
-                // these events may have changed, then record these.
-                let bases: Vec<Arc<Path>> = events
-                    .iter()
-                    .map(|event| match event {
-                        yrs::types::Event::Map(map_event) => {
-                            tracker.base_of(&name, event, map_event.target())
-                        }
-                        _ => Arc::new(event_path(&name, event)),
-                    })
-                    .collect();
-                if !tracker.valued.is_empty() {
-                    for base in &bases {
-                        tracker.invalidate(base.segments());
+                // they describe its end state: first drop what earlier transactions of the
+                // window left that these events may have changed (if any carry fields), then
+                // record these.
+                if tracker.valued.is_empty() {
+                    for event in events.iter() {
+                        let base = tracker.base_of(&name, event);
+                        tracker.record(txn, event, base);
                     }
+                    return;
+                }
+                let bases: Vec<Base> = events
+                    .iter()
+                    .map(|event| tracker.base_of(&name, event))
+                    .collect();
+                for base in &bases {
+                    tracker.invalidate(base.path.segments());
                 }
                 for (event, base) in events.iter().zip(bases) {
-                    let yrs::types::Event::Map(map_event) = event else {
-                        tracker.push(Touched {
-                            path: base,
-                            keys: Vec::new(),
-                        });
-                        continue;
-                    };
-                    let changes = map_event.keys(txn);
-                    if changes.is_empty() {
-                        continue;
-                    }
-                    let fields = tracker
-                        .entries
-                        .iter()
-                        .find(|(path, _)| *path == *base)
-                        .map(|(_, fields)| fields)
-                        .filter(|_| tracker.valued.len() + changes.len() <= VALUED_MAX);
-                    let keys = changes
-                        .iter()
-                        .map(|(key, change)| TouchedKey {
-                            key: key.clone(),
-                            fields: match change {
-                                yrs::types::EntryChange::Inserted(value)
-                                | yrs::types::EntryChange::Updated(_, value) => {
-                                    fields.and_then(|fields| project(txn, value, fields))
-                                }
-                                yrs::types::EntryChange::Removed(_) => None,
-                            },
-                        })
-                        .collect();
-                    tracker.push(Touched { path: base, keys });
+                    tracker.record(txn, event, base);
                 }
             });
         }
@@ -419,6 +450,8 @@ impl YrsDoc {
         };
         tracker.entries.retain(|(path, _)| path != collection);
         tracker.entries.push((collection.clone(), fields.to_vec()));
+        // The collections' places in `entries` moved: look them up again.
+        tracker.bases.clear();
     }
 
     /// The paths changed under tracked roots since the last call, or `None` when too many
