@@ -49,24 +49,28 @@ impl<V> KeyedTable<V> {
     }
 
     fn get(&self, key: &str) -> Option<&V> {
+        let hash = self.hash(key);
         self.table
-            .find(self.hash(key), |(_, k, _)| **k == *key)
+            .find(hash, |(h, k, _)| *h == hash && **k == *key)
             .map(|(_, _, v)| v)
     }
 
-    /// The slot of `key` (present or not), in one probe.
+    /// The slot of `key` (present or not), in one probe. Slots are compared by hash before key,
+    /// so a probe reads no key but the one it is looking for.
     fn entry(&mut self, key: &str) -> (u64, hash_table::Entry<'_, (u64, Key, V)>) {
         let hash = self.hash(key);
         let entry = self
             .table
-            .entry(hash, |(_, k, _)| **k == *key, |(hash, _, _)| *hash);
+            .entry(hash, |(h, k, _)| *h == hash && **k == *key, |(h, _, _)| *h);
         (hash, entry)
     }
 
     /// The slot of `key` if present (never grows the table).
     fn find_entry(&mut self, key: &str) -> Option<hash_table::OccupiedEntry<'_, (u64, Key, V)>> {
         let hash = self.hash(key);
-        self.table.find_entry(hash, |(_, k, _)| **k == *key).ok()
+        self.table
+            .find_entry(hash, |(h, k, _)| *h == hash && **k == *key)
+            .ok()
     }
 
     fn insert(&mut self, key: Key, value: V) {

@@ -229,7 +229,8 @@ impl Reconciler {
             seq,
             change: changes.first().copied(),
         };
-        self.last_changes = changes.to_vec();
+        self.last_changes.clear();
+        self.last_changes.extend_from_slice(changes);
         let touched = self.refresh(doc, meta, changes.len() != 1);
         let mut violations = Vec::new();
         let specs = std::mem::take(&mut self.specs);
