@@ -920,7 +920,8 @@ pub(crate) fn any_to_json(any: &Any) -> serde_json::Value {
                 .and_then(serde_json::Number::from_f64)
                 .map_or(J::Null, J::Number),
         },
-        Any::String(s) => J::String(s.to_string()),
+        // `String::from`, not `to_string`: on an `Arc<str>` that goes through `Display`.
+        Any::String(s) => J::String(String::from(&**s)),
         Any::Buffer(b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
         Any::Array(items) => J::Array(items.iter().map(any_to_json).collect()),
         Any::Map(map) => J::Object(
