@@ -339,28 +339,33 @@ impl Reconciler {
             let mut reload = false;
             for t in &touched {
                 let path = t.path.segments();
+                // One pass over the common prefix decides how `path` and the collection relate
+                // (this runs for every collection and every changed map after every commit).
+                let common = path.iter().zip(at).take_while(|(a, b)| a == b).count();
+                let inside = common == depth; // `path` is the collection or lies inside it
+                let above = common == path.len() && path.len() < depth; // an ancestor
                 if t.keys.is_empty() {
                     // `path` itself changed.
-                    if path.starts_with(at) {
+                    if inside {
                         match path.get(depth) {
                             Some(Segment::Key(key)) => keys.push((key.as_str(), None, None)),
                             Some(_) => {}
                             None => reload = true,
                         }
-                    } else if at.starts_with(path) {
+                    } else if above {
                         reload = true;
                     }
-                } else if path == at {
+                } else if inside && path.len() == depth {
                     // Entries of this collection were set or removed.
                     for key in &t.keys {
                         keys.push((&key.key, Some(&key.key), key.fields.as_deref()));
                     }
-                } else if path.starts_with(at) {
+                } else if inside {
                     // A change inside one entry.
                     if let Some(Segment::Key(key)) = path.get(depth) {
                         keys.push((key.as_str(), None, None));
                     }
-                } else if at.starts_with(path) {
+                } else if above {
                     // A key of an ancestor: the collection itself if it is on the way.
                     if let Some(Segment::Key(next)) = at.get(path.len()) {
                         reload |= t.keys.iter().any(|k| *k.key == **next);
