@@ -37,11 +37,11 @@ struct Tracker {
     valued: Vec<(usize, usize)>,
     /// Collections (map paths) whose changed entries are reported with these fields.
     entries: Vec<(Path, Vec<String>)>,
-    /// The paths of maps seen changing, by branch id: a map nested in maps stays at one path
-    /// for good (its item's parent and key never change), so its path is built once instead of
-    /// at every change (Yrs walks up to the root and allocates every segment). Paths through a
-    /// list are not kept: an index moves as the list changes.
-    /// With each, the index in `entries` of the collection it is, if it is one.
+    /// The paths of maps seen changing, by branch id, each with the index in `entries` of the
+    /// collection it is (if it is one). A map nested in maps stays at one path for good (its
+    /// item's parent and key never change), so its path is built once instead of at every
+    /// change (Yrs walks up to the root and allocates every segment). Paths through a list are
+    /// not kept: an index moves as the list changes.
     bases: HashMap<yrs::branch::BranchID, Base, foldhash::quality::RandomState>,
 }
 
