@@ -862,11 +862,12 @@ impl Actor {
         for _ in 0..MAX_RECONCILE_ROUNDS {
             let seq = state.head_seq + self.pending.changes.len() as u64 - batch;
             batch = 0;
-            let detected = Instant::now();
             let violations = reconciler.observe(&mut state.doc, Some(seq), &changes);
             if violations.is_empty() {
                 return false;
             }
+            // Read the clock only when there is something to repair (not after every change).
+            let detected = Instant::now();
             let before = reconciler.stats().clone();
             let ops = reconciler.act(&violations, Some(seq));
             let after = reconciler.stats();

@@ -114,6 +114,56 @@ pub struct Change {
     pub bytes: Vec<u8>,
 }
 
+/// What a change touched (see [`Document::take_touched_values`]): the value at `path` (a list,
+/// a text, or a map key) when `keys` is empty, otherwise the map at `path` at each of `keys`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Touched {
+    /// The changed value, or the map whose keys changed (shared: a document may hand out the
+    /// same path for every change to one map).
+    pub path: std::sync::Arc<Path>,
+    /// The changed keys of the map at `path` (none: `path` itself changed).
+    pub keys: Vec<TouchedKey>,
+}
+
+/// A changed key of a map (see [`Touched`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TouchedKey {
+    /// The key (shared with the document's own copy where it has one: Yrs keys are `Arc<str>`).
+    pub key: std::sync::Arc<str>,
+    /// When the map is a collection given to [`Document::track_entries`] and the document had
+    /// the entry at hand: the values of the asked fields as the entry's JSON shows them now, in
+    /// the order asked (`None` for a field it lacks). `None`: read the entry.
+    pub fields: Option<Vec<Option<serde_json::Value>>>,
+}
+
+/// The flat list of paths `touched` names.
+fn flatten(touched: Vec<Touched>) -> Vec<Path> {
+    let mut paths = Vec::new();
+    for t in touched {
+        if t.keys.is_empty() {
+            paths.push(std::sync::Arc::unwrap_or_clone(t.path));
+        } else {
+            for key in t.keys {
+                paths.push(Path::clone(&t.path).key(&*key.key));
+            }
+        }
+    }
+    paths
+}
+
+/// Whether the path `base` (followed by `key`, when given) and the path `other` overlap: one is
+/// the other or lies inside it. Compares without building the joined path.
+pub(crate) fn overlaps(base: &[Segment], key: Option<&str>, other: &[Segment]) -> bool {
+    let Some(key) = key else {
+        return base.starts_with(other) || other.starts_with(base);
+    };
+    if other.len() <= base.len() {
+        // `other` is at most as long as `base`: it must be a prefix of `base`.
+        return base.starts_with(other);
+    }
+    other.starts_with(base) && matches!(&other[base.len()], Segment::Key(k) if k == key)
+}
+
 /// A document of either kind.
 pub enum Document {
     /// Automerge (boxed: it is much larger than the Yrs handle).
@@ -243,6 +293,35 @@ impl Document {
         match self {
             Document::Automerge(d) => d.take_touched(),
             Document::Yrs(d) => d.take_touched(),
+        }
+    }
+
+    /// Also report the entries a change sets in the map at `collection` with the values of
+    /// `fields` ([`TouchedKey::fields`]), when the document has them at hand (Yrs: from the
+    /// change's events, instead of a walk from the root and a conversion of the whole entry).
+    /// Automerge answers [`Document::get`] for new entries from its decoded changes instead.
+    pub fn track_entries(&mut self, collection: &Path, fields: &[String]) {
+        match self {
+            Document::Automerge(_) => {}
+            Document::Yrs(d) => d.track_entries(collection, fields),
+        }
+    }
+
+    /// [`Document::take_touched`], grouped by changed map where the document reports maps
+    /// (Yrs), with the fields of new entries of collections given to
+    /// [`Document::track_entries`].
+    pub fn take_touched_values(&mut self) -> Option<Vec<Touched>> {
+        match self {
+            Document::Automerge(d) => d.take_touched().map(|paths| {
+                paths
+                    .into_iter()
+                    .map(|path| Touched {
+                        path: std::sync::Arc::new(path),
+                        keys: Vec::new(),
+                    })
+                    .collect()
+            }),
+            Document::Yrs(d) => d.take_touched_values(),
         }
     }
 

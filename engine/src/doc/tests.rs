@@ -299,3 +299,186 @@ fn changed_paths_are_tracked_for_local_edits_and_merges() {
         assert_eq!(b.take_touched(), Some(vec![]), "{kind}: drained");
     }
 }
+
+/// A small deterministic generator for the randomized tests below (xorshift; no dependency).
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// What [`TouchedKey::fields`] must hold for an entry whose JSON is `value`.
+fn projection(
+    value: Option<&serde_json::Value>,
+    fields: &[String],
+) -> Vec<Option<serde_json::Value>> {
+    fields
+        .iter()
+        .map(|f| value.and_then(|v| v.get(f.as_str())).cloned())
+        .collect()
+}
+
+#[test]
+fn yrs_reports_new_entries_with_their_fields() {
+    let mut doc = Document::new(DocKind::Yrs, replica(1), doc_id());
+    doc.apply_ops(&[put(&["wallet"], json!({"entries": {}}))])
+        .expect("init");
+    let entries = Path::keys(["wallet", "entries"]);
+    let fields = vec!["amount".to_string(), "kind".to_string()];
+    doc.track_changes(&["wallet".to_string()]);
+    doc.track_entries(&entries, &fields);
+    let _ = doc.take_touched_values();
+    let mut other = Document::new(DocKind::Yrs, replica(2), doc_id());
+    other.apply_changes(&doc.save()).expect("fork");
+    let change = other
+        .apply_ops(&[put(
+            &["wallet", "entries", "e1"],
+            json!({"amount": 3, "kind": "spend", "note": "not asked"}),
+        )])
+        .expect("ops")
+        .expect("change");
+    doc.apply_changes(&change.bytes).expect("merge");
+    let touched = doc.take_touched_values().expect("tracked");
+    assert_eq!(touched.len(), 1, "{touched:?}");
+    assert_eq!(*touched[0].path, entries);
+    assert_eq!(&*touched[0].keys[0].key, "e1");
+    // The fast path is taken (a merge of one new entry), and says what a read would.
+    assert_eq!(
+        touched[0].keys[0].fields,
+        Some(vec![Some(json!(3)), Some(json!("spend"))])
+    );
+}
+
+/// Every field value the tracker reports with a touched entry is what the document holds when
+/// the touched paths are taken, however the window's transactions changed the entry after it
+/// was set (inside it, replacing it, deleting it, replacing its collection or an ancestor).
+#[test]
+fn yrs_reported_entry_fields_are_current_when_taken() {
+    let entries = Path::keys(["wallet", "entries"]);
+    let fields = vec!["amount".to_string(), "kind".to_string()];
+    let mut reported = 0;
+    for seed in 1..40u64 {
+        let mut rng = Xorshift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut doc = Document::new(DocKind::Yrs, replica(1), doc_id());
+        doc.apply_ops(&[put(&["wallet"], json!({"entries": {}}))])
+            .expect("init");
+        doc.track_changes(&["wallet".to_string()]);
+        doc.track_entries(&entries, &fields);
+        let _ = doc.take_touched_values();
+        for _window in 0..30 {
+            for _txn in 0..=rng.below(3) {
+                let key = format!("e{}", rng.below(4));
+                let amount = rng.below(100);
+                let op = match rng.below(8) {
+                    0..=2 => put(
+                        &["wallet", "entries", &key],
+                        json!({"amount": amount, "kind": "deposit", "x": 1}),
+                    ),
+                    3 => put(&["wallet", "entries", &key, "amount"], json!(amount)),
+                    4 => Op::Delete {
+                        path: Path::keys(["wallet", "entries", key.as_str()]),
+                    },
+                    5 => put(
+                        &["wallet", "entries"],
+                        json!({"e0": {"amount": amount, "kind": "spend"}}),
+                    ),
+                    6 => put(&["wallet"], json!({"entries": {"e1": {"amount": amount}}})),
+                    _ => put(&["wallet", "entries", &key], json!(amount)),
+                };
+                // Ops on entries that are gone fail: that is fine, the next one may not.
+                let _ = doc.apply_ops(&[op]);
+            }
+            let touched = doc.take_touched_values().expect("tracked");
+            for t in &touched {
+                for key in &t.keys {
+                    let Some(got) = &key.fields else {
+                        continue;
+                    };
+                    assert_eq!(*t.path, entries, "only asked collections carry fields");
+                    reported += 1;
+                    let now = doc.get(&Path::clone(&t.path).key(&*key.key));
+                    assert_eq!(
+                        got,
+                        &projection(now.as_ref(), &fields),
+                        "seed {seed}: {} in {touched:?}",
+                        key.key
+                    );
+                }
+            }
+        }
+    }
+    assert!(reported > 100, "the fast path was taken {reported} times");
+}
+
+/// Paths through a list are not remembered per map: a map whose index moves is reported at its
+/// new index.
+#[test]
+fn yrs_touched_paths_follow_a_map_that_moves_in_a_list() {
+    let mut doc = Document::new(DocKind::Yrs, replica(1), doc_id());
+    doc.apply_ops(&[put(&["lists"], json!({"items": [{"x": 1}]}))])
+        .expect("init");
+    doc.track_changes(&["lists".to_string()]);
+    let _ = doc.take_touched();
+    let x_at = |i: usize| Path::keys(["lists", "items"]).index(i).key("x");
+    doc.apply_ops(&[Op::Put {
+        path: x_at(0),
+        value: json!(2),
+    }])
+    .expect("edit");
+    assert_eq!(doc.take_touched(), Some(vec![x_at(0)]));
+    doc.apply_ops(&[Op::Insert {
+        path: Path::keys(["lists", "items"]),
+        index: 0,
+        value: json!({"x": 0}),
+    }])
+    .expect("insert");
+    let _ = doc.take_touched();
+    doc.apply_ops(&[Op::Put {
+        path: x_at(1),
+        value: json!(3),
+    }])
+    .expect("edit");
+    assert_eq!(doc.take_touched(), Some(vec![x_at(1)]));
+}
+
+/// An entry a Yjs client sets as a plain object (an `Any` map, not a nested shared map) is
+/// reported with the same fields a read shows.
+#[test]
+fn yrs_reports_fields_of_plain_object_entries() {
+    use yrs::{Any, Map, Out, WriteTxn};
+    let mut doc = Document::new(DocKind::Yrs, replica(1), doc_id());
+    doc.apply_ops(&[put(&["wallet"], json!({"entries": {}}))])
+        .expect("init");
+    let entries = Path::keys(["wallet", "entries"]);
+    let fields = vec!["amount".to_string(), "kind".to_string()];
+    doc.track_changes(&["wallet".to_string()]);
+    doc.track_entries(&entries, &fields);
+    let _ = doc.take_touched_values();
+    let Document::Yrs(yrs_doc) = &mut doc else {
+        panic!("a Yrs document");
+    };
+    let (change, ()) = yrs_doc.change_native(|txn| {
+        let wallet = txn.get_or_insert_map("wallet");
+        let Some(Out::YMap(entries)) = wallet.get(txn, "entries") else {
+            panic!("entries is a map");
+        };
+        let object = std::collections::HashMap::from([
+            ("amount".to_string(), Any::from(7)),
+            ("kind".to_string(), Any::from("spend")),
+        ]);
+        entries.insert(txn, "e1", Any::from(object));
+    });
+    assert!(change.is_some());
+    let touched = doc.take_touched_values().expect("tracked");
+    let now = doc.get(&entries.clone().key("e1"));
+    assert_eq!(now, Some(json!({"amount": 7, "kind": "spend"})));
+    assert_eq!(
+        touched[0].keys[0].fields,
+        Some(projection(now.as_ref(), &fields))
+    );
+}

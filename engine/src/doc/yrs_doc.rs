@@ -6,7 +6,8 @@
 //! total per writer plus the marker key `$counter`, which the JSON view shows as the sum, so
 //! concurrent increments add up as they do in Automerge.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use yrs::types::ToJson;
@@ -20,32 +21,207 @@ use yrs::{
 
 use super::error::DocError;
 use super::ops::{Op, Path, Segment};
-use super::{Change, ChangeId};
+use super::{Change, ChangeId, Touched, TouchedKey};
 use crate::ids::{DocumentId, ReplicaId};
 
-/// Paths collected by deep observers, bounded: past the limit only "many" is remembered.
+/// What the deep observers collected since the last take: the changed paths, bounded (past the
+/// limit only "many" is remembered), and the collections whose changed entries are reported with
+/// their fields.
 #[derive(Debug, Default)]
-struct Touched {
-    paths: Vec<Path>,
+struct Tracker {
+    touched: Vec<Touched>,
+    /// Paths in `touched` (a group counts each of its keys).
+    paths: usize,
     overflow: bool,
+    /// Where in `touched` a key carries fields (group, key), for invalidation.
+    valued: Vec<(usize, usize)>,
+    /// Collections (map paths) whose changed entries are reported with these fields.
+    entries: Vec<(Path, Vec<String>)>,
+    /// The paths of maps seen changing, by branch id, each with the index in `entries` of the
+    /// collection it is (if it is one). A map nested in maps stays at one path for good (its
+    /// item's parent and key never change), so its path is built once instead of at every
+    /// change (Yrs walks up to the root and allocates every segment). Paths through a list are
+    /// not kept: an index moves as the list changes.
+    bases: HashMap<yrs::branch::BranchID, Base, foldhash::quality::RandomState>,
 }
+
+/// A changed map's path, and the index in [`Tracker::entries`] of the collection it is, if any.
+#[derive(Clone, Debug)]
+struct Base {
+    path: Arc<Path>,
+    entries: Option<usize>,
+}
+
+/// Map paths kept in [`Tracker::bases`] before it starts over.
+const BASES_MAX: usize = 1024;
 
 /// Paths kept before a change counts as touching everything.
 const TOUCHED_MAX: usize = 4096;
 
-impl Touched {
-    fn push(&mut self, path: Path) {
-        if self.paths.len() >= TOUCHED_MAX {
+/// Entries reported with fields per take window; past that, entries are read back.
+const VALUED_MAX: usize = 256;
+
+impl Tracker {
+    fn push(&mut self, touched: Touched) {
+        let paths = touched.keys.len().max(1);
+        if self.paths + paths > TOUCHED_MAX {
             self.overflow = true;
-            self.paths.clear();
+            self.touched.clear();
+            self.valued.clear();
+            self.paths = 0;
         } else if !self.overflow {
-            self.paths.push(path);
+            let group = self.touched.len();
+            for (at, key) in touched.keys.iter().enumerate() {
+                if key.fields.is_some() {
+                    self.valued.push((group, at));
+                }
+            }
+            self.paths += paths;
+            self.touched.push(touched);
         }
     }
 
-    fn into_paths(self) -> Option<Vec<Path>> {
-        (!self.overflow).then_some(self.paths)
+    /// A later transaction changed the type at `base`: fields kept for an entry at or inside
+    /// `base` (replaced or moved), or for an entry `base` lies inside (its content changed), may
+    /// no longer be what the document holds, so they are dropped (the entry is read back).
+    fn invalidate(&mut self, base: &[Segment]) {
+        let touched = &mut self.touched;
+        self.valued.retain(|&(group, at)| {
+            let Some(group) = touched.get_mut(group) else {
+                return false;
+            };
+            let Some(key) = group.keys.get_mut(at) else {
+                return false;
+            };
+            if super::overlaps(group.path.segments(), Some(&key.key), base) {
+                key.fields = None;
+                false
+            } else {
+                true
+            }
+        });
     }
+
+    /// The path of the type changed in `event` (under the root `root`), and which of
+    /// [`Tracker::entries`] it is.
+    fn base_of(&mut self, root: &str, event: &yrs::types::Event) -> Base {
+        let yrs::types::Event::Map(map_event) = event else {
+            return Base {
+                path: Arc::new(event_path(root, event)),
+                entries: None,
+            };
+        };
+        let id = AsRef::<yrs::branch::Branch>::as_ref(map_event.target()).id();
+        if let Some(base) = self.bases.get(&id) {
+            return base.clone();
+        }
+        let path = Arc::new(event_path(root, event));
+        let base = Base {
+            entries: self.entries.iter().position(|(p, _)| *p == *path),
+            path,
+        };
+        let fixed = base
+            .path
+            .segments()
+            .iter()
+            .all(|s| matches!(s, Segment::Key(_)));
+        if fixed {
+            if self.bases.len() >= BASES_MAX {
+                self.bases.clear();
+            }
+            self.bases.insert(id, base.clone());
+        }
+        base
+    }
+
+    /// Records what `event` (under the root `root`) changed, at `base`.
+    fn record(&mut self, txn: &TransactionMut, event: &yrs::types::Event, base: Base) {
+        let yrs::types::Event::Map(map_event) = event else {
+            self.push(Touched {
+                path: base.path,
+                keys: Vec::new(),
+            });
+            return;
+        };
+        let changes = map_event.keys(txn);
+        if changes.is_empty() {
+            return;
+        }
+        let fields = base
+            .entries
+            .and_then(|at| self.entries.get(at))
+            .map(|(_, fields)| fields)
+            .filter(|_| self.valued.len() + changes.len() <= VALUED_MAX);
+        let keys = changes
+            .iter()
+            .map(|(key, change)| TouchedKey {
+                key: key.clone(),
+                fields: match change {
+                    yrs::types::EntryChange::Inserted(value)
+                    | yrs::types::EntryChange::Updated(_, value) => {
+                        fields.and_then(|fields| project(txn, value, fields))
+                    }
+                    yrs::types::EntryChange::Removed(_) => None,
+                },
+            })
+            .collect();
+        self.push(Touched {
+            path: base.path,
+            keys,
+        });
+    }
+
+    fn take(&mut self) -> Option<Vec<Touched>> {
+        self.valued.clear();
+        self.paths = 0;
+        let touched = std::mem::take(&mut self.touched);
+        (!std::mem::take(&mut self.overflow)).then_some(touched)
+    }
+}
+
+/// The path of the type that changed in `event`, observed deeply from the root map `root`.
+fn event_path(root: &str, event: &yrs::types::Event) -> Path {
+    let relative = event.path();
+    let mut path = Vec::with_capacity(relative.len() + 1);
+    path.push(Segment::Key(root.to_owned()));
+    for segment in relative {
+        path.push(match segment {
+            yrs::types::PathSegment::Key(k) => Segment::Key(String::from(&*k)),
+            yrs::types::PathSegment::Index(i) => Segment::Index(i as usize),
+        });
+    }
+    Path(path)
+}
+
+/// The fields `fields` of the entry `value` as its JSON would show them (a map's keys; nothing
+/// for a counter, which shows as a number, or for any other scalar), or `None` for a kind of
+/// value this does not project (the entry is then read back).
+fn project<T: ReadTxn>(
+    txn: &T,
+    value: &Out,
+    fields: &[String],
+) -> Option<Vec<Option<serde_json::Value>>> {
+    let mut projected: Vec<Option<serde_json::Value>> = vec![None; fields.len()];
+    match value {
+        Out::YMap(map) => {
+            for (key, value) in map.iter(txn) {
+                if key == COUNTER_MARKER {
+                    return Some(vec![None; fields.len()]);
+                }
+                if let Some(at) = fields.iter().position(|f| f == key) {
+                    projected[at] = Some(out_to_json(txn, &value));
+                }
+            }
+        }
+        Out::Any(Any::Map(map)) => {
+            for (at, field) in fields.iter().enumerate() {
+                projected[at] = map.get(field.as_str()).map(any_to_json);
+            }
+        }
+        Out::Any(_) => {}
+        _ => return None,
+    }
+    Some(projected)
 }
 
 /// The key that marks a map as a counter.
@@ -56,7 +232,7 @@ pub struct YrsDoc {
     doc: Doc,
     /// Root maps observed for changed paths, and what the observers collected.
     tracked: std::collections::BTreeSet<String>,
-    touched: std::sync::Arc<std::sync::Mutex<Touched>>,
+    touched: std::sync::Arc<std::sync::Mutex<Tracker>>,
     /// Whether texts may hold characters outside the BMP (see `AutomergeDoc`).
     astral: bool,
     /// Whether an update was dropped for lack of its dependencies since the last
@@ -220,6 +396,14 @@ impl YrsDoc {
     }
 
     /// Starts tracking which paths under the root maps `roots` change (deep observers).
+    ///
+    /// An entry a transaction sets in a collection given to [`YrsDoc::track_entries`] is
+    /// reported with the asked fields as they are at the end of that transaction (taken from the
+    /// value its event already carries), unless a later transaction of the same take window
+    /// changed anything at, inside or above it: the reader (the invariant layer, which reads
+    /// every entry a change touched) then need not walk the document from the root for it nor
+    /// convert all of it to JSON. Types made inside a transaction raise no events of their own,
+    /// so a new entry is complete when its parent's event reports it.
     pub fn track_changes(&mut self, roots: &[String]) {
         for root in roots {
             if self.tracked.contains(root) {
@@ -227,40 +411,62 @@ impl YrsDoc {
             }
             self.tracked.insert(root.clone());
             let map = self.doc.get_or_insert_map(root.as_str());
-            let touched = self.touched.clone();
+            let tracker = self.touched.clone();
             let name = root.clone();
             yrs::DeepObservable::observe_deep(&map, "accord-track", move |txn, events| {
-                let Ok(mut touched) = touched.lock() else {
+                let Ok(mut tracker) = tracker.lock() else {
                     return;
                 };
-                for event in events.iter() {
-                    let mut base = Path::keys([name.clone()]);
-                    for segment in event.path() {
-                        base.0.push(match segment {
-                            yrs::types::PathSegment::Key(k) => Segment::Key(k.to_string()),
-                            yrs::types::PathSegment::Index(i) => Segment::Index(i as usize),
-                        });
+                // All of one transaction's events under this root come in this one call, and
+                // they describe its end state: first drop what earlier transactions of the
+                // window left that these events may have changed (if any carry fields), then
+                // record these.
+                if tracker.valued.is_empty() {
+                    for event in events.iter() {
+                        let base = tracker.base_of(&name, event);
+                        tracker.record(txn, event, base);
                     }
-                    match event {
-                        yrs::types::Event::Map(map_event) => {
-                            for key in map_event.keys(txn).keys() {
-                                touched.push(base.clone().key(key.to_string()));
-                            }
-                        }
-                        _ => touched.push(base),
-                    }
+                    return;
+                }
+                let bases: Vec<Base> = events
+                    .iter()
+                    .map(|event| tracker.base_of(&name, event))
+                    .collect();
+                for base in &bases {
+                    tracker.invalidate(base.path.segments());
+                }
+                for (event, base) in events.iter().zip(bases) {
+                    tracker.record(txn, event, base);
                 }
             });
         }
     }
 
+    /// Reports the entries a change sets in the map at `collection` with their `fields` (see
+    /// [`super::Document::track_entries`]); `collection` must lie under a tracked root.
+    pub fn track_entries(&mut self, collection: &Path, fields: &[String]) {
+        let Ok(mut tracker) = self.touched.lock() else {
+            return;
+        };
+        tracker.entries.retain(|(path, _)| path != collection);
+        tracker.entries.push((collection.clone(), fields.to_vec()));
+        // The collections' places in `entries` moved: look them up again.
+        tracker.bases.clear();
+    }
+
     /// The paths changed under tracked roots since the last call, or `None` when too many
     /// changed to list (then everything must be assumed changed).
     pub fn take_touched(&mut self) -> Option<Vec<Path>> {
-        let Ok(mut touched) = self.touched.lock() else {
+        self.take_touched_values().map(super::flatten)
+    }
+
+    /// [`YrsDoc::take_touched`], grouped by changed map, with the fields of entries of the
+    /// collections given to [`YrsDoc::track_entries`] (see [`YrsDoc::track_changes`]).
+    pub fn take_touched_values(&mut self) -> Option<Vec<Touched>> {
+        let Ok(mut tracker) = self.touched.lock() else {
             return None;
         };
-        std::mem::take(&mut *touched).into_paths()
+        tracker.take()
     }
 
     /// The keys of the map at `path` (the root type names for the root path).
@@ -714,7 +920,8 @@ pub(crate) fn any_to_json(any: &Any) -> serde_json::Value {
                 .and_then(serde_json::Number::from_f64)
                 .map_or(J::Null, J::Number),
         },
-        Any::String(s) => J::String(s.to_string()),
+        // `String::from`, not `to_string`: on an `Arc<str>` that goes through `Display`.
+        Any::String(s) => J::String(String::from(&**s)),
         Any::Buffer(b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
         Any::Array(items) => J::Array(items.iter().map(any_to_json).collect()),
         Any::Map(map) => J::Object(
@@ -745,23 +952,27 @@ fn out_to_json<T: ReadTxn>(txn: &T, out: &Out) -> serde_json::Value {
 }
 
 fn map_to_json<T: ReadTxn>(txn: &T, map: &MapRef) -> serde_json::Value {
-    if map.get(txn, COUNTER_MARKER).is_some() {
-        let sum: i64 = map
-            .iter(txn)
-            .filter(|(k, _)| *k != COUNTER_MARKER)
-            .filter_map(|(_, v)| match v {
-                Out::Any(any) => any_to_i64(&any),
-                _ => None,
-            })
-            .fold(0i64, |a, b| a.saturating_add(b));
-        return serde_json::Value::from(sum);
+    // One pass: the counter marker is noticed on the way (a lookup of it first hashed the key
+    // with SipHash for every map, and this runs for every entry the invariant layer reads).
+    let mut entries = serde_json::Map::new();
+    for (k, v) in map.iter(txn) {
+        if k == COUNTER_MARKER {
+            return counter_total(txn, map);
+        }
+        entries.insert(String::from(k), out_to_json(txn, &v));
     }
-    // Sorted by key, built once: a `BTreeMap` collected into the JSON map would build the tree
-    // twice, and this runs for every entry the invariant layer reads after a commit.
-    let mut entries: Vec<(String, serde_json::Value)> = map
+    serde_json::Value::Object(entries)
+}
+
+/// A counter map's value: the sum of every writer's total.
+fn counter_total<T: ReadTxn>(txn: &T, map: &MapRef) -> serde_json::Value {
+    let sum: i64 = map
         .iter(txn)
-        .map(|(k, v)| (k.to_string(), out_to_json(txn, &v)))
-        .collect();
-    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    serde_json::Value::Object(entries.into_iter().collect())
+        .filter(|(k, _)| *k != COUNTER_MARKER)
+        .filter_map(|(_, v)| match v {
+            Out::Any(any) => any_to_i64(&any),
+            _ => None,
+        })
+        .fold(0i64, |a, b| a.saturating_add(b));
+    serde_json::Value::from(sum)
 }

@@ -8,12 +8,88 @@
 //! documents. A violation, which needs the entries' values for its options, reads them from the
 //! document.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
+use std::hash::BuildHasher;
+use std::sync::Arc;
 
-/// The maps keyed by entry keys and claimed values, which are touched after every commit: hashed
-/// with foldhash (randomly seeded per process, so keys chosen by clients cannot be aimed at
-/// collisions) rather than SipHash, which showed up in profiles of the commit path.
-type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+use hashbrown::hash_table::{self, HashTable};
+
+/// A map from [`Key`] to `V` that keeps each key's hash next to it, for the tables keyed by entry
+/// keys and claimed values, which are written after every commit and grow with the document.
+///
+/// hashbrown's `HashTable` rather than std's `HashMap`, which does not keep hashes: growing a
+/// `HashMap` hashes every key again, and each key is a pointer to chase, so on large collections
+/// the growth was the largest part of an observation's cost on the server (a cache miss per
+/// entry); here slots move without reading keys. It also lets a lookup that misses and the
+/// insert that follows be one probe. Hashed with foldhash (randomly seeded per process, so keys
+/// chosen by clients cannot be aimed at collisions) rather than SipHash, which showed up in
+/// profiles of the commit path.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyedTable<V> {
+    table: HashTable<(u64, Key, V)>,
+    hasher: foldhash::quality::RandomState,
+}
+
+impl<V> Default for KeyedTable<V> {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl<V> KeyedTable<V> {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            table: HashTable::with_capacity(capacity),
+            hasher: foldhash::quality::RandomState::default(),
+        }
+    }
+
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn get(&self, key: &str) -> Option<&V> {
+        let hash = self.hash(key);
+        self.table
+            .find(hash, |(h, k, _)| *h == hash && **k == *key)
+            .map(|(_, _, v)| v)
+    }
+
+    /// The slot of `key` (present or not), in one probe. Slots are compared by hash before key,
+    /// so a probe reads no key but the one it is looking for.
+    fn entry(&mut self, key: &str) -> (u64, hash_table::Entry<'_, (u64, Key, V)>) {
+        let hash = self.hash(key);
+        let entry = self
+            .table
+            .entry(hash, |(h, k, _)| *h == hash && **k == *key, |(h, _, _)| *h);
+        (hash, entry)
+    }
+
+    /// The slot of `key` if present (never grows the table).
+    fn find_entry(&mut self, key: &str) -> Option<hash_table::OccupiedEntry<'_, (u64, Key, V)>> {
+        let hash = self.hash(key);
+        self.table
+            .find_entry(hash, |(h, k, _)| *h == hash && **k == *key)
+            .ok()
+    }
+
+    fn insert(&mut self, key: Key, value: V) {
+        match self.entry(&key) {
+            (_, hash_table::Entry::Occupied(mut slot)) => slot.get_mut().2 = value,
+            (hash, hash_table::Entry::Vacant(slot)) => {
+                slot.insert((hash, key, value));
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Key, &V)> {
+        self.table.iter().map(|(_, k, v)| (k, v))
+    }
+
+    fn clear(&mut self) {
+        self.table.clear();
+    }
+}
 
 use serde_json::Value;
 
@@ -29,41 +105,63 @@ pub(crate) struct EntryMeta {
     pub change: Option<ChangeId>,
 }
 
+/// An entry key or a claimed value's JSON text: shared (one allocation) between the entries
+/// map, the claims index and the facts that name it, and taken as is from a Yrs change's key.
+pub(crate) type Key = Arc<str>;
+
 /// One entry as last read: where it came from and what it means to each aggregate.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
     pub meta: EntryMeta,
     /// One fact per aggregate of the collection, in the same order.
-    facts: Box<[Fact]>,
+    facts: Facts,
+}
+
+/// An entry's facts: one in place (a collection is usually watched by one rule with an
+/// aggregate, and this saves an allocation per entry), or several.
+#[derive(Clone, Debug)]
+enum Facts {
+    One(Fact),
+    Many(Box<[Fact]>),
+}
+
+impl Facts {
+    fn as_slice(&self) -> &[Fact] {
+        match self {
+            Facts::One(fact) => std::slice::from_ref(fact),
+            Facts::Many(facts) => facts,
+        }
+    }
 }
 
 /// The entries that claim one value: almost always one, kept without a set for it (a set per
 /// claimed value was a few hundred bytes per entry).
 #[derive(Clone, Debug)]
 enum Claimants {
-    One(String),
-    Many(BTreeSet<String>),
+    None,
+    One(Key),
+    Many(BTreeSet<Key>),
 }
 
 impl Claimants {
-    fn insert(&mut self, key: &str) {
+    fn insert(&mut self, key: &Key) {
         match self {
+            Claimants::None => *self = Claimants::One(key.clone()),
             Claimants::One(one) if one == key => {}
             Claimants::One(one) => {
-                let first = std::mem::take(one);
-                *self = Claimants::Many(BTreeSet::from([first, key.to_owned()]));
+                let first = one.clone();
+                *self = Claimants::Many(BTreeSet::from([first, key.clone()]));
             }
             Claimants::Many(keys) => {
-                keys.insert(key.to_owned());
+                keys.insert(key.clone());
             }
         }
     }
 
-    /// Removes `key`; an emptied `One` holds an empty key and has length 0.
     fn remove(&mut self, key: &str) {
         match self {
-            Claimants::One(one) if one == key => one.clear(),
-            Claimants::One(_) => {}
+            Claimants::One(one) if &**one == key => *self = Claimants::None,
+            Claimants::None | Claimants::One(_) => {}
             Claimants::Many(keys) => {
                 keys.remove(key);
             }
@@ -72,7 +170,8 @@ impl Claimants {
 
     fn len(&self) -> usize {
         match self {
-            Claimants::One(one) => usize::from(!one.is_empty()),
+            Claimants::None => 0,
+            Claimants::One(_) => 1,
             Claimants::Many(keys) => keys.len(),
         }
     }
@@ -80,9 +179,9 @@ impl Claimants {
     /// The claimants in key order.
     fn keys(&self) -> Vec<String> {
         match self {
-            Claimants::One(one) if one.is_empty() => Vec::new(),
-            Claimants::One(one) => vec![one.clone()],
-            Claimants::Many(keys) => keys.iter().cloned().collect(),
+            Claimants::None => Vec::new(),
+            Claimants::One(one) => vec![one.to_string()],
+            Claimants::Many(keys) => keys.iter().map(|k| k.to_string()).collect(),
         }
     }
 }
@@ -93,44 +192,79 @@ enum Fact {
     /// Its contribution to a fold.
     Amount(f64),
     /// The value it claims (as JSON text), if any.
-    Claim(Option<String>),
+    Claim(Option<Key>),
     /// Nothing beyond being counted.
     Counted,
 }
 
-/// Running aggregate of one rule over the live (not voided) entries.
+/// The JSON text of a claimed value (what `Value::to_string` gives), as a shared [`Key`].
+///
+/// Written by hand for the common case, a short string that needs no escaping: built in a stack
+/// buffer it costs one allocation (the key itself), where `to_string` grows a `String` three
+/// times and the key is then a copy of it; this runs for every claim a change makes. serde_json
+/// escapes only `"`, `\` and control characters below U+0020 in strings, which is what
+/// `plain` excludes (checked against `to_string` in the tests).
+fn claim_text(value: &Value) -> Key {
+    if let Value::String(s) = value {
+        let plain = s.len() <= 62 && s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+        if plain {
+            let mut buffer = [0u8; 64];
+            buffer[0] = b'"';
+            buffer[1..=s.len()].copy_from_slice(s.as_bytes());
+            buffer[s.len() + 1] = b'"';
+            if let Ok(text) = std::str::from_utf8(&buffer[..s.len() + 2]) {
+                return Key::from(text);
+            }
+        }
+    }
+    Key::from(value.to_string())
+}
+
+/// Running aggregate of one rule over the live (not voided) entries. Fields are named by their
+/// index in the collection's [`Collection::fields`].
 #[derive(Clone, Debug)]
 enum Aggregate {
-    /// A ledger's total.
-    Fold { fold: Fold, total: f64 },
+    /// A ledger's total: the sum of field `amount`, negated for entries whose field `sign` is
+    /// one of `negative`.
+    Fold {
+        amount: usize,
+        sign: Option<(usize, Vec<String>)>,
+        total: f64,
+    },
     /// Who claims each value of `field`, and which values more than one entry claims (kept as
     /// claims change, so finding them does not cost a scan of every value).
     Claims {
-        field: String,
-        by_value: FastMap<String, Claimants>,
-        contested: BTreeSet<String>,
+        field: usize,
+        by_value: KeyedTable<Claimants>,
+        contested: BTreeSet<Key>,
     },
     /// Only the live count matters.
     Count,
 }
 
 impl Aggregate {
-    /// What `entry` adds to this aggregate.
-    fn fact(&self, entry: &Value) -> Fact {
+    /// What an entry adds to this aggregate, given the entry's fields by index (the same as
+    /// [`contribution`] and a claim read from the entry's JSON).
+    fn fact<'v>(&self, field: &impl Fn(usize) -> Option<&'v Value>) -> Fact {
         match self {
-            Aggregate::Fold { fold, .. } => Fact::Amount(contribution(fold, entry)),
-            Aggregate::Claims { field, .. } => Fact::Claim(
-                entry
-                    .get(field.as_str())
-                    .filter(|v| !v.is_null())
-                    .map(Value::to_string),
-            ),
+            Aggregate::Fold { amount, sign, .. } => {
+                let amount = field(*amount).and_then(Value::as_f64).unwrap_or(0.0);
+                let negative = sign.as_ref().is_some_and(|(at, negative)| {
+                    field(*at)
+                        .and_then(Value::as_str)
+                        .is_some_and(|v| negative.iter().any(|n| n == v))
+                });
+                Fact::Amount(if negative { -amount } else { amount })
+            }
+            Aggregate::Claims { field: at, .. } => {
+                Fact::Claim(field(*at).filter(|v| !v.is_null()).map(claim_text))
+            }
             Aggregate::Count => Fact::Counted,
         }
     }
 
     /// Adds (`sign` 1) or takes out (`sign` -1) the entry `key` whose fact is `fact`.
-    fn add(&mut self, key: &str, fact: &Fact, sign: f64) {
+    fn add(&mut self, key: &Key, fact: &Fact, sign: f64) {
         match (self, fact) {
             (Aggregate::Fold { total, .. }, Fact::Amount(amount)) => *total += sign * amount,
             (
@@ -142,27 +276,29 @@ impl Aggregate {
                 Fact::Claim(Some(value)),
             ) => {
                 if sign > 0.0 {
-                    match by_value.get_mut(value.as_str()) {
-                        Some(claims) => {
+                    match by_value.entry(value) {
+                        (_, hash_table::Entry::Occupied(mut slot)) => {
+                            let claims = &mut slot.get_mut().2;
                             claims.insert(key);
                             if claims.len() > 1 {
                                 contested.insert(value.clone());
                             }
                         }
                         // The first claim (the common case): no one else, so not contested.
-                        None => {
-                            by_value.insert(value.clone(), Claimants::One(key.to_owned()));
+                        (hash, hash_table::Entry::Vacant(slot)) => {
+                            slot.insert((hash, value.clone(), Claimants::One(key.clone())));
                         }
                     }
-                } else if let Some(claims) = by_value.get_mut(value.as_str()) {
+                } else if let Some(mut slot) = by_value.find_entry(value) {
+                    let claims = &mut slot.get_mut().2;
                     claims.remove(key);
                     match claims.len() {
                         0 => {
-                            by_value.remove(value.as_str());
-                            contested.remove(value.as_str());
+                            slot.remove();
+                            contested.remove(&**value);
                         }
                         1 => {
-                            contested.remove(value.as_str());
+                            contested.remove(&**value);
                         }
                         _ => {}
                     }
@@ -210,7 +346,9 @@ pub(crate) fn contribution(fold: &Fold, entry: &Value) -> f64 {
 /// A guarded collection and the aggregates of the rules that watch it.
 pub(crate) struct Collection {
     pub path: Path,
-    entries: FastMap<String, Entry>,
+    /// The entry fields the aggregates read (each once).
+    fields: Vec<String>,
+    entries: KeyedTable<Entry>,
     voided: HashSet<String>,
     live: usize,
     /// (index of the rule in the schema, its aggregate)
@@ -222,7 +360,8 @@ impl Collection {
     pub fn new(path: Path) -> Self {
         Self {
             path,
-            entries: FastMap::default(),
+            fields: Vec::new(),
+            entries: KeyedTable::default(),
             voided: HashSet::new(),
             live: 0,
             aggregates: Vec::new(),
@@ -235,20 +374,40 @@ impl Collection {
             Rule::Range {
                 fold: Some(fold), ..
             } => Aggregate::Fold {
-                fold: fold.clone(),
+                amount: self.field(&fold.amount),
+                sign: fold
+                    .sign
+                    .as_ref()
+                    .map(|sign| (self.field(&sign.field), sign.negative.clone())),
                 total: 0.0,
             },
             Rule::Unique { field, .. }
             | Rule::Once {
                 key_field: field, ..
             } => Aggregate::Claims {
-                field: field.clone(),
-                by_value: FastMap::default(),
+                field: self.field(field),
+                by_value: KeyedTable::default(),
                 contested: BTreeSet::new(),
             },
             _ => Aggregate::Count,
         };
         self.aggregates.push((index, aggregate));
+    }
+
+    /// The index of entry field `name` in [`Collection::fields`], added if new.
+    fn field(&mut self, name: &str) -> usize {
+        match self.fields.iter().position(|f| f == name) {
+            Some(at) => at,
+            None => {
+                self.fields.push(name.to_owned());
+                self.fields.len() - 1
+            }
+        }
+    }
+
+    /// The entry fields the rules read, in the order [`Collection::refresh`] takes them.
+    pub fn fields(&self) -> &[String] {
+        &self.fields
     }
 
     /// Reads the whole collection again (first observation, or an ancestor was replaced).
@@ -258,49 +417,87 @@ impl Collection {
             Some(Value::Object(map)) => map,
             _ => serde_json::Map::new(),
         };
-        let mut entries = FastMap::with_capacity_and_hasher(fresh.len(), Default::default());
+        let mut entries = KeyedTable::with_capacity(fresh.len());
         for (key, value) in fresh {
-            let meta = self.entries.get(&key).map_or(meta, |e| e.meta);
-            let facts = self.facts(&value);
-            entries.insert(key, Entry { meta, facts });
+            let meta = self.entries.get(key.as_str()).map_or(meta, |e| e.meta);
+            let facts = self.facts_of(&value);
+            entries.insert(Key::from(key), Entry { meta, facts });
         }
         self.entries = entries;
         self.rebuild();
     }
 
-    /// Reads one entry again after a change touched it; `path` is the entry's (this
-    /// collection's path and `key`).
-    pub fn refresh(&mut self, doc: &Document, key: &str, path: &Path, meta: EntryMeta) {
-        let fresh = doc.get(path).map(|value| self.facts(&value));
+    /// Reads one entry again after a change touched it. `fields` are the entry's
+    /// [`Collection::fields`] when the document reported them with the change (then the entry
+    /// is not read back); otherwise it is read at the collection's path and `key`. `shared` is
+    /// `key` as a shared key when the caller has one (kept for a new entry instead of a copy).
+    pub fn refresh(
+        &mut self,
+        doc: &Document,
+        key: &str,
+        shared: Option<&Key>,
+        fields: Option<&[Option<Value>]>,
+        meta: EntryMeta,
+    ) {
+        let fresh = match fields {
+            Some(fields) => Some(self.facts(|at| fields.get(at).and_then(Option::as_ref))),
+            None => doc
+                .get(&self.path.clone().key(key))
+                .map(|value| self.facts_of(&value)),
+        };
         let live = !self.voided.contains(key);
-        if let Some(old) = self.entries.remove(key) {
-            if live {
-                self.live -= 1;
-                for ((_, aggregate), fact) in self.aggregates.iter_mut().zip(old.facts.iter()) {
-                    aggregate.add(key, fact, -1.0);
+        let aggregates = &mut self.aggregates;
+        // Adds (`sign` 1) or takes out (-1) one entry's facts from the aggregates.
+        let count = |aggregates: &mut Vec<(usize, Aggregate)>, key: &Key, facts: &Facts, sign| {
+            for ((_, aggregate), fact) in aggregates.iter_mut().zip(facts.as_slice()) {
+                aggregate.add(key, fact, sign);
+            }
+        };
+        match self.entries.entry(key) {
+            (_, hash_table::Entry::Occupied(mut slot)) => {
+                let (_, old_key, old) = slot.get_mut();
+                if live {
+                    self.live -= 1;
+                    count(aggregates, old_key, &old.facts, -1.0);
+                }
+                match fresh {
+                    // The entry keeps its rank (the commit it first appeared in).
+                    Some(facts) => {
+                        old.facts = facts;
+                        if live {
+                            self.live += 1;
+                            count(aggregates, old_key, &old.facts, 1.0);
+                        }
+                    }
+                    None => {
+                        slot.remove();
+                    }
                 }
             }
-            if let Some(facts) = fresh {
-                self.insert(key, facts, old.meta, live);
+            (hash, hash_table::Entry::Vacant(slot)) => {
+                if let Some(facts) = fresh {
+                    let key = shared.cloned().unwrap_or_else(|| Key::from(key));
+                    if live {
+                        self.live += 1;
+                        count(aggregates, &key, &facts, 1.0);
+                    }
+                    slot.insert((hash, key, Entry { meta, facts }));
+                }
             }
-        } else if let Some(facts) = fresh {
-            self.insert(key, facts, meta, live);
         }
     }
 
-    /// What `value` means to each aggregate, in order.
-    fn facts(&self, value: &Value) -> Box<[Fact]> {
-        self.aggregates.iter().map(|(_, a)| a.fact(value)).collect()
+    /// What an entry means to each aggregate, in order, given its fields by index.
+    fn facts<'v>(&self, field: impl Fn(usize) -> Option<&'v Value>) -> Facts {
+        match self.aggregates.as_slice() {
+            [(_, aggregate)] => Facts::One(aggregate.fact(&field)),
+            aggregates => Facts::Many(aggregates.iter().map(|(_, a)| a.fact(&field)).collect()),
+        }
     }
 
-    fn insert(&mut self, key: &str, facts: Box<[Fact]>, meta: EntryMeta, live: bool) {
-        if live {
-            self.live += 1;
-            for ((_, aggregate), fact) in self.aggregates.iter_mut().zip(facts.iter()) {
-                aggregate.add(key, fact, 1.0);
-            }
-        }
-        self.entries.insert(key.to_owned(), Entry { meta, facts });
+    /// What the entry `value` means to each aggregate, in order.
+    fn facts_of(&self, value: &Value) -> Facts {
+        self.facts(|at| self.fields.get(at).and_then(|f| value.get(f.as_str())))
     }
 
     /// The contribution of `entry` to the fold of rule `index` (0 when the rule has none).
@@ -308,7 +505,7 @@ impl Collection {
         self.aggregates
             .iter()
             .position(|(i, a)| *i == index && matches!(a, Aggregate::Fold { .. }))
-            .and_then(|at| match entry.facts.get(at) {
+            .and_then(|at| match entry.facts.as_slice().get(at) {
                 Some(Fact::Amount(amount)) => Some(*amount),
                 _ => None,
             })
@@ -334,12 +531,16 @@ impl Collection {
         for (_, aggregate) in &mut self.aggregates {
             aggregate.reset();
         }
-        for (key, entry) in &self.entries {
-            if self.voided.contains(key) {
+        for (key, entry) in self.entries.iter() {
+            if self.voided.contains(&**key) {
                 continue;
             }
             self.live += 1;
-            for ((_, aggregate), fact) in self.aggregates.iter_mut().zip(entry.facts.iter()) {
+            for ((_, aggregate), fact) in self
+                .aggregates
+                .iter_mut()
+                .zip(entry.facts.as_slice().iter())
+            {
                 aggregate.add(key, fact, 1.0);
             }
         }
@@ -376,7 +577,7 @@ impl Collection {
                     .iter()
                     .filter_map(|v| {
                         let keys = by_value.get(v).filter(|keys| keys.len() > 1)?;
-                        Some((v.clone(), keys.keys()))
+                        Some((v.to_string(), keys.keys()))
                     })
                     .collect::<Vec<_>>(),
                 _ => Vec::new(),
@@ -391,11 +592,11 @@ impl Collection {
 
     /// The live entries in rank order (commit order, then key). Costs a sort: call it only
     /// when a rule is broken.
-    pub fn ranked_live(&self) -> Vec<(&String, &Entry)> {
-        let mut live: Vec<(&String, &Entry)> = self
+    pub fn ranked_live(&self) -> Vec<(&Key, &Entry)> {
+        let mut live: Vec<(&Key, &Entry)> = self
             .entries
             .iter()
-            .filter(|(k, _)| !self.voided.contains(k.as_str()))
+            .filter(|(k, _)| !self.voided.contains(&***k))
             .collect();
         live.sort_by(|a, b| (a.1.meta.seq, a.0).cmp(&(b.1.meta.seq, b.0)));
         live
@@ -405,42 +606,107 @@ impl Collection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn claimants_grow_from_one_and_shrink_to_none() {
-        let mut claims = Claimants::One("b".into());
-        claims.insert("b");
+        let (a, b): (Key, Key) = ("a".into(), "b".into());
+        let mut claims = Claimants::One(b.clone());
+        claims.insert(&b);
         assert_eq!((claims.len(), claims.keys()), (1, vec!["b".to_string()]));
-        claims.insert("a");
+        claims.insert(&a);
         assert_eq!(claims.keys(), vec!["a".to_string(), "b".to_string()]);
         claims.remove("b");
         claims.remove("a");
         assert_eq!((claims.len(), claims.keys()), (0, Vec::<String>::new()));
-        let mut one = Claimants::One("a".into());
+        let mut one = Claimants::One(a.clone());
         one.remove("x");
         assert_eq!(one.len(), 1);
         one.remove("a");
         assert_eq!((one.len(), one.keys()), (0, Vec::<String>::new()));
+        one.insert(&b);
+        assert_eq!(one.keys(), vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn claim_text_is_the_json_text() {
+        let long = "x".repeat(62);
+        let longer = "x".repeat(63);
+        for value in [
+            json!("12A"),
+            json!(""),
+            json!("a\"b"),
+            json!("back\\slash"),
+            json!("tab\there"),
+            json!("\u{1f}"),
+            json!("\u{7f} del"),
+            json!("é ü 日本 🎉"),
+            json!(long),
+            json!(longer),
+            json!(12),
+            json!(1.5),
+            json!(true),
+            json!({"b": 1, "a": [2, "x"]}),
+        ] {
+            assert_eq!(&*claim_text(&value), value.to_string().as_str(), "{value}");
+        }
+    }
+
+    #[test]
+    fn facts_from_fields_match_facts_from_the_entry() {
+        let mut collection = Collection::new(Path::keys(["wallet", "entries"]));
+        let fold: Rule = serde_json::from_value(json!({
+            "kind": "range", "path": ["wallet", "entries"], "min": 0,
+            "fold": {"amount": "amount", "sign": {"field": "kind", "negative": ["spend"]}}
+        }))
+        .expect("rule");
+        let unique: Rule = serde_json::from_value(json!({
+            "kind": "unique", "path": ["wallet", "entries"], "field": "ref"
+        }))
+        .expect("rule");
+        collection.watch(0, &fold);
+        collection.watch(1, &unique);
+        assert_eq!(collection.fields(), ["amount", "kind", "ref"]);
+        for entry in [
+            json!({"amount": 2, "kind": "spend", "ref": "r1", "note": "x"}),
+            json!({"amount": 2.5, "kind": "deposit"}),
+            json!({"amount": "2", "ref": null}),
+            json!({"ref": {"nested": true}}),
+            json!("a scalar"),
+            json!([1, 2]),
+        ] {
+            let fields: Vec<Option<Value>> = collection
+                .fields()
+                .iter()
+                .map(|f| entry.get(f.as_str()).cloned())
+                .collect();
+            let projected = collection.facts(|at| fields.get(at).and_then(Option::as_ref));
+            let read = collection.facts_of(&entry);
+            assert_eq!(projected.as_slice(), read.as_slice(), "{entry}");
+        }
     }
 
     #[test]
     fn claims_are_contested_while_two_entries_hold_a_value() {
         let mut aggregate = Aggregate::Claims {
-            field: "seat".into(),
-            by_value: FastMap::default(),
+            field: 0,
+            by_value: KeyedTable::default(),
             contested: BTreeSet::new(),
         };
-        let fact = aggregate.fact(&serde_json::json!({"seat": "12A"}));
-        aggregate.add("x", &fact, 1.0);
-        aggregate.add("y", &fact, 1.0);
+        let seat = serde_json::json!("12A");
+        let fact = aggregate.fact(&|_| Some(&seat));
+        aggregate.add(&Key::from("x"), &fact, 1.0);
+        aggregate.add(&Key::from("y"), &fact, 1.0);
         let contested = |a: &Aggregate| match a {
             Aggregate::Claims { contested, .. } => contested.len(),
             _ => 0,
         };
         assert_eq!(contested(&aggregate), 1);
-        aggregate.add("x", &fact, -1.0);
+        aggregate.add(&Key::from("x"), &fact, -1.0);
         assert_eq!(contested(&aggregate), 0);
-        aggregate.add("y", &fact, -1.0);
-        assert!(matches!(&aggregate, Aggregate::Claims { by_value, .. } if by_value.is_empty()));
+        aggregate.add(&Key::from("y"), &fact, -1.0);
+        assert!(
+            matches!(&aggregate, Aggregate::Claims { by_value, .. } if by_value.iter().next().is_none())
+        );
     }
 }

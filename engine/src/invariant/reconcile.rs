@@ -19,14 +19,16 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use super::collection::{contribution, Collection, EntryMeta};
+use super::collection::{contribution, Collection, EntryMeta, Key};
 use super::record::is_reserved;
 use super::record::{
     conflict_op, read_records, resolution_op, Action, Conflict, ConflictOption, Records,
     Resolution, ViolationId,
 };
 use super::spec::{InvariantSpec, Policy, Rule, Schema};
-use crate::doc::{Change, ChangeId, DocError, DocKind, Document, Op, Path};
+use crate::doc::{
+    overlaps, Change, ChangeId, DocError, DocKind, Document, Op, Path, Segment, Touched,
+};
 use crate::ids::DocumentId;
 
 /// A custom rule written in Rust, for what the built-in kinds cannot say.
@@ -227,7 +229,8 @@ impl Reconciler {
             seq,
             change: changes.first().copied(),
         };
-        self.last_changes = changes.to_vec();
+        self.last_changes.clear();
+        self.last_changes.extend_from_slice(changes);
         let touched = self.refresh(doc, meta, changes.len() != 1);
         let mut violations = Vec::new();
         let specs = std::mem::take(&mut self.specs);
@@ -292,16 +295,19 @@ impl Reconciler {
         doc: &mut Document,
         meta: EntryMeta,
         several_changes: bool,
-    ) -> Option<Vec<Path>> {
+    ) -> Option<Vec<Touched>> {
         let touched = if self.loaded {
-            doc.take_touched()
+            doc.take_touched_values()
         } else {
             doc.track_changes(&self.roots);
+            for collection in &self.collections {
+                doc.track_entries(&collection.path, collection.fields());
+            }
             let _ = doc.take_touched();
             self.loaded = true;
             None
         };
-        let Some(paths) = touched else {
+        let Some(touched) = touched else {
             self.records = read_records(doc);
             for collection in &mut self.collections {
                 collection.load(doc, meta);
@@ -309,8 +315,10 @@ impl Reconciler {
             }
             return None;
         };
-        let records_touched = paths.iter().any(|p| match p.segments().first() {
-            Some(crate::doc::Segment::Key(k)) => is_reserved(k),
+        let records_touched = touched.iter().any(|t| match t.path.segments().first() {
+            Some(Segment::Key(k)) => is_reserved(k),
+            // A group at the root: each key is a top-level path.
+            None => t.keys.iter().any(|k| is_reserved(&k.key)),
             _ => false,
         });
         if records_touched {
@@ -319,57 +327,75 @@ impl Reconciler {
                 collection.set_voided(voided_of(&self.records, &collection.path));
             }
         }
-        // The touched entries of each collection, borrowed from `paths` (no copies on this path,
-        // which runs after every commit): the key, and the touched path when it is the entry's.
-        let mut keys: Vec<(&str, Option<&Path>)> = Vec::new();
+        // The touched entries of each collection, borrowed from `touched` (no copies on this
+        // path, which runs after every commit): the key, and the entry's fields when the
+        // document reported them.
+        type Touch<'t> = (&'t str, Option<&'t Key>, Option<&'t [Option<Value>]>);
+        let mut keys: Vec<Touch> = Vec::new();
         for collection in &mut self.collections {
-            let depth = collection.path.segments().len();
+            let at = collection.path.segments();
+            let depth = at.len();
             keys.clear();
             let mut reload = false;
-            for path in &paths {
-                if path.starts_with(&collection.path) {
-                    match path.segments().get(depth) {
-                        Some(crate::doc::Segment::Key(key)) => {
-                            let entry = (path.segments().len() == depth + 1).then_some(path);
-                            keys.push((key.as_str(), entry));
+            for t in &touched {
+                let path = t.path.segments();
+                // One pass over the common prefix decides how `path` and the collection relate
+                // (this runs for every collection and every changed map after every commit).
+                let common = path.iter().zip(at).take_while(|(a, b)| a == b).count();
+                let inside = common == depth; // `path` is the collection or lies inside it
+                let above = common == path.len() && path.len() < depth; // an ancestor
+                if t.keys.is_empty() {
+                    // `path` itself changed.
+                    if inside {
+                        match path.get(depth) {
+                            Some(Segment::Key(key)) => keys.push((key.as_str(), None, None)),
+                            Some(_) => {}
+                            None => reload = true,
                         }
-                        Some(_) => {}
-                        None => reload = true,
+                    } else if above {
+                        reload = true;
                     }
-                } else if collection.path.starts_with(path) {
-                    reload = true;
+                } else if inside && path.len() == depth {
+                    // Entries of this collection were set or removed.
+                    for key in &t.keys {
+                        keys.push((&key.key, Some(&key.key), key.fields.as_deref()));
+                    }
+                } else if inside {
+                    // A change inside one entry.
+                    if let Some(Segment::Key(key)) = path.get(depth) {
+                        keys.push((key.as_str(), None, None));
+                    }
+                } else if above {
+                    // A key of an ancestor: the collection itself if it is on the way.
+                    if let Some(Segment::Key(next)) = at.get(path.len()) {
+                        reload |= t.keys.iter().any(|k| *k.key == **next);
+                    }
                 }
             }
             if reload {
                 collection.load(doc, meta);
                 continue;
             }
-            // Each entry once, in key order; a touched path that is the entry's own sorts first.
-            keys.sort_unstable_by(|a, b| (a.0, a.1.is_none()).cmp(&(b.0, b.1.is_none())));
+            // Each entry once, in key order, the one with fields first (fields are dropped
+            // when a later change in the same window may have changed the entry, so any left
+            // are current).
+            keys.sort_unstable_by(|a, b| (a.0, a.2.is_none()).cmp(&(b.0, b.2.is_none())));
             keys.dedup_by(|a, b| a.0 == b.0);
-            for &(key, entry) in &keys {
-                let built;
-                let path = match entry {
-                    Some(path) => path,
-                    None => {
-                        built = collection.path.clone().key(key);
-                        &built
-                    }
-                };
+            for &(key, shared, fields) in &keys {
                 // Several changes may have arrived together: credit the one that wrote this
                 // entry when the document can tell (Automerge).
-                let meta = if several_changes {
+                let meta = if several_changes && doc.kind() == DocKind::Automerge {
                     EntryMeta {
-                        change: writer_of(doc, path).or(meta.change),
+                        change: writer_of(doc, &collection.path.clone().key(key)).or(meta.change),
                         ..meta
                     }
                 } else {
                     meta
                 };
-                collection.refresh(doc, key, path, meta);
+                collection.refresh(doc, key, shared, fields, meta);
             }
         }
-        Some(paths)
+        Some(touched)
     }
 
     /// The ops that act on `violations` by their policies (nothing unless this reconciler is the
@@ -710,11 +736,17 @@ pub fn choose(doc: &Document, key: &str, choice: usize, by: &str) -> Result<Vec<
 }
 
 /// Whether a change to `touched` (all of them when `None`) may have changed the value at `path`.
-fn touches(touched: Option<&[Path]>, path: &Path) -> bool {
-    touched.is_none_or(|paths| {
-        paths
-            .iter()
-            .any(|p| p.starts_with(path) || path.starts_with(p))
+fn touches(touched: Option<&[Touched]>, path: &Path) -> bool {
+    touched.is_none_or(|touched| {
+        touched.iter().any(|t| {
+            if t.keys.is_empty() {
+                overlaps(t.path.segments(), None, path.segments())
+            } else {
+                t.keys
+                    .iter()
+                    .any(|k| overlaps(t.path.segments(), Some(&k.key), path.segments()))
+            }
+        })
     })
 }
 
@@ -844,7 +876,7 @@ fn check_collection(
                 let breaks = (c < 0.0 && min.is_some_and(|lo| running + c < lo))
                     || (c > 0.0 && max.is_some_and(|hi| running + c > hi));
                 if breaks {
-                    victims.push(key.clone());
+                    victims.push(key.to_string());
                     let value = collection.value(doc, key);
                     options.push(option_for(key, &value, value.clone(), &entry.meta));
                 } else {
@@ -904,7 +936,7 @@ fn check_collection(
             }
             let ranked = collection.ranked_live();
             let over = &ranked[*max..];
-            let victims: Vec<String> = over.iter().map(|(k, _)| (*k).clone()).collect();
+            let victims: Vec<String> = over.iter().map(|(k, _)| k.to_string()).collect();
             let options = over
                 .iter()
                 .map(|(k, e)| {

@@ -439,3 +439,50 @@ fn schemas_are_validated() {
     ));
     assert_eq!(schema().invariants.len(), 5);
 }
+
+/// Several changes may reach a document before the reconciler looks (a replica merging a
+/// batch): an entry set by the first and changed by a later one is checked as it ends, not as
+/// the first change left it (the Yrs tracker reports new entries with their fields; a later
+/// change to the entry must drop them).
+#[test]
+fn an_entry_changed_again_before_the_look_is_checked_as_it_ends() {
+    for kind in KINDS {
+        for later in [
+            // Inside the entry.
+            vec![
+                Op::Put {
+                    path: Path::keys(["wallet", "entries", "e1", "kind"]),
+                    value: json!("spend"),
+                },
+                Op::Put {
+                    path: Path::keys(["wallet", "entries", "e1", "amount"]),
+                    value: json!(500),
+                },
+            ],
+            // The whole entry.
+            vec![Op::Put {
+                path: Path::keys(["wallet", "entries", "e1"]),
+                value: json!({"amount": 500, "kind": "spend"}),
+            }],
+        ] {
+            let mut w = World::new(kind, 1);
+            let first = w
+                .server
+                .apply_ops(&[Op::Put {
+                    path: Path::keys(["wallet", "entries", "e1"]),
+                    value: json!({"amount": 5, "kind": "deposit"}),
+                }])
+                .expect("first")
+                .expect("change");
+            let second = w.server.apply_ops(&later).expect("second").expect("change");
+            let violations = w
+                .reconciler
+                .observe(&mut w.server, Some(2), &[first.id, second.id]);
+            assert_eq!(
+                violations.iter().map(|v| v.kind).collect::<Vec<_>>(),
+                vec!["range"],
+                "{kind}: 100 - 500 is below zero"
+            );
+        }
+    }
+}
