@@ -393,7 +393,7 @@ async fn run<P: Protocol>(socket: &mut WebSocket, session: &mut Session<P>) -> S
             .conn
             .grant
             .expires_at()
-            .map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()))),
+            .and_then(|exp| crate::connection::expiry(exp, unix_now())),
     };
     let timer = tokio::time::sleep_until(deadlines.next());
     let mut timer = std::pin::pin!(timer);

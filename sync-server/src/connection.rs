@@ -586,9 +586,7 @@ impl Reader {
         let now = unix_now();
         match Grant::check(&self.shared.config.auth, token.as_deref(), now) {
             Ok(grant) => {
-                self.expires = grant
-                    .expires_at()
-                    .map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(now)));
+                self.expires = grant.expires_at().and_then(|exp| expiry(exp, now));
                 self.grant = Some(grant);
                 self.replica = Some(replica);
                 let config = &self.shared.config;
@@ -658,6 +656,12 @@ impl Reader {
     }
 }
 
+/// When a token expiring at `exp` (Unix seconds) runs out, as an `Instant`; `None` (no expiry
+/// timer) when that is too far to represent.
+pub(crate) fn expiry(exp: u64, now: u64) -> Option<Instant> {
+    Instant::now().checked_add(Duration::from_secs(exp.saturating_sub(now)))
+}
+
 type Sink = SplitSink<WebSocket, WsMessage>;
 
 /// Writes what documents queue for one native connection, pings it, and closes it.
@@ -687,19 +691,31 @@ async fn write_loop(mut sink: Sink, inbox: Inbox, outbox: Outbox, shared: Arc<Sh
                     let ping = sink.send(WsMessage::Ping(Default::default()));
                     let sent = Box::pin(timeout(writer.shared.config.idle_timeout, ping)).await;
                     if !matches!(sent, Ok(Ok(()))) {
+                        // The socket failed: nothing more can be written to it.
                         outbox.close_with(CloseReason::flush());
-                        break;
+                        return;
                     }
                 }
             }
             continue;
         }
         more = taken.more;
-        let written = tokio::select! {
-            biased;
-            _ = outbox.closed() => break,
+        let written = {
             // Boxed, like the close below: only the idle wait stays in the task's future.
-            written = Box::pin(writer.write_queued(&mut sink, taken.messages)) => written,
+            let mut write = Box::pin(writer.write_queued(&mut sink, taken.messages));
+            tokio::select! {
+                biased;
+                _ = outbox.closed() => {
+                    // A close that sends what is queued first lets the batch in hand finish
+                    // (each message has its own stall timeout): cutting it here would drop
+                    // the rest of the batch and leave a hole in the middle of the stream.
+                    if !inbox.close_reason().is_some_and(|reason| reason.flush) {
+                        break;
+                    }
+                    write.await
+                }
+                written = &mut write => written,
+            }
         };
         if !written {
             outbox.close_with(CloseReason::flush());

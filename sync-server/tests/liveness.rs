@@ -5,12 +5,16 @@ mod common;
 
 use std::time::Duration;
 
-use accord_engine::protocol::{ErrorCode, Message, SyncPayload, PROTOCOL_VERSION};
+use accord_engine::protocol::{
+    ErrorCode, Limits, Message, Reassembler, SyncPayload, PROTOCOL_VERSION,
+};
 use accord_engine::storage::MemoryStorage;
 use accord_engine::{DocKind, DocumentId, Op, Path, ReplicaId};
 use common::*;
+use futures_util::StreamExt;
 use serde_json::json;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -244,5 +248,111 @@ async fn shutdown_closes_every_connection_with_shutting_down() {
     let shutting_down = 4000 + ErrorCode::ShuttingDown.code();
     assert_eq!(close_code(&mut yws, WAIT).await, Some(shutting_down));
     assert_eq!(close_code(&mut automerge, WAIT).await, Some(shutting_down));
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_close_after_the_queue_leaves_no_hole_in_a_stalled_stream() {
+    // A subscriber that does not read while ~6.5 MB of commits are relayed to it: its
+    // connection's writer stalls mid-batch on the full socket. Shutdown then closes it "after
+    // what is queued": everything must arrive in commit order with no gap, then ShuttingDown.
+    const COMMITS: u64 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.outbound_queue = 4 * COMMITS as usize;
+    let server = Server::start(config).await;
+    let document = DocumentId::from_bytes([9; 16]);
+    let kind = DocKind::Yrs;
+    let mut writer = Client::new(MemoryStorage::new(), 1, replica_config(1 << 20));
+    writer.replica.create(document, kind).unwrap();
+    writer.connect(server.addr, None).await;
+    writer.subscribe(document).await;
+    assert!(writer.pump_until(WAIT, |c| c.is_subscribed(document)).await);
+    let mut slow = connect_ws_small_buffer(server.addr, 64 << 10).await;
+    hello(&mut slow, 3).await;
+    send(
+        &mut slow,
+        &Message::Subscribe {
+            document,
+            kind,
+            since_seq: 0,
+        },
+    )
+    .await;
+    send(
+        &mut slow,
+        &Message::Sync {
+            document,
+            payload: SyncPayload::YrsStep1(vec![0]),
+        },
+    )
+    .await;
+    writer.pump_for(Duration::from_millis(200)).await;
+    let blob = "y".repeat(64 << 10);
+    for i in 0..COMMITS {
+        let ops = vec![Op::Put {
+            path: Path::keys(["m".to_string(), format!("k{i}")]),
+            value: json!(blob),
+        }];
+        writer.replica.change(document, &ops).unwrap();
+        writer.flush().await;
+        assert!(
+            writer
+                .pump_until(WAIT, |c| c.acks.contains_key(&(i + 1)))
+                .await
+        );
+    }
+    // Read a little: the writer finishes its stalled batch, takes a long one from what piled
+    // up meanwhile, and stalls in the middle of it.
+    let mut reassembler = Reassembler::new(Limits::default());
+    let mut messages = Vec::new();
+    while messages.len() < 20 {
+        match slow.next().await {
+            Some(Ok(WsMessage::Binary(bytes))) => {
+                if let Ok(Some(m)) = reassembler.push(&bytes) {
+                    messages.push(m);
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the connection ended early: {other:?}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(server.stop());
+    // The close reaches the writer while it is stalled (nothing more is read yet).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (rest, closed) = read_all(&mut slow, WAIT).await;
+    messages.extend(rest);
+    assert!(closed, "the connection was closed");
+    // Every relayed update arrived (the blobs are what makes them large).
+    let relayed: usize = messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Sync {
+                payload: SyncPayload::YrsUpdate(update),
+                ..
+            } => Some(update.len()),
+            _ => None,
+        })
+        .sum();
+    assert!(
+        relayed >= COMMITS as usize * blob.len(),
+        "relayed {relayed} bytes of updates"
+    );
+    let seqs: Vec<u64> = messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Ack { commits, .. } => Some(commits.iter().map(|c| c.seq)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=COMMITS).collect::<Vec<_>>(),
+        "every commit, in order, no gap"
+    );
+    assert_eq!(error_codes(&messages), vec![ErrorCode::ShuttingDown]);
+    assert!(matches!(messages.last(), Some(Message::Error { .. })));
     stopping.await.unwrap();
 }

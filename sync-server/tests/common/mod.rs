@@ -102,6 +102,19 @@ pub async fn connect_ws(addr: SocketAddr) -> Ws {
     ws
 }
 
+/// A raw connection to `/sync` whose socket receives into a small kernel buffer (no
+/// autotuning), so a client that stops reading stalls the server's writes quickly.
+pub async fn connect_ws_small_buffer(addr: SocketAddr, bytes: u32) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(bytes).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(format!("ws://{addr}/sync"), MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    ws
+}
+
 /// A replica connected to the server.
 pub struct Client<S: Storage> {
     pub replica: Replica<S>,
