@@ -402,6 +402,8 @@ impl<S: Storage> Replica<S> {
     /// Unloads a document from memory (it stays in storage).
     pub fn unload(&mut self, document: DocumentId) {
         self.docs.remove(&document);
+        // Its local checker followed the unloaded document's changes; a reload starts afresh.
+        self.checkers.remove(&document);
     }
 
     fn entry(&mut self, document: DocumentId) -> Result<&mut DocEntry, ReplicaError> {

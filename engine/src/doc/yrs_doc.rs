@@ -961,6 +961,10 @@ fn map_to_json<T: ReadTxn>(txn: &T, map: &MapRef) -> serde_json::Value {
         }
         entries.insert(String::from(k), out_to_json(txn, &v));
     }
+    // Key order must not depend on each replica's Yrs map order: claims on object values are
+    // compared as text. A no-op with serde_json's default (sorted) map; sorts if an app's
+    // dependency tree turns on `preserve_order`.
+    entries.sort_keys();
     serde_json::Value::Object(entries)
 }
 

@@ -425,3 +425,53 @@ fn frames_to_a_server_respect_its_welcome_limit() {
     assert!(frames.len() > 12, "100 KB goes out in chunks");
     assert!(frames.iter().all(|f| f.len() <= 8192));
 }
+
+#[test]
+fn local_checks_follow_a_document_unloaded_and_changed_again() {
+    let schema = crate::invariant::Schema::from_json(
+        r#"{"document_type": "ledger", "invariants": [
+            {"id": "non-negative", "kind": "range", "path": ["wallet", "entries"],
+             "fold": {"amount": "amount"}, "min": 0, "policy": "compensate"}]}"#,
+    )
+    .expect("schema");
+    for kind in [DocKind::Yrs, DocKind::Automerge] {
+        let document = DocumentId::from_random_bytes([kind.code() + 60; 16]);
+        let mut replica = Replica::open(
+            MemoryStorage::new(),
+            ReplicaId::from_bytes([1; 16]),
+            ReplicaConfig::default(),
+        )
+        .expect("replica");
+        replica.add_schema(schema.clone());
+        replica.create(document, kind).expect("create");
+        replica
+            .change(
+                document,
+                &[
+                    crate::invariant::type_op(kind, "ledger"),
+                    Op::Put {
+                        path: Path::keys(["wallet"]),
+                        value: json!({"entries": {"d1": {"amount": 10}}}),
+                    },
+                ],
+            )
+            .expect("change");
+        assert!(replica
+            .check_invariants(document)
+            .expect("check")
+            .is_empty());
+        replica.unload(document);
+        replica
+            .change(
+                document,
+                &[Op::Put {
+                    path: Path::keys(["wallet", "entries", "s1"]),
+                    value: json!({"amount": -25}),
+                }],
+            )
+            .expect("change after reload");
+        let violations = replica.check_invariants(document).expect("check");
+        assert_eq!(violations.len(), 1, "{kind:?}: {violations:?}");
+        assert_eq!(violations[0].invariant, "non-negative");
+    }
+}
