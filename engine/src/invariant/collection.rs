@@ -230,6 +230,9 @@ enum Aggregate {
         amount: usize,
         sign: Option<(usize, Vec<String>)>,
         total: f64,
+        /// The sum of the amounts' magnitudes: bounds the rounding error of `total`, which
+        /// depends on the order entries were added and taken out in.
+        magnitude: f64,
     },
     /// Who claims each value of `field`, and which values more than one entry claims (kept as
     /// claims change, so finding them does not cost a scan of every value).
@@ -266,7 +269,15 @@ impl Aggregate {
     /// Adds (`sign` 1) or takes out (`sign` -1) the entry `key` whose fact is `fact`.
     fn add(&mut self, key: &Key, fact: &Fact, sign: f64) {
         match (self, fact) {
-            (Aggregate::Fold { total, .. }, Fact::Amount(amount)) => *total += sign * amount,
+            (
+                Aggregate::Fold {
+                    total, magnitude, ..
+                },
+                Fact::Amount(amount),
+            ) => {
+                *total += sign * amount;
+                *magnitude += sign * amount.abs();
+            }
             (
                 Aggregate::Claims {
                     by_value,
@@ -310,7 +321,12 @@ impl Aggregate {
 
     fn reset(&mut self) {
         match self {
-            Aggregate::Fold { total, .. } => *total = 0.0,
+            Aggregate::Fold {
+                total, magnitude, ..
+            } => {
+                *total = 0.0;
+                *magnitude = 0.0;
+            }
             Aggregate::Claims {
                 by_value,
                 contested,
@@ -380,6 +396,7 @@ impl Collection {
                     .as_ref()
                     .map(|sign| (self.field(&sign.field), sign.negative.clone())),
                 total: 0.0,
+                magnitude: 0.0,
             },
             Rule::Unique { field, .. }
             | Rule::Once {
@@ -553,13 +570,27 @@ impl Collection {
 
     /// The running total of rule `index` (a fold).
     pub fn total(&self, index: usize) -> f64 {
+        self.fold_sums(index).0
+    }
+
+    /// How far the running total of rule `index` may be from the exact sum: it is kept by
+    /// adding and taking out amounts in the order they came (and rebuilt in table order), so
+    /// its last bits differ between replicas that hold the same entries.
+    pub fn total_slack(&self, index: usize) -> f64 {
+        // n·ε·Σ|x| bounds the error of n additions; 1e-9 covers millions of entries.
+        self.fold_sums(index).1 * 1e-9
+    }
+
+    fn fold_sums(&self, index: usize) -> (f64, f64) {
         self.aggregates
             .iter()
             .find_map(|(i, a)| match a {
-                Aggregate::Fold { total, .. } if *i == index => Some(*total),
+                Aggregate::Fold {
+                    total, magnitude, ..
+                } if *i == index => Some((*total, magnitude.max(0.0))),
                 _ => None,
             })
-            .unwrap_or(0.0)
+            .unwrap_or((0.0, 0.0))
     }
 
     /// The values of rule `index` (unique, once) claimed by more than one live entry, with the

@@ -654,6 +654,41 @@ impl Reconciler {
     }
 }
 
+/// The sign (-1, 0, 1) of `Σ values − bound`, computed exactly, so the same whatever the
+/// order of `values`. Shewchuk's non-overlapping partials (the algorithm of Python's
+/// `math.fsum`), written out here because it is a dozen lines: the partials always add up to
+/// the exact sum, and the largest of them has its sign.
+fn exact_sign(values: impl Iterator<Item = f64>, bound: f64) -> i8 {
+    let mut partials: Vec<f64> = Vec::new();
+    for value in values.chain(std::iter::once(-bound)) {
+        if !value.is_finite() {
+            continue;
+        }
+        let mut x = value;
+        let mut kept = 0;
+        for at in 0..partials.len() {
+            let mut y = partials[at];
+            if x.abs() < y.abs() {
+                std::mem::swap(&mut x, &mut y);
+            }
+            let hi = x + y;
+            let lo = y - (hi - x);
+            if lo != 0.0 {
+                partials[kept] = lo;
+                kept += 1;
+            }
+            x = hi;
+        }
+        partials.truncate(kept);
+        partials.push(x);
+    }
+    match partials.iter().rev().find(|p| **p != 0.0) {
+        Some(p) if *p > 0.0 => 1,
+        Some(_) => -1,
+        None => 0,
+    }
+}
+
 /// The total a `range` rule with a fold derives from its ledger: the sum over entries that no
 /// resolution voided. Apps show this (the balance), never a stored running total.
 pub fn folded_total(doc: &Document, spec: &InvariantSpec) -> Option<f64> {
@@ -863,8 +898,23 @@ fn check_collection(
             ..
         } => {
             let total = collection.total(index);
-            let within = |n: f64| min.is_none_or(|lo| n >= lo) && max.is_none_or(|hi| n <= hi);
-            if within(total) {
+            let slack = collection.total_slack(index);
+            let near = |bound: &Option<f64>| bound.is_some_and(|b| (total - b).abs() <= slack);
+            let within = if near(min) || near(max) {
+                // So close to a bound the running total's rounding (which depends on the order
+                // entries came in) could decide: compare the exact sum instead, which every
+                // replica computes alike.
+                let amounts: Vec<f64> = collection
+                    .ranked_live()
+                    .into_iter()
+                    .map(|(_, entry)| collection.amount(entry, index))
+                    .collect();
+                let against = |bound: f64| exact_sign(amounts.iter().copied(), bound);
+                min.is_none_or(|lo| against(lo) >= 0) && max.is_none_or(|hi| against(hi) <= 0)
+            } else {
+                min.is_none_or(|lo| total >= lo) && max.is_none_or(|hi| total <= hi)
+            };
+            if within {
                 return Vec::new();
             }
             // Keep the longest run in commit order that holds; what would break it goes.
@@ -951,5 +1001,79 @@ fn check_collection(
             vec![violation(victims.clone(), victims, reason, options)]
         }
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod exact_tests {
+    use super::*;
+    use crate::doc::{DocKind, Document, Op, Path};
+    use crate::ids::ReplicaId;
+    use crate::invariant::collection::{Collection, EntryMeta};
+    use crate::invariant::Schema;
+    use serde_json::json;
+
+    #[test]
+    fn the_exact_sign_does_not_depend_on_the_order() {
+        // The doubles nearest 0.1 and 0.3 add up to slightly less than the one nearest 0.4, so
+        // the exact sum is negative, though 0.1 + 0.3 − 0.4 rounds to 0 in that order (and to
+        // −5.6e-17 in another). Expected signs checked with exact rationals.
+        for order in [[0.1, -0.4, 0.3], [0.1, 0.3, -0.4], [-0.4, 0.3, 0.1]] {
+            assert_eq!(exact_sign(order.into_iter(), 0.0), -1, "{order:?}");
+        }
+        assert_eq!(exact_sign([0.3, -0.1, -0.2].into_iter(), 0.0), -1);
+        assert_eq!(exact_sign([0.25, 0.5, -0.75].into_iter(), 0.0), 0);
+        assert_eq!(exact_sign([1e16, 1.0, -1e16].into_iter(), 0.0), 1);
+        assert_eq!(exact_sign([1e16, 1.0, -1e16].into_iter(), 2.0), -1);
+        assert_eq!(exact_sign(std::iter::empty(), 0.0), 0);
+        assert_eq!(exact_sign([5.0].into_iter(), 5.0), 0);
+    }
+
+    #[test]
+    fn a_ledger_at_its_bound_is_judged_alike_whatever_order_its_total_was_kept_in() {
+        // Two replicas hold the same three entries with the same commit order (0.1, then
+        // −0.4, then 0.3) but kept their running totals in different orders: −5.6e-17 and 0.
+        // Both must find the same violation.
+        let schema = Schema::from_json(
+            r#"{"document_type": "ledger", "invariants": [
+                {"id": "non-negative", "kind": "range", "path": ["wallet", "entries"],
+                 "fold": {"amount": "amount"}, "min": 0, "policy": "compensate"}]}"#,
+        )
+        .expect("schema");
+        let spec = &schema.invariants[0];
+        let document = DocumentId::from_bytes([4; 16]);
+        let mut doc = Document::new(DocKind::Yrs, ReplicaId::from_bytes([1; 16]), document);
+        doc.apply_ops(&[Op::Put {
+            path: Path::keys(["wallet"]),
+            value: json!({"entries": {"a": {"amount": 0.1}, "b": {"amount": 0.3}, "c": {"amount": -0.4}}}),
+        }])
+        .expect("edit");
+        let seq = |key: &str| EntryMeta {
+            seq: match key {
+                "a" => 1,
+                "c" => 2,
+                _ => 3,
+            },
+            change: None,
+        };
+        let view = |order: [&str; 3]| {
+            let mut collection = Collection::new(spec.rule.path().clone());
+            collection.watch(0, &spec.rule);
+            for key in order {
+                collection.refresh(&doc, key, None, None, seq(key));
+            }
+            collection
+        };
+        let (in_commit_order, by_key) = (view(["a", "c", "b"]), view(["a", "b", "c"]));
+        assert!(in_commit_order.total(0) < 0.0 && by_key.total(0) == 0.0);
+        let ids = |collection: &Collection| {
+            check_collection(&doc, document, 0, spec, collection)
+                .into_iter()
+                .map(|v| v.id)
+                .collect::<Vec<_>>()
+        };
+        let found = ids(&in_commit_order);
+        assert_eq!(found.len(), 1, "the exact sum is below zero");
+        assert_eq!(found, ids(&by_key));
     }
 }
