@@ -263,6 +263,10 @@ struct Loaded {
     head_seq: u64,
     head_change: Option<ChangeId>,
     since_snapshot: u64,
+    /// Bytes of the changes stored since the last snapshot.
+    bytes_since_snapshot: u64,
+    /// Bytes of the last snapshot stored (0 for none).
+    snapshot_bytes: u64,
 }
 
 struct Subscriber {
@@ -522,6 +526,8 @@ impl Actor {
                 head_seq: 0,
                 head_change: None,
                 since_snapshot: 0,
+                bytes_since_snapshot: 0,
+                snapshot_bytes: 0,
             },
             Found::Stored(stored) => {
                 let doc = Document::load(
@@ -543,6 +549,8 @@ impl Actor {
                     head_seq: stored.head_seq,
                     head_change: stored.head_change,
                     since_snapshot: stored.changes.len() as u64,
+                    bytes_since_snapshot: stored.changes.iter().map(|c| c.len() as u64).sum(),
+                    snapshot_bytes: stored.snapshot.as_ref().map_or(0, |s| s.len() as u64),
                 }
             }
         };
@@ -942,7 +950,16 @@ impl Actor {
                 .collect();
             let count = commits.len() as u64;
             let since_snapshot = state.since_snapshot + count;
-            let snapshot = (since_snapshot >= self.config.compact_every).then(|| state.doc.save());
+            let bytes_since = state.bytes_since_snapshot
+                + commits.iter().map(|c| c.bytes.len() as u64).sum::<u64>();
+            let snapshot = compaction_due(
+                since_snapshot,
+                bytes_since,
+                state.snapshot_bytes,
+                self.config.compact_every,
+            )
+            .then(|| state.doc.save());
+            let snapshot_len = snapshot.as_ref().map(|s| s.len() as u64);
             let compacted = snapshot.is_some();
             let acked: Vec<Commit> = commits
                 .iter()
@@ -976,6 +993,10 @@ impl Actor {
                 }
             }
             state.since_snapshot = if compacted { 0 } else { since_snapshot };
+            state.bytes_since_snapshot = if compacted { 0 } else { bytes_since };
+            if let Some(len) = snapshot_len {
+                state.snapshot_bytes = len;
+            }
             let ack = Message::Ack {
                 document,
                 commits: acked,
@@ -1047,6 +1068,19 @@ impl Actor {
 /// the merge (Yjs and the engine skip what they have, as with the y-websocket server, which
 /// echoes every update to its author): a merge per author would cost as much as all the rest of
 /// the relay (`yrs` merges in time quadratic in the number of updates).
+/// Whether a flush stores a new snapshot: after `compact_every` changes, once the changes since
+/// the last snapshot hold at least a quarter of its bytes. A snapshot costs the whole document
+/// (saving it, writing it), so a fixed count made a large document pay more per change the
+/// larger it grew; tied to the bytes, compaction costs a bounded multiple of what the changes
+/// themselves cost, and loading reads at most ~1.25 times the snapshot. Past 16 times
+/// `compact_every` changes it is due anyway, so a load never replays too many changes one by
+/// one.
+fn compaction_due(changes: u64, bytes: u64, snapshot_bytes: u64, compact_every: u64) -> bool {
+    changes >= compact_every
+        && (bytes.saturating_mul(4) >= snapshot_bytes
+            || changes >= compact_every.saturating_mul(16))
+}
+
 fn relay_yrs(changes: &[PendingChange], subscribers: &mut BTreeMap<u64, Box<Subscriber>>) {
     let Some(first) = changes.first() else {
         return;
@@ -1158,9 +1192,22 @@ pub(crate) fn merge_yrs_updates<'a>(
 
 #[cfg(test)]
 mod tests {
-    use super::merge_yrs_updates;
+    use super::{compaction_due, merge_yrs_updates};
     use yrs::updates::decoder::Decode;
     use yrs::{Doc, GetString, ReadTxn, Text, Transact, Update};
+
+    #[test]
+    fn compaction_follows_the_bytes_since_the_last_snapshot() {
+        // A small document compacts every `compact_every` changes, as before.
+        assert!(!compaction_due(999, 30_000, 10_000, 1_000));
+        assert!(compaction_due(1_000, 30_000, 10_000, 1_000));
+        // A large one waits until the log holds a quarter of the snapshot's bytes...
+        assert!(!compaction_due(1_000, 30_000, 1_000_000, 1_000));
+        assert!(compaction_due(8_400, 252_000, 1_000_000, 1_000));
+        // ...but never past 16 times the count.
+        assert!(compaction_due(16_000, 480_000, 100_000_000, 1_000));
+        assert!(!compaction_due(15_999, 479_970, 100_000_000, 1_000));
+    }
 
     #[test]
     fn merged_updates_apply_like_their_parts_and_garbage_is_an_error_not_a_panic() {
