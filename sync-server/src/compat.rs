@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::{unix_now, Grant};
-use crate::connection::{Admitted, CloseReason, Inbox, Outbox, Registry};
+use crate::connection::{within, Admitted, CloseReason, Inbox, Outbox, Registry};
 use crate::Shared;
 
 /// How long the last messages and the close frame may take.
@@ -126,15 +126,9 @@ impl Conn {
                 if let WsMessage::Binary(b) = &frame {
                     bytes += b.len() as u64;
                 }
-                timeout(stall, socket.feed(frame))
-                    .await
-                    .map_err(drop)?
-                    .map_err(drop)?;
+                within(stall, socket.feed(frame)).await?;
             }
-            timeout(stall, socket.flush())
-                .await
-                .map_err(drop)?
-                .map_err(drop)
+            within(stall, socket.flush()).await
         }
         .await;
         match written {

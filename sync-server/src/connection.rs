@@ -746,6 +746,15 @@ async fn write_loop(mut sink: Sink, inbox: Inbox, outbox: Outbox, shared: Arc<Sh
     .await;
 }
 
+/// One step of a write (a feed or a flush), failed when it failed or made no progress for
+/// `stall`: a slow but live client gets `stall` per step, not per batch.
+pub(crate) async fn within<E>(
+    stall: Duration,
+    step: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), ()> {
+    timeout(stall, step).await.map_err(drop)?.map_err(drop)
+}
+
 /// Messages written in one step of the writer before the socket is flushed: what piled up in the
 /// queue goes out in one write (bounded, so the write buffer is too).
 const WRITE_PER_FLUSH: usize = 256;
@@ -764,15 +773,9 @@ impl Writer {
         let stall = self.shared.config.idle_timeout;
         let written: Result<(), ()> = async {
             for message in &batch {
-                timeout(stall, self.feed(sink, message))
-                    .await
-                    .map_err(drop)?
-                    .map_err(drop)?;
+                within(stall, self.feed(sink, message)).await?;
             }
-            timeout(stall, sink.flush())
-                .await
-                .map_err(drop)?
-                .map_err(drop)
+            within(stall, sink.flush()).await
         }
         .await;
         written.is_ok()

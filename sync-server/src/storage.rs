@@ -307,6 +307,17 @@ mod tests {
         }
     }
 
+    /// A store in a new temporary directory: the directory, the database's path, the store.
+    fn open_temp(
+        config: &StorageConfig,
+        metrics: Arc<Metrics>,
+    ) -> (tempfile::TempDir, std::path::PathBuf, Storage) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let storage = Storage::open(&path, config, metrics).unwrap();
+        (dir, path, storage)
+    }
+
     fn metrics() -> Arc<Metrics> {
         Arc::new(Metrics::default())
     }
@@ -325,10 +336,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn documents_commit_together_and_fail_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
         let metrics = metrics();
-        let storage = Storage::open(&path, &StorageConfig::default(), metrics.clone()).unwrap();
+        let (_dir, path, storage) = open_temp(&StorageConfig::default(), metrics.clone());
         for n in 1..=3 {
             assert!(storage.create(doc(n), DocKind::Yrs).await.unwrap());
         }
@@ -397,13 +406,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_transaction_fails_every_write_in_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
         let config = StorageConfig {
             busy_timeout: Duration::from_millis(50),
             ..StorageConfig::default()
         };
-        let storage = Storage::open(&path, &config, metrics()).unwrap();
+        let (_dir, path, storage) = open_temp(&config, metrics());
         storage.create(doc(1), DocKind::Yrs).await.unwrap();
         let lock = lock_writes(&path);
         let writes = (0..3u8).map(|n| {
@@ -425,13 +432,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_write_queue_makes_writers_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
         let config = StorageConfig {
             write_queue: 2,
             ..StorageConfig::default()
         };
-        let storage = Storage::open(&path, &config, metrics()).unwrap();
+        let (_dir, path, storage) = open_temp(&config, metrics());
         let lock = lock_writes(&path);
         // The writer takes the first write and waits for the lock; two more fill the queue.
         let mut queued = Vec::new();
@@ -461,14 +466,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_read_queue_makes_readers_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
         let config = StorageConfig {
             readers: 1,
             read_queue: 1,
             ..StorageConfig::default()
         };
-        let storage = Storage::open(&path, &config, metrics()).unwrap();
+        let (_dir, _path, storage) = open_temp(&config, metrics());
         // The only reader is busy until `release` fires; one read fills the queue.
         let (release, gate) = std::sync::mpsc::channel::<()>();
         let gate = Mutex::new(gate);
@@ -523,13 +526,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_checkpoint_thread_copies_commits_into_the_database_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
         let config = StorageConfig {
             checkpoint_delay: Duration::from_millis(1),
             ..StorageConfig::default()
         };
-        let storage = Storage::open(&path, &config, metrics()).unwrap();
+        let (dir, path, storage) = open_temp(&config, metrics());
         storage.create(doc(1), DocKind::Yrs).await.unwrap();
         for seq in 1..=50 {
             storage
@@ -560,16 +561,14 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_stays_bounded_under_a_steady_write_load() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let wal = dir.path().join("s.db-wal");
         let limit_frames = 64; // 256 KiB
         let config = StorageConfig {
             checkpoint_delay: Duration::from_millis(1),
             wal_limit_frames: limit_frames,
             ..StorageConfig::default()
         };
-        let storage = Storage::open(&path, &config, metrics()).unwrap();
+        let (_dir, path, storage) = open_temp(&config, metrics());
+        let wal = path.with_extension("db-wal");
         let writers: Vec<_> = (1..=4u8)
             .map(|n| {
                 let s = storage.clone();
@@ -622,13 +621,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_read_fails_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
         let config = StorageConfig {
             readers: 1,
             ..StorageConfig::default()
         };
-        let storage = Storage::open(&path, &config, metrics()).unwrap();
+        let (_dir, _path, storage) = open_temp(&config, metrics());
         let result: Result<(), _> = storage.read(|_| panic!("boom")).await;
         assert!(matches!(result, Err(StoreError::Closed)));
         assert_eq!(storage.read(|_| Ok(7)).await.unwrap(), 7);

@@ -188,6 +188,14 @@ fn change_id(document: DocumentId, bytes: &[u8]) -> Result<ChangeId, StoreError>
     Ok(ChangeId(array))
 }
 
+/// Reads the schema now, so a file that is not a database fails when it is opened.
+fn read_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(drop)
+}
+
 /// How a WAL checkpoint treats the writer and the readers (SQLite's checkpoint modes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CheckpointMode {
@@ -219,57 +227,43 @@ impl Store {
 
     /// [`Store::open`], waiting at most `busy` for a lock another process holds.
     pub fn open_writer(path: &Path, busy: Duration) -> Result<Self, StoreError> {
-        let opened = (|| {
-            let conn = Connection::open(path)?;
+        Self::open_with(path, |conn| {
             conn.busy_timeout(busy)?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
-            conn.execute_batch(SCHEMA)?;
-            Ok(conn)
-        })();
-        opened
-            .map(|conn| Self { conn })
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })
+            conn.execute_batch(SCHEMA)
+        })
     }
 
     /// Opens the database at `path` (which [`Store::open`] created) for reading only. In WAL
     /// mode readers see the last commit and neither wait for the writer nor block it.
     pub fn open_reader(path: &Path) -> Result<Self, StoreError> {
-        let opened = (|| {
-            let conn = Connection::open(path)?;
+        Self::open_with(path, |conn| {
             conn.busy_timeout(Duration::from_secs(30))?;
             conn.pragma_update(None, "query_only", true)?;
-            // Reads the schema now, so a file that is not a database fails here.
-            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-                r.get::<_, i64>(0)
-            })?;
-            Ok(conn)
-        })();
-        opened
-            .map(|conn| Self { conn })
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })
+            read_schema(conn)
+        })
     }
 
     /// Opens a connection to the database at `path` (which [`Store::open`] created) that only
     /// checkpoints the WAL ([`Store::checkpoint`]), for a writer that leaves checkpoints to others
     /// ([`Store::leave_checkpoints_to_others`]).
     pub fn open_checkpointer(path: &Path, busy: Duration) -> Result<Self, StoreError> {
-        let opened = (|| {
-            let conn = Connection::open(path)?;
+        Self::open_with(path, |conn| {
             conn.busy_timeout(busy)?;
             conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-                r.get::<_, i64>(0)
-            })?;
-            Ok(conn)
-        })();
-        opened
+            read_schema(conn)
+        })
+    }
+
+    /// Opens a connection to `path` and prepares it with `setup`; any failure is
+    /// [`StoreError::Open`] naming the file.
+    fn open_with(
+        path: &Path,
+        setup: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+    ) -> Result<Self, StoreError> {
+        Connection::open(path)
+            .and_then(|conn| setup(&conn).map(|()| conn))
             .map(|conn| Self { conn })
             .map_err(|source| StoreError::Open {
                 path: path.display().to_string(),

@@ -5,11 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use accord_engine::protocol::{
-    ErrorCode, Limits, Message, Reassembler, SyncPayload, PROTOCOL_VERSION,
-};
+use accord_engine::protocol::{ErrorCode, Limits, Message, Reassembler, SyncPayload};
 use accord_engine::storage::MemoryStorage;
-use accord_engine::{DocKind, DocumentId, Op, Path, ReplicaId};
+use accord_engine::{DocKind, DocumentId, Op, Path};
 use common::*;
 use futures_util::StreamExt;
 use serde_json::json;
@@ -17,15 +15,6 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-async fn hello(ws: &mut Ws, id: u8) {
-    let hello = Message::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        replica: ReplicaId::from_bytes([id; 16]),
-        token: None,
-    };
-    send(ws, &hello).await;
-}
 
 #[tokio::test]
 async fn idle_timeout_drops_the_unresponsive_and_keeps_the_quiet() {
@@ -65,13 +54,7 @@ async fn idle_timeout_drops_the_unresponsive_and_keeps_the_quiet() {
         assert!(!closed);
     }
     assert!(subscribed);
-    assert_eq!(
-        server
-            .metrics
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(open_connections(&server), 1);
     server.stop().await;
 }
 
@@ -94,21 +77,7 @@ async fn a_slow_consumer_is_cut_off_while_fan_out_latency_holds() {
     }
     // A subscriber that never reads after subscribing.
     let mut slow = connect_ws(server.addr).await;
-    hello(&mut slow, 3).await;
-    let subscribe = Message::Subscribe {
-        document,
-        kind,
-        since_seq: 0,
-    };
-    send(&mut slow, &subscribe).await;
-    send(
-        &mut slow,
-        &Message::Sync {
-            document,
-            payload: SyncPayload::YrsStep1(vec![0]),
-        },
-    )
-    .await;
+    subscribe_unread(&mut slow, 3, document).await;
     // Let both finish their sync handshake (the loop below pumps one client at a time).
     for _ in 0..3 {
         writer.pump_for(Duration::from_millis(50)).await;
@@ -216,13 +185,7 @@ async fn yjs_idle_timeout_drops_the_unresponsive_and_keeps_the_quiet() {
             .is_some(),
         "a client that stops answering is disconnected"
     );
-    assert_eq!(
-        server
-            .metrics
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(open_connections(&server), 1);
     server.stop().await;
 }
 
@@ -269,24 +232,7 @@ async fn a_close_after_the_queue_leaves_no_hole_in_a_stalled_stream() {
     writer.subscribe(document).await;
     assert!(writer.pump_until(WAIT, |c| c.is_subscribed(document)).await);
     let mut slow = connect_ws_small_buffer(server.addr, 64 << 10).await;
-    hello(&mut slow, 3).await;
-    send(
-        &mut slow,
-        &Message::Subscribe {
-            document,
-            kind,
-            since_seq: 0,
-        },
-    )
-    .await;
-    send(
-        &mut slow,
-        &Message::Sync {
-            document,
-            payload: SyncPayload::YrsStep1(vec![0]),
-        },
-    )
-    .await;
+    subscribe_unread(&mut slow, 3, document).await;
     writer.pump_for(Duration::from_millis(200)).await;
     let blob = "y".repeat(64 << 10);
     for i in 0..COMMITS {
@@ -355,4 +301,11 @@ async fn a_close_after_the_queue_leaves_no_hole_in_a_stalled_stream() {
     assert_eq!(error_codes(&messages), vec![ErrorCode::ShuttingDown]);
     assert!(matches!(messages.last(), Some(Message::Error { .. })));
     stopping.await.unwrap();
+}
+
+fn open_connections(server: &Server) -> i64 {
+    server
+        .metrics
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -586,29 +586,7 @@ async fn limits_slow_consumer_connections_and_documents() {
     assert_eq!(writer.peer_errors(), vec![ErrorCode::TooManyDocuments]);
     // A subscriber that never reads.
     let mut slow = connect_ws(server.addr).await;
-    let hello = Message::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        replica: ReplicaId::from_bytes([9; 16]),
-        token: None,
-    };
-    send(&mut slow, &hello).await;
-    send(
-        &mut slow,
-        &Message::Subscribe {
-            document,
-            kind: DocKind::Yrs,
-            since_seq: 0,
-        },
-    )
-    .await;
-    send(
-        &mut slow,
-        &Message::Sync {
-            document,
-            payload: accord_engine::protocol::SyncPayload::YrsStep1(vec![0]),
-        },
-    )
-    .await;
+    subscribe_unread(&mut slow, 9, document).await;
     // The connection limit (writer and slow hold two of three).
     let _third = connect_ws(server.addr).await;
     let mut fourth = connect_ws(server.addr).await;

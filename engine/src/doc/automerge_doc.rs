@@ -1220,19 +1220,23 @@ mod tests {
         assert_eq!(doc.take_touched(), Some(vec![]));
     }
 
+    /// Sets `b` to 2: one more change.
+    fn put_b(doc: &mut AutomergeDoc) -> Change {
+        doc.apply_ops(&[Op::Put {
+            path: Path::keys(["b"]),
+            value: json!(2),
+        }])
+        .expect("ops")
+        .expect("change")
+    }
+
     #[test]
     fn the_save_is_kept_until_the_heads_change() {
         let mut doc = doc_with(json!({"a": 1}));
         let first = doc.save();
         assert!(is_one_document(&first));
         assert_eq!(doc.saved_bytes(), first.as_slice());
-        let change = doc
-            .apply_ops(&[Op::Put {
-                path: Path::keys(["b"]),
-                value: json!(2),
-            }])
-            .expect("ops")
-            .expect("change");
+        let change = put_b(&mut doc);
         assert!(!is_one_document(&change.bytes));
         let second = doc.saved_bytes().to_vec();
         assert_ne!(second, first, "a change makes a new save");
@@ -1258,13 +1262,7 @@ mod tests {
             Some(saved.clone())
         );
         assert_eq!(kept.saved_bytes(), saved.as_slice());
-        let change = doc
-            .apply_ops(&[Op::Put {
-                path: Path::keys(["b"]),
-                value: json!(2),
-            }])
-            .expect("ops")
-            .expect("change");
+        let change = put_b(&mut doc);
         let mut joined = saved.clone();
         joined.extend_from_slice(&change.bytes);
         let not_kept = AutomergeDoc::load_saved(replica, joined).expect("load");

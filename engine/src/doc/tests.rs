@@ -323,16 +323,23 @@ fn projection(
         .collect()
 }
 
-#[test]
-fn yrs_reports_new_entries_with_their_fields() {
+/// A Yrs document with an empty `wallet.entries` ledger whose `amount` and `kind` fields are
+/// tracked, nothing touched yet; with the ledger's path and the tracked fields.
+fn tracked_ledger() -> (Document, Path, Vec<String>) {
+    let entries = Path::keys(["wallet", "entries"]);
+    let fields = vec!["amount".to_string(), "kind".to_string()];
     let mut doc = Document::new(DocKind::Yrs, replica(1), doc_id());
     doc.apply_ops(&[put(&["wallet"], json!({"entries": {}}))])
         .expect("init");
-    let entries = Path::keys(["wallet", "entries"]);
-    let fields = vec!["amount".to_string(), "kind".to_string()];
     doc.track_changes(&["wallet".to_string()]);
     doc.track_entries(&entries, &fields);
     let _ = doc.take_touched_values();
+    (doc, entries, fields)
+}
+
+#[test]
+fn yrs_reports_new_entries_with_their_fields() {
+    let (mut doc, entries, _) = tracked_ledger();
     let mut other = Document::new(DocKind::Yrs, replica(2), doc_id());
     other.apply_changes(&doc.save()).expect("fork");
     let change = other
@@ -359,17 +366,10 @@ fn yrs_reports_new_entries_with_their_fields() {
 /// was set (inside it, replacing it, deleting it, replacing its collection or an ancestor).
 #[test]
 fn yrs_reported_entry_fields_are_current_when_taken() {
-    let entries = Path::keys(["wallet", "entries"]);
-    let fields = vec!["amount".to_string(), "kind".to_string()];
     let mut reported = 0;
     for seed in 1..40u64 {
         let mut rng = Xorshift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut doc = Document::new(DocKind::Yrs, replica(1), doc_id());
-        doc.apply_ops(&[put(&["wallet"], json!({"entries": {}}))])
-            .expect("init");
-        doc.track_changes(&["wallet".to_string()]);
-        doc.track_entries(&entries, &fields);
-        let _ = doc.take_touched_values();
+        let (mut doc, entries, fields) = tracked_ledger();
         for _window in 0..30 {
             for _txn in 0..=rng.below(3) {
                 let key = format!("e{}", rng.below(4));
@@ -451,14 +451,7 @@ fn yrs_touched_paths_follow_a_map_that_moves_in_a_list() {
 #[test]
 fn yrs_reports_fields_of_plain_object_entries() {
     use yrs::{Any, Map, Out, WriteTxn};
-    let mut doc = Document::new(DocKind::Yrs, replica(1), doc_id());
-    doc.apply_ops(&[put(&["wallet"], json!({"entries": {}}))])
-        .expect("init");
-    let entries = Path::keys(["wallet", "entries"]);
-    let fields = vec!["amount".to_string(), "kind".to_string()];
-    doc.track_changes(&["wallet".to_string()]);
-    doc.track_entries(&entries, &fields);
-    let _ = doc.take_touched_values();
+    let (mut doc, entries, fields) = tracked_ledger();
     let Document::Yrs(yrs_doc) = &mut doc else {
         panic!("a Yrs document");
     };

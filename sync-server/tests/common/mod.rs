@@ -8,10 +8,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use accord_engine::protocol::{decode, encode, ErrorCode, Limits, Message, Reassembler};
+use accord_engine::protocol::{
+    decode, encode, ErrorCode, Limits, Message, Reassembler, SyncPayload, PROTOCOL_VERSION,
+};
 use accord_engine::replica::{Event, Replica, ReplicaConfig};
 use accord_engine::storage::Storage;
-use accord_engine::{ChangeId, DocumentId, PeerId, ReplicaId};
+use accord_engine::{ChangeId, DocKind, DocumentId, PeerId, ReplicaId};
 use accord_server::auth::AuthMode;
 use accord_server::metrics::Metrics;
 use accord_server::Config;
@@ -282,6 +284,33 @@ pub async fn read_all(ws: &mut Ws, within: Duration) -> (Vec<Message>, bool) {
             Ok(Some(Ok(_))) => {}
         }
     }
+}
+
+/// Says hello as replica `[id; 16]` (no token).
+pub async fn hello(ws: &mut Ws, id: u8) {
+    let hello = Message::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        replica: ReplicaId::from_bytes([id; 16]),
+        token: None,
+    };
+    send(ws, &hello).await;
+}
+
+/// Says hello as replica `[id; 16]` and subscribes to the Yrs `document` from its start (step 1
+/// with an empty state vector), reading nothing back: a subscriber that never reads.
+pub async fn subscribe_unread(ws: &mut Ws, id: u8, document: DocumentId) {
+    hello(ws, id).await;
+    let subscribe = Message::Subscribe {
+        document,
+        kind: DocKind::Yrs,
+        since_seq: 0,
+    };
+    send(ws, &subscribe).await;
+    let step1 = Message::Sync {
+        document,
+        payload: SyncPayload::YrsStep1(vec![0]),
+    };
+    send(ws, &step1).await;
 }
 
 pub async fn send(ws: &mut Ws, message: &Message) {
