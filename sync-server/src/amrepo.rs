@@ -306,6 +306,7 @@ impl AmRepo {
                     read_only: !can_write,
                     // A request means the client has nothing: never create for it.
                     may_create: can_write && !request,
+                    acks: false,
                 },
                 reply,
             };

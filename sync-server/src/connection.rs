@@ -642,6 +642,7 @@ impl Reader {
                 since_seq,
                 read_only,
                 may_create: !read_only,
+                acks: true,
             },
             reply,
         };

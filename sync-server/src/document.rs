@@ -59,6 +59,9 @@ pub(crate) struct SubscribeRequest {
     pub(crate) since_seq: u64,
     pub(crate) read_only: bool,
     pub(crate) may_create: bool,
+    /// Whether the connection wants [`Message::Ack`]s (the foreign protocols have no word for
+    /// them: sending them would only wake the connection to drop them, once per commit).
+    pub(crate) acks: bool,
 }
 
 /// The committed state of a document, for the REST API.
@@ -215,6 +218,8 @@ impl Documents {
             subscribers: BTreeMap::new(),
             pending: Pending::default(),
             tick: self.config.reconcile_interval,
+            held: BTreeSet::new(),
+            sync_due: None,
         };
         tokio::spawn(actor.run(rx, leases.clone(), self.shutdown.clone(), alive));
         Some(Lease { tx, leases })
@@ -274,6 +279,11 @@ struct Subscriber {
     sync: DocSync,
     read_only: bool,
     replica: ReplicaId,
+    /// Whether it is sent [`Message::Ack`]s.
+    acks: bool,
+    /// When it was last sent an Automerge sync message (the throttle of
+    /// [`Config::automerge_sync_interval`]).
+    synced_at: Option<Instant>,
 }
 
 struct PendingChange {
@@ -309,6 +319,10 @@ struct Actor {
     pending: Pending,
     /// The level-triggered reconciliation period; doubled while violations stay open.
     tick: Duration,
+    /// Subscribers whose Automerge sync message waits for the throttle, and when the first of
+    /// them is due.
+    held: BTreeSet<u64>,
+    sync_due: Option<Instant>,
 }
 
 enum Found {
@@ -334,11 +348,16 @@ impl Actor {
             } else {
                 self.config.idle_evict.min(UNLOADED_LINGER)
             };
+            // One timer for the reconciliation period and the sync throttle (a second one would
+            // grow every actor's task).
+            let reconcile_at = (!idle && self.reconciling()).then(|| Instant::now() + self.tick);
+            let wake = reconcile_at.into_iter().chain(self.sync_due).min();
             let command = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 command = rx.recv() => Some(command),
-                _ = tokio::time::sleep(self.tick), if !idle && self.reconciling() => None,
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()),
+                    if wake.is_some() => None,
                 _ = tokio::time::sleep(linger), if idle => {
                     if self.documents.try_evict(self.document, &leases) {
                         tracing::debug!(document = %self.document, "evicted");
@@ -350,6 +369,14 @@ impl Actor {
             let first = match command {
                 Some(Some(command)) => command,
                 Some(None) => break,
+                None if self.sync_due.is_some_and(|due| due <= Instant::now()) => {
+                    // Throttled sync messages are due.
+                    if let Err(error) = Box::pin(self.flush()).await {
+                        self.fail(&error);
+                        break;
+                    }
+                    continue;
+                }
                 None => {
                     // Level-triggered: look again even though nothing was committed.
                     let open = self.reconcile(Vec::new());
@@ -649,6 +676,7 @@ impl Actor {
             since_seq,
             read_only,
             may_create,
+            acks,
         } = request;
         if self.state.is_none() {
             match self.load(may_create.then_some(kind)).await {
@@ -733,6 +761,8 @@ impl Actor {
                 sync: DocSync::new(kind, SyncRole::Downstream),
                 read_only,
                 replica,
+                acks,
+                synced_at: None,
             }),
         );
         self.pending.dirty.insert(connection);
@@ -765,8 +795,9 @@ impl Actor {
             }
             _ => None,
         };
-        // A step 2 is a merge its sender does not track by id: it is never acknowledged as such.
-        let single_update = matches!(payload, SyncPayload::YrsUpdate(_));
+        // A step 2 is a merge its sender does not track by id: it is never acknowledged as such;
+        // nor is anything sent by a connection that takes no acknowledgements.
+        let single_update = subscriber.acks && matches!(payload, SyncPayload::YrsUpdate(_));
         let payload = if subscriber.read_only {
             let (payload, refused) =
                 refuse_writes(document, &mut state.doc, &subscriber.out, payload);
@@ -1002,7 +1033,7 @@ impl Actor {
                 commits: acked,
             };
             for (id, subscriber) in &self.subscribers {
-                if !subscriber.out.send(ack.clone()) {
+                if subscriber.acks && !subscriber.out.send(ack.clone()) {
                     dead.push(*id);
                 }
             }
@@ -1029,7 +1060,7 @@ impl Actor {
             }
         };
         for ((connection, change), seq) in duplicates {
-            if let Some(subscriber) = self.subscribers.get(&connection) {
+            if let Some(subscriber) = self.subscribers.get(&connection).filter(|s| s.acks) {
                 let ack = Message::Ack {
                     document,
                     commits: vec![Commit {
@@ -1042,11 +1073,31 @@ impl Actor {
                 }
             }
         }
+        // Automerge peers get at most one sync message per interval: what is due meanwhile
+        // waits (in `held`) and goes out together. Nothing is lost by waiting: a sync state
+        // computes its message from the document and what the peer has, not from a queue.
+        let throttle = Some(self.config.automerge_sync_interval)
+            .filter(|interval| state.kind == DocKind::Automerge && !interval.is_zero());
+        let now = throttle.map(|_| Instant::now());
+        dirty.append(&mut self.held);
+        self.sync_due = None;
         for connection in dirty {
             let Some(subscriber) = self.subscribers.get_mut(&connection) else {
                 continue;
             };
-            for payload in subscriber.sync.poll(&mut state.doc) {
+            if let (Some(interval), Some(now), Some(at)) = (throttle, now, subscriber.synced_at) {
+                let next = at + interval;
+                if now < next {
+                    self.held.insert(connection);
+                    self.sync_due = Some(self.sync_due.map_or(next, |due| due.min(next)));
+                    continue;
+                }
+            }
+            let payloads = subscriber.sync.poll(&mut state.doc);
+            if !payloads.is_empty() {
+                subscriber.synced_at = now;
+            }
+            for payload in payloads {
                 if !subscriber.out.send(Message::Sync { document, payload }) {
                     dead.push(connection);
                     break;

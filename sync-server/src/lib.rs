@@ -105,6 +105,12 @@ pub struct Config {
     /// How often a loaded document with invariants is re-checked even without commits (the
     /// level-triggered half of the loop); doubled while violations persist, up to 16 times.
     pub reconcile_interval: Duration,
+    /// The shortest time between two Automerge sync messages to one peer of one document
+    /// (zero: no limit). Changes that arrive meanwhile go out together in the next message, so
+    /// with many typists each peer gets one message (and sends one reply) per interval instead
+    /// of one per keystroke. A peer not sent anything for this long is answered at once. The
+    /// automerge-repo client and its sync server throttle the same way, at 100 ms.
+    pub automerge_sync_interval: Duration,
     /// An admin token for `POST /v1/tokens`, besides the one derived from the secret
     /// ([`auth::admin_token`]).
     pub admin_token: Option<auth::AdminToken>,
@@ -139,6 +145,7 @@ impl Config {
             demo_dir: None,
             schemas: Vec::new(),
             reconcile_interval: Duration::from_secs(5),
+            automerge_sync_interval: Duration::from_millis(50),
             storage: storage::StorageConfig::default(),
         }
     }

@@ -89,6 +89,10 @@ struct Serve {
     /// Milliseconds between level-triggered re-checks of a document with invariants.
     #[arg(long, default_value_t = 5_000)]
     reconcile_interval_ms: u64,
+    /// Milliseconds between two Automerge sync messages to one peer of one document; changes
+    /// meanwhile travel together in the next one (0: send after every commit).
+    #[arg(long, default_value_t = 50)]
+    automerge_sync_interval_ms: u64,
     /// A directory of static files served at `/` (the demo app: `demo-web/dist`).
     #[arg(long, value_name = "DIR")]
     demo_dir: Option<PathBuf>,
@@ -196,6 +200,7 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
         config.schemas.push(schema);
     }
     config.reconcile_interval = Duration::from_millis(args.reconcile_interval_ms.max(10));
+    config.automerge_sync_interval = Duration::from_millis(args.automerge_sync_interval_ms);
     if let Some(dir) = &args.demo_dir {
         tracing::info!(dir = %dir.display(), "serving the demo at /");
     }

@@ -226,6 +226,7 @@ impl Protocol for Yws {
                 since_seq: u64::MAX,
                 read_only,
                 may_create: !read_only,
+                acks: false,
             },
             reply,
         };

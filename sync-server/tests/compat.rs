@@ -937,3 +937,119 @@ async fn a_fresh_automerge_repo_peer_receives_the_whole_document_in_one_message(
     assert_eq!(second_doc.get_heads(), doc.get_heads());
     server.stop().await;
 }
+
+/// Sends `doc`'s next sync message for `document`, if it has one.
+async fn am_send(
+    ws: &mut Ws,
+    peer: &str,
+    document: DocumentId,
+    doc: &mut automerge::Automerge,
+    state: &mut automerge::sync::State,
+) {
+    use automerge::sync::SyncDoc;
+    if let Some(message) = doc.generate_sync_message(state) {
+        let frame = cbor(vec![
+            ("type", text("sync")),
+            ("senderId", text(peer)),
+            ("documentId", text(&am_id(document))),
+            ("data", Value::Bytes(message.encode())),
+        ]);
+        ws.send(WsMessage::Binary(frame.into())).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn automerge_repo_peers_get_one_sync_message_per_interval_and_every_change() {
+    use automerge::sync::SyncDoc;
+    use automerge::transaction::Transactable;
+    const CHANGES: i64 = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.automerge_sync_interval = Duration::from_millis(250);
+    let server = Server::start(config).await;
+    let url = format!("ws://{}/automerge", server.addr);
+    let document = DocumentId::from_bytes([0x72; 16]);
+
+    // The writer creates the document; the reader loads it.
+    let mut writer = connect(url.clone()).await;
+    writer.send(join("writer", "1")).await.unwrap();
+    assert_eq!(kind(&next_cbor(&mut writer).await), "peer");
+    let mut ours = automerge::Automerge::new();
+    ours.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(automerge::ROOT, "n", 0))
+        .unwrap();
+    let mut writer_state = automerge::sync::State::new();
+    am_sync(
+        &mut writer,
+        "writer",
+        document,
+        &mut ours,
+        &mut writer_state,
+    )
+    .await;
+    let mut reader = connect(url.clone()).await;
+    reader.send(join("reader", "1")).await.unwrap();
+    assert_eq!(kind(&next_cbor(&mut reader).await), "peer");
+    let mut theirs = automerge::Automerge::new();
+    let mut reader_state = automerge::sync::State::new();
+    am_sync(
+        &mut reader,
+        "reader",
+        document,
+        &mut theirs,
+        &mut reader_state,
+    )
+    .await;
+    assert_eq!(theirs.get_heads(), ours.get_heads());
+
+    // The writer types: a change every 10 ms, each in a sync message of its own.
+    let started = Instant::now();
+    for i in 1..=CHANGES {
+        ours.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(automerge::ROOT, "n", i))
+            .unwrap();
+        am_send(
+            &mut writer,
+            "writer",
+            document,
+            &mut ours,
+            &mut writer_state,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The reader answers every message, as automerge-repo does, until it has every change.
+    let mut messages = 0;
+    while theirs.get_heads() != ours.get_heads() {
+        assert!(
+            started.elapsed() < WAIT,
+            "the reader never gets every change"
+        );
+        let message = next_cbor(&mut reader).await;
+        if kind(&message) != "sync" {
+            continue;
+        }
+        messages += 1;
+        let data = field(&message, "data").and_then(Value::as_bytes).unwrap();
+        let decoded = automerge::sync::Message::decode(data).unwrap();
+        theirs
+            .receive_sync_message(&mut reader_state, decoded)
+            .unwrap();
+        am_send(
+            &mut reader,
+            "reader",
+            document,
+            &mut theirs,
+            &mut reader_state,
+        )
+        .await;
+    }
+    let took = started.elapsed();
+    assert_eq!(server.committed(), CHANGES as u64 + 1);
+    // One message at once, then at most one per interval (and the answers to the reader's
+    // last replies): far fewer messages than changes (without the throttle: about one each).
+    let allowed = 4 + (took.as_millis() / 250) as usize;
+    assert!(
+        messages <= allowed,
+        "{messages} sync messages for {CHANGES} changes in {took:?}"
+    );
+    server.stop().await;
+}
