@@ -238,6 +238,58 @@ pub struct YrsDoc {
     /// Whether an update was dropped for lack of its dependencies since the last
     /// [`YrsDoc::take_incomplete`]: the sender should be asked again from our state vector.
     incomplete: bool,
+    /// The whole document encoded, kept while no transaction commits (see [`FullState`]).
+    full: FullState,
+}
+
+/// The whole document as one V1 update, kept between changes: every fresh peer (an empty state
+/// vector: a new tab, a cold load) and every snapshot asks for exactly that, and encoding a large
+/// document costs milliseconds each time. A transaction observer counts commits, so a change
+/// made any way (through [`YrsDoc::native`] too) makes the kept encoding stale. Only encodings
+/// of [`FullState::KEEP_FROM`] bytes or more are kept: smaller ones are cheap to redo and not
+/// worth the memory.
+struct FullState {
+    /// Transactions committed so far (bumped by the observer).
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The encoding and the commit count it was made at.
+    kept: std::sync::Mutex<Option<(u64, std::sync::Arc<[u8]>)>>,
+}
+
+impl FullState {
+    const KEEP_FROM: usize = 16 * 1024;
+
+    fn observe(doc: &Doc) -> Self {
+        let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = commits.clone();
+        // Fails only if the key is taken, and this is the only observer under this key.
+        let _ = doc.observe_after_transaction("accord-full-state", move |_| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        Self {
+            commits,
+            kept: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The whole of `doc` as one V1 update, from the kept encoding when nothing committed since.
+    fn get(&self, doc: &Doc) -> Vec<u8> {
+        let now = self.commits.load(std::sync::atomic::Ordering::Relaxed);
+        let Ok(mut kept) = self.kept.lock() else {
+            return doc
+                .transact()
+                .encode_state_as_update_v1(&StateVector::default());
+        };
+        if let Some((at, bytes)) = kept.as_ref() {
+            if *at == now {
+                return bytes.to_vec();
+            }
+        }
+        let bytes = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        *kept = (bytes.len() >= Self::KEEP_FROM).then(|| (now, bytes.as_slice().into()));
+        bytes
+    }
 }
 
 /// The Yrs client id for a replica editing a document: stable across restarts (the replica
@@ -261,8 +313,10 @@ impl YrsDoc {
             offset_kind: OffsetKind::Utf16,
             ..Options::default()
         };
+        let doc = Doc::with_options(options);
         Self {
-            doc: Doc::with_options(options),
+            full: FullState::observe(&doc),
+            doc,
             tracked: std::collections::BTreeSet::new(),
             touched: std::sync::Arc::default(),
             astral: false,
@@ -359,15 +413,16 @@ impl YrsDoc {
 
     /// Everything, as one V1 update.
     pub fn save(&self) -> Vec<u8> {
-        self.doc
-            .transact()
-            .encode_state_as_update_v1(&StateVector::default())
+        self.full.get(&self.doc)
     }
 
     /// What a peer whose V1 state vector is `their_state_vector` lacks, as one V1 update.
     pub fn changes_after(&self, their_state_vector: &[u8]) -> Result<Vec<u8>, DocError> {
         let sv = StateVector::decode_v1(their_state_vector)
             .map_err(|e| DocError::malformed("yrs state vector", e))?;
+        if sv.is_empty() {
+            return Ok(self.full.get(&self.doc));
+        }
         Ok(self.doc.transact().encode_state_as_update_v1(&sv))
     }
 
@@ -979,4 +1034,87 @@ fn counter_total<T: ReadTxn>(txn: &T, map: &MapRef) -> serde_json::Value {
         })
         .fold(0i64, |a, b| a.saturating_add(b));
     serde_json::Value::from(sum)
+}
+
+#[cfg(test)]
+mod full_state_tests {
+    use super::*;
+
+    fn fresh() -> YrsDoc {
+        YrsDoc::new(
+            ReplicaId::from_bytes([1; 16]),
+            DocumentId::from_bytes([2; 16]),
+        )
+    }
+
+    /// What a fresh peer gets, compared with encoding the document anew.
+    fn check(doc: &YrsDoc) -> Vec<u8> {
+        let empty = StateVector::default().encode_v1();
+        let served = doc.changes_after(&empty).expect("empty state vector");
+        let encoded = doc
+            .native()
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        assert_eq!(served, encoded, "the kept encoding is stale");
+        assert_eq!(doc.save(), encoded);
+        served
+    }
+
+    #[test]
+    fn the_kept_whole_document_follows_every_kind_of_change() {
+        let mut doc = fresh();
+        let text = doc.native().get_or_insert_text("t");
+        {
+            let mut txn = doc.native().transact_mut();
+            text.insert(&mut txn, 0, &"x".repeat(40_000));
+        }
+        let first = check(&doc);
+        assert!(
+            first.len() >= FullState::KEEP_FROM,
+            "large enough to be kept"
+        );
+        assert!(doc.full.kept.lock().expect("lock").is_some());
+        // A deletion moves no state vector, yet the kept encoding must go.
+        {
+            let mut txn = doc.native().transact_mut();
+            text.remove_range(&mut txn, 0, 10);
+        }
+        assert_ne!(check(&doc), first);
+        // A JSON op, then an update from elsewhere.
+        let put = Op::Put {
+            path: super::super::ops::Path::keys(["m", "k"]),
+            value: serde_json::json!(1),
+        };
+        let (change, result) = doc.apply_ops(&[put]);
+        result.expect("op applies");
+        assert!(change.is_some());
+        check(&doc);
+        let mut other = fresh();
+        other.apply_changes(&doc.save()).expect("load");
+        let remote = other.native().get_or_insert_text("t");
+        let update = {
+            let mut txn = other.native().transact_mut();
+            remote.insert(&mut txn, 0, "remote ");
+            txn.encode_update_v1()
+        };
+        doc.apply_changes(&update).expect("remote update");
+        let after = check(&doc);
+        let mut reader = fresh();
+        reader.apply_changes(&after).expect("fresh peer loads it");
+        assert!(reader.to_json()["t"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("remote ")));
+    }
+
+    #[test]
+    fn a_small_document_is_not_kept() {
+        let mut doc = fresh();
+        let put = Op::Put {
+            path: super::super::ops::Path::keys(["m", "k"]),
+            value: serde_json::json!("v"),
+        };
+        doc.apply_ops(&[put]).1.expect("op applies");
+        check(&doc);
+        assert!(doc.full.kept.lock().expect("lock").is_none());
+    }
 }
