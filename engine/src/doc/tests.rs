@@ -407,6 +407,33 @@ fn yrs_reports_a_tracked_collection_with_the_callers_path() {
     }
 }
 
+/// However many fields are asked (none, one, or more than fit inline), each is reported.
+#[test]
+fn yrs_reports_any_number_of_fields() {
+    let value = json!({"amount": 3, "kind": "spend", "note": "n", "at": 7});
+    for count in 0..=4 {
+        let fields: Vec<String> = ["amount", "kind", "note", "at"][..count]
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        let mut doc = Document::new(DocKind::Yrs, replica(1), doc_id());
+        doc.apply_ops(&[put(&["wallet"], json!({"entries": {}}))])
+            .expect("init");
+        doc.track_changes(&["wallet".to_string()]);
+        let entries = Path::keys(["wallet", "entries"]);
+        doc.track_entries(&std::sync::Arc::new(entries.clone()), &fields);
+        let _ = doc.take_touched_values();
+        doc.apply_ops(&[put(&["wallet", "entries", "e1"], value.clone())])
+            .expect("edit");
+        let touched = doc.take_touched_values().expect("tracked");
+        assert_eq!(
+            as_json(&touched[0].keys[0].fields),
+            Some(projection(Some(&value), &fields)),
+            "{count} fields"
+        );
+    }
+}
+
 /// Every field value the tracker reports with a touched entry is what the document holds when
 /// the touched paths are taken, however the window's transactions changed the entry after it
 /// was set (inside it, replacing it, deleting it, replacing its collection or an ancestor).

@@ -222,12 +222,12 @@ fn event_path(root: &str, event: &yrs::types::Event) -> Path {
 /// value this does not project (the entry is then read back). Strings are shared with the
 /// document, not copied.
 fn project<T: ReadTxn>(txn: &T, value: &Out, fields: &[String]) -> Option<Fields> {
-    let mut projected: Fields = smallvec::smallvec![None; fields.len()];
+    let mut projected = absent(fields.len());
     match value {
         Out::YMap(map) => {
             for (key, value) in map.iter(txn) {
                 if key == COUNTER_MARKER {
-                    return Some(smallvec::smallvec![None; fields.len()]);
+                    return Some(absent(fields.len()));
                 }
                 if let Some(at) = fields.iter().position(|f| f == key) {
                     projected[at] = Some(match value {
@@ -246,6 +246,14 @@ fn project<T: ReadTxn>(txn: &T, value: &Out, fields: &[String]) -> Option<Fields
         _ => return None,
     }
     Some(projected)
+}
+
+/// `n` absent fields (built in place for the usual one or two).
+fn absent(n: usize) -> Fields {
+    match n {
+        0..=2 => Fields::from_buf_and_len([None, None], n),
+        _ => smallvec::smallvec![None; n],
+    }
 }
 
 /// A field value as its JSON shows it; a string is shared, not copied.
