@@ -10,8 +10,11 @@
 //!     target/release/examples/invariant_server_path checked 10000 2000
 //! ```
 //!
-//! Arguments: `bare` or `checked`, the entries per collection the document starts with, and the
-//! changes measured. Without valgrind it prints the mean time per change as well.
+//! Arguments: `bare`, `tracked` or `checked`, the entries per collection the document starts
+//! with, and the changes measured. `tracked` is the document's share of `checked`: the changed
+//! paths tracked as the reconciler asks (Yrs deep observers, the fields of new entries) and
+//! taken after every change, but nothing checked. Without valgrind it prints the mean time per
+//! change as well.
 
 use std::time::Instant;
 
@@ -87,21 +90,30 @@ fn setup(entries: usize, count: usize) -> (Document, Vec<Vec<u8>>) {
 }
 
 #[inline(never)]
-fn measure(doc: &mut Document, reconciler: Option<&mut Reconciler>, updates: &[Vec<u8>]) {
+fn measure(
+    doc: &mut Document,
+    reconciler: Option<&mut Reconciler>,
+    updates: &[Vec<u8>],
+    take: bool,
+) {
     let mut reconciler = reconciler;
+    let mut touched = Vec::new();
     for (i, update) in updates.iter().enumerate() {
         let changes = doc.apply_changes(update).expect("apply");
         if let Some(reconciler) = reconciler.as_deref_mut() {
             let ids: Vec<_> = changes.iter().map(|c| c.id).collect();
             let violations = reconciler.observe(doc, Some(i as u64 + 10), &ids);
             assert!(violations.is_empty(), "{violations:?}");
+        } else if take {
+            assert!(doc.take_touched_into(&mut touched));
         }
     }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let checked = args.get(1).map(String::as_str) == Some("checked");
+    let mode = args.get(1).map_or("bare", String::as_str);
+    let checked = mode == "checked";
     let entries: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let count: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(2_000);
     let schema = Schema::from_json(SCHEMA).expect("schema");
@@ -117,11 +129,23 @@ fn main() {
         assert!(r.observe(&mut doc, Some(1), &[]).is_empty());
         r
     });
+    let tracked = mode == "tracked";
+    if tracked {
+        // What the reconciler asks of the document (see `Reconciler::observe`).
+        let roots = ["_accord", "trip", "wallet"].map(String::from);
+        doc.track_changes(&roots);
+        let collection = |root: &str, key: &str| std::sync::Arc::new(Path::keys([root, key]));
+        doc.track_entries(
+            &collection("wallet", "entries"),
+            &["amount", "kind"].map(String::from),
+        );
+        doc.track_entries(&collection("trip", "bookings"), &["seat".to_string()]);
+        doc.track_entries(&collection("trip", "payments"), &["ref".to_string()]);
+        doc.track_entries(&collection("trip", "bus"), &[]);
+        let _ = doc.take_touched();
+    }
     let started = Instant::now();
-    measure(&mut doc, reconciler.as_mut(), &updates);
+    measure(&mut doc, reconciler.as_mut(), &updates, tracked);
     let micros = started.elapsed().as_secs_f64() * 1e6 / count as f64;
-    println!(
-        "{} entries={entries} changes={count}: {micros:.2} us a change",
-        if checked { "checked" } else { "bare" }
-    );
+    println!("{mode} entries={entries} changes={count}: {micros:.2} us a change");
 }

@@ -14,6 +14,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use smallvec::SmallVec;
 
 pub use automerge_doc::AutomergeDoc;
 pub use error::DocError;
@@ -121,8 +122,9 @@ pub struct Touched {
     /// The changed value, or the map whose keys changed (shared: a document may hand out the
     /// same path for every change to one map).
     pub path: std::sync::Arc<Path>,
-    /// The changed keys of the map at `path` (none: `path` itself changed).
-    pub keys: Vec<TouchedKey>,
+    /// The changed keys of the map at `path` (none: `path` itself changed). Inline for one key,
+    /// what a change to a collection almost always sets.
+    pub keys: SmallVec<[TouchedKey; 1]>,
 }
 
 /// A changed key of a map (see [`Touched`]).
@@ -133,7 +135,55 @@ pub struct TouchedKey {
     /// When the map is a collection given to [`Document::track_entries`] and the document had
     /// the entry at hand: the values of the asked fields as the entry's JSON shows them now, in
     /// the order asked (`None` for a field it lacks). `None`: read the entry.
-    pub fields: Option<Vec<Option<serde_json::Value>>>,
+    pub fields: Option<Fields>,
+}
+
+/// The asked fields of a changed entry, in the order asked (see [`TouchedKey::fields`]); inline
+/// for up to two, so reporting an entry allocates nothing for them.
+pub type Fields = SmallVec<[Option<FieldValue>; 2]>;
+
+/// The value of one field of a changed entry, as its JSON shows it (see [`TouchedKey::fields`]).
+///
+/// A string is kept apart from other JSON so a document can hand it out without a copy (a Yrs
+/// string is an `Arc<str>` in the document); build values with [`FieldValue::from_json`], which
+/// never puts a string in [`FieldValue::Json`], so equal values compare equal.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FieldValue {
+    /// A JSON string.
+    Text(std::sync::Arc<str>),
+    /// Any other JSON value.
+    Json(serde_json::Value),
+}
+
+impl FieldValue {
+    /// The field value for a JSON value (a string becomes [`FieldValue::Text`]).
+    pub fn from_json(value: serde_json::Value) -> Self {
+        match value {
+            serde_json::Value::String(s) => FieldValue::Text(s.into()),
+            other => FieldValue::Json(other),
+        }
+    }
+
+    /// The value as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            FieldValue::Text(s) => serde_json::Value::String(String::from(&**s)),
+            FieldValue::Json(value) => value.clone(),
+        }
+    }
+}
+
+/// Buffers of touched paths longer than this are not kept for reuse (a burst of changes would
+/// otherwise pin its buffer's memory in every loaded document).
+const TOUCHED_KEEP: usize = 32;
+
+/// Empties a buffer of touched paths for reuse, or drops it if it grew past [`TOUCHED_KEEP`].
+pub(crate) fn recycle(buffer: &mut Vec<Touched>) {
+    if buffer.capacity() > TOUCHED_KEEP {
+        *buffer = Vec::new();
+    } else {
+        buffer.clear();
+    }
 }
 
 /// The flat list of paths `touched` names.
@@ -300,7 +350,9 @@ impl Document {
     /// `fields` ([`TouchedKey::fields`]), when the document has them at hand (Yrs: from the
     /// change's events, instead of a walk from the root and a conversion of the whole entry).
     /// Automerge answers [`Document::get`] for new entries from its decoded changes instead.
-    pub fn track_entries(&mut self, collection: &Path, fields: &[String]) {
+    /// A Yrs document reports changes to the collection's map with this very `Arc`
+    /// ([`Touched::path`]), so a caller can recognise it by pointer.
+    pub fn track_entries(&mut self, collection: &std::sync::Arc<Path>, fields: &[String]) {
         match self {
             Document::Automerge(_) => {}
             Document::Yrs(d) => d.track_entries(collection, fields),
@@ -317,11 +369,31 @@ impl Document {
                     .into_iter()
                     .map(|path| Touched {
                         path: std::sync::Arc::new(path),
-                        keys: Vec::new(),
+                        keys: SmallVec::new(),
                     })
                     .collect()
             }),
             Document::Yrs(d) => d.take_touched_values(),
+        }
+    }
+
+    /// [`Document::take_touched_values`] into `into` (cleared first), which the document keeps
+    /// the old buffer of for the next changes: no allocation per take once both have grown.
+    /// Returns `false` when what changed is not known (see [`Document::take_touched`]; `into` is
+    /// then empty).
+    pub fn take_touched_into(&mut self, into: &mut Vec<Touched>) -> bool {
+        match self {
+            Document::Yrs(d) => d.take_touched_into(into),
+            Document::Automerge(_) => {
+                recycle(into);
+                match self.take_touched_values() {
+                    Some(touched) => {
+                        into.extend(touched);
+                        true
+                    }
+                    None => false,
+                }
+            }
         }
     }
 

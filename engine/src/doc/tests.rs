@@ -323,6 +323,16 @@ fn projection(
         .collect()
 }
 
+/// Reported fields as JSON, to compare with [`projection`].
+fn as_json(fields: &Option<super::Fields>) -> Option<Vec<Option<serde_json::Value>>> {
+    fields.as_ref().map(|fields| {
+        fields
+            .iter()
+            .map(|f| f.as_ref().map(super::FieldValue::to_json))
+            .collect()
+    })
+}
+
 /// A Yrs document with an empty `wallet.entries` ledger whose `amount` and `kind` fields are
 /// tracked, nothing touched yet; with the ledger's path and the tracked fields.
 fn tracked_ledger() -> (Document, Path, Vec<String>) {
@@ -332,7 +342,7 @@ fn tracked_ledger() -> (Document, Path, Vec<String>) {
     doc.apply_ops(&[put(&["wallet"], json!({"entries": {}}))])
         .expect("init");
     doc.track_changes(&["wallet".to_string()]);
-    doc.track_entries(&entries, &fields);
+    doc.track_entries(&std::sync::Arc::new(entries.clone()), &fields);
     let _ = doc.take_touched_values();
     (doc, entries, fields)
 }
@@ -356,9 +366,72 @@ fn yrs_reports_new_entries_with_their_fields() {
     assert_eq!(&*touched[0].keys[0].key, "e1");
     // The fast path is taken (a merge of one new entry), and says what a read would.
     assert_eq!(
-        touched[0].keys[0].fields,
+        as_json(&touched[0].keys[0].fields),
         Some(vec![Some(json!(3)), Some(json!("spend"))])
     );
+    // Strings are reported as such (shared with the document, not as JSON).
+    assert!(matches!(
+        &touched[0].keys[0].fields.as_ref().expect("fields")[1],
+        Some(super::FieldValue::Text(s)) if &**s == "spend"
+    ));
+}
+
+/// A change to a collection given to `track_entries` is reported with the caller's own `Arc`
+/// (the reconciler recognises its collections by pointer); another map gets its own path.
+#[test]
+fn yrs_reports_a_tracked_collection_with_the_callers_path() {
+    let mut doc = Document::new(DocKind::Yrs, replica(1), doc_id());
+    doc.apply_ops(&[put(&["trip"], json!({"bookings": {}, "notes": {}}))])
+        .expect("init");
+    doc.track_changes(&["trip".to_string()]);
+    let bookings = std::sync::Arc::new(Path::keys(["trip", "bookings"]));
+    doc.track_entries(&bookings, &["seat".to_string()]);
+    let _ = doc.take_touched_values();
+    for round in 0..2 {
+        doc.apply_ops(&[
+            put(
+                &["trip", "bookings", &format!("b{round}")],
+                json!({"seat": "1A"}),
+            ),
+            put(&["trip", "notes", &format!("n{round}")], json!("hi")),
+        ])
+        .expect("edit");
+        let mut touched = Vec::new();
+        assert!(doc.take_touched_into(&mut touched));
+        let at = |path: &Path| touched.iter().find(|t| *t.path == *path).expect("touched");
+        assert!(std::sync::Arc::ptr_eq(&at(&bookings).path, &bookings));
+        assert!(!std::sync::Arc::ptr_eq(
+            &at(&Path::keys(["trip", "notes"])).path,
+            &bookings
+        ));
+    }
+}
+
+/// However many fields are asked (none, one, or more than fit inline), each is reported.
+#[test]
+fn yrs_reports_any_number_of_fields() {
+    let value = json!({"amount": 3, "kind": "spend", "note": "n", "at": 7});
+    for count in 0..=4 {
+        let fields: Vec<String> = ["amount", "kind", "note", "at"][..count]
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        let mut doc = Document::new(DocKind::Yrs, replica(1), doc_id());
+        doc.apply_ops(&[put(&["wallet"], json!({"entries": {}}))])
+            .expect("init");
+        doc.track_changes(&["wallet".to_string()]);
+        let entries = Path::keys(["wallet", "entries"]);
+        doc.track_entries(&std::sync::Arc::new(entries.clone()), &fields);
+        let _ = doc.take_touched_values();
+        doc.apply_ops(&[put(&["wallet", "entries", "e1"], value.clone())])
+            .expect("edit");
+        let touched = doc.take_touched_values().expect("tracked");
+        assert_eq!(
+            as_json(&touched[0].keys[0].fields),
+            Some(projection(Some(&value), &fields)),
+            "{count} fields"
+        );
+    }
 }
 
 /// Every field value the tracker reports with a touched entry is what the document holds when
@@ -396,7 +469,7 @@ fn yrs_reported_entry_fields_are_current_when_taken() {
             let touched = doc.take_touched_values().expect("tracked");
             for t in &touched {
                 for key in &t.keys {
-                    let Some(got) = &key.fields else {
+                    let Some(got) = as_json(&key.fields) else {
                         continue;
                     };
                     assert_eq!(*t.path, entries, "only asked collections carry fields");
@@ -404,7 +477,7 @@ fn yrs_reported_entry_fields_are_current_when_taken() {
                     let now = doc.get(&Path::clone(&t.path).key(&*key.key));
                     assert_eq!(
                         got,
-                        &projection(now.as_ref(), &fields),
+                        projection(now.as_ref(), &fields),
                         "seed {seed}: {} in {touched:?}",
                         key.key
                     );
@@ -471,7 +544,7 @@ fn yrs_reports_fields_of_plain_object_entries() {
     let now = doc.get(&entries.clone().key("e1"));
     assert_eq!(now, Some(json!({"amount": 7, "kind": "spend"})));
     assert_eq!(
-        touched[0].keys[0].fields,
+        as_json(&touched[0].keys[0].fields),
         Some(projection(now.as_ref(), &fields))
     );
 }

@@ -21,7 +21,7 @@ use yrs::{
 
 use super::error::DocError;
 use super::ops::{Op, Path, Segment};
-use super::{Change, ChangeId, Touched, TouchedKey};
+use super::{Change, ChangeId, FieldValue, Fields, Touched, TouchedKey};
 use crate::ids::{DocumentId, ReplicaId};
 
 /// What the deep observers collected since the last take: the changed paths, bounded (past the
@@ -35,8 +35,9 @@ struct Tracker {
     overflow: bool,
     /// Where in `touched` a key carries fields (group, key), for invalidation.
     valued: Vec<(usize, usize)>,
-    /// Collections (map paths) whose changed entries are reported with these fields.
-    entries: Vec<(Path, Vec<String>)>,
+    /// Collections (map paths) whose changed entries are reported with these fields; a change
+    /// to one is reported with this `Arc` as its path.
+    entries: Vec<(Arc<Path>, Vec<String>)>,
     /// The paths of maps seen changing, by branch id, each with the index in `entries` of the
     /// collection it is (if it is one). A map nested in maps stays at one path for good (its
     /// item's parent and key never change), so its path is built once instead of at every
@@ -102,6 +103,16 @@ impl Tracker {
         });
     }
 
+    /// Whether an entry recorded with fields lies under the root map `root`. Only those can be
+    /// changed by `root`'s events: a path under another root is neither inside nor above them.
+    fn valued_under(&self, root: &str) -> bool {
+        self.valued.iter().any(|&(group, _)| {
+            self.touched.get(group).is_some_and(
+                |t| matches!(t.path.segments().first(), Some(Segment::Key(k)) if k == root),
+            )
+        })
+    }
+
     /// The path of the type changed in `event` (under the root `root`), and which of
     /// [`Tracker::entries`] it is.
     fn base_of(&mut self, root: &str, event: &yrs::types::Event) -> Base {
@@ -115,10 +126,16 @@ impl Tracker {
         if let Some(base) = self.bases.get(&id) {
             return base.clone();
         }
-        let path = Arc::new(event_path(root, event));
-        let base = Base {
-            entries: self.entries.iter().position(|(p, _)| *p == *path),
-            path,
+        let path = event_path(root, event);
+        let base = match self.entries.iter().position(|(p, _)| **p == path) {
+            Some(at) => Base {
+                path: self.entries[at].0.clone(),
+                entries: Some(at),
+            },
+            None => Base {
+                path: Arc::new(path),
+                entries: None,
+            },
         };
         let fixed = base
             .path
@@ -139,7 +156,7 @@ impl Tracker {
         let yrs::types::Event::Map(map_event) = event else {
             self.push(Touched {
                 path: base.path,
-                keys: Vec::new(),
+                keys: smallvec::SmallVec::new(),
             });
             return;
         };
@@ -171,11 +188,18 @@ impl Tracker {
         });
     }
 
-    fn take(&mut self) -> Option<Vec<Touched>> {
+    /// What changed since the last take, into `into` (cleared; its buffer is kept for the next
+    /// window). `false` when too much changed to list.
+    fn take_into(&mut self, into: &mut Vec<Touched>) -> bool {
+        super::recycle(into);
+        std::mem::swap(&mut self.touched, into);
         self.valued.clear();
         self.paths = 0;
-        let touched = std::mem::take(&mut self.touched);
-        (!std::mem::take(&mut self.overflow)).then_some(touched)
+        if std::mem::take(&mut self.overflow) {
+            into.clear();
+            return false;
+        }
+        true
     }
 }
 
@@ -195,33 +219,49 @@ fn event_path(root: &str, event: &yrs::types::Event) -> Path {
 
 /// The fields `fields` of the entry `value` as its JSON would show them (a map's keys; nothing
 /// for a counter, which shows as a number, or for any other scalar), or `None` for a kind of
-/// value this does not project (the entry is then read back).
-fn project<T: ReadTxn>(
-    txn: &T,
-    value: &Out,
-    fields: &[String],
-) -> Option<Vec<Option<serde_json::Value>>> {
-    let mut projected: Vec<Option<serde_json::Value>> = vec![None; fields.len()];
+/// value this does not project (the entry is then read back). Strings are shared with the
+/// document, not copied.
+fn project<T: ReadTxn>(txn: &T, value: &Out, fields: &[String]) -> Option<Fields> {
+    let mut projected = absent(fields.len());
     match value {
         Out::YMap(map) => {
             for (key, value) in map.iter(txn) {
                 if key == COUNTER_MARKER {
-                    return Some(vec![None; fields.len()]);
+                    return Some(absent(fields.len()));
                 }
                 if let Some(at) = fields.iter().position(|f| f == key) {
-                    projected[at] = Some(out_to_json(txn, &value));
+                    projected[at] = Some(match value {
+                        Out::Any(any) => any_field(&any),
+                        other => FieldValue::from_json(out_to_json(txn, &other)),
+                    });
                 }
             }
         }
         Out::Any(Any::Map(map)) => {
             for (at, field) in fields.iter().enumerate() {
-                projected[at] = map.get(field.as_str()).map(any_to_json);
+                projected[at] = map.get(field.as_str()).map(any_field);
             }
         }
         Out::Any(_) => {}
         _ => return None,
     }
     Some(projected)
+}
+
+/// `n` absent fields (built in place for the usual one or two).
+fn absent(n: usize) -> Fields {
+    match n {
+        0..=2 => Fields::from_buf_and_len([None, None], n),
+        _ => smallvec::smallvec![None; n],
+    }
+}
+
+/// A field value as its JSON shows it; a string is shared, not copied.
+fn any_field(any: &Any) -> FieldValue {
+    match any {
+        Any::String(s) => FieldValue::Text(s.clone()),
+        other => FieldValue::from_json(any_to_json(other)),
+    }
 }
 
 /// The key that marks a map as a counter.
@@ -474,23 +514,17 @@ impl YrsDoc {
                 };
                 // All of one transaction's events under this root come in this one call, and
                 // they describe its end state: first drop what earlier transactions of the
-                // window left that these events may have changed (if any carry fields), then
-                // record these.
-                if tracker.valued.is_empty() {
+                // window left under this root that these events may have changed (if any carry
+                // fields), then record these. Paths are cached per map, so the second look-up
+                // is a probe.
+                if tracker.valued_under(&name) {
                     for event in events.iter() {
                         let base = tracker.base_of(&name, event);
-                        tracker.record(txn, event, base);
+                        tracker.invalidate(base.path.segments());
                     }
-                    return;
                 }
-                let bases: Vec<Base> = events
-                    .iter()
-                    .map(|event| tracker.base_of(&name, event))
-                    .collect();
-                for base in &bases {
-                    tracker.invalidate(base.path.segments());
-                }
-                for (event, base) in events.iter().zip(bases) {
+                for event in events.iter() {
+                    let base = tracker.base_of(&name, event);
                     tracker.record(txn, event, base);
                 }
             });
@@ -499,11 +533,12 @@ impl YrsDoc {
 
     /// Reports the entries a change sets in the map at `collection` with their `fields` (see
     /// [`super::Document::track_entries`]); `collection` must lie under a tracked root.
-    pub fn track_entries(&mut self, collection: &Path, fields: &[String]) {
+    /// Changes to the collection's map are reported with `collection` itself as their path.
+    pub fn track_entries(&mut self, collection: &Arc<Path>, fields: &[String]) {
         let Ok(mut tracker) = self.touched.lock() else {
             return;
         };
-        tracker.entries.retain(|(path, _)| path != collection);
+        tracker.entries.retain(|(path, _)| **path != **collection);
         tracker.entries.push((collection.clone(), fields.to_vec()));
         // The collections' places in `entries` moved: look them up again.
         tracker.bases.clear();
@@ -518,10 +553,18 @@ impl YrsDoc {
     /// [`YrsDoc::take_touched`], grouped by changed map, with the fields of entries of the
     /// collections given to [`YrsDoc::track_entries`] (see [`YrsDoc::track_changes`]).
     pub fn take_touched_values(&mut self) -> Option<Vec<Touched>> {
+        let mut touched = Vec::new();
+        self.take_touched_into(&mut touched).then_some(touched)
+    }
+
+    /// [`YrsDoc::take_touched_values`] into `into`, whose buffer the document keeps for the next
+    /// changes (see [`super::Document::take_touched_into`]).
+    pub fn take_touched_into(&mut self, into: &mut Vec<Touched>) -> bool {
         let Ok(mut tracker) = self.touched.lock() else {
-            return None;
+            into.clear();
+            return false;
         };
-        tracker.take()
+        tracker.take_into(into)
     }
 
     /// The keys of the map at `path` (the root type names for the root path).

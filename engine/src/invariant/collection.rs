@@ -9,92 +9,16 @@
 //! document.
 
 use std::collections::{BTreeSet, HashSet};
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use hashbrown::hash_table::{self, HashTable};
+use hashbrown::hash_table;
 
-/// A map from [`Key`] to `V` that keeps each key's hash next to it, for the tables keyed by entry
-/// keys and claimed values, which are written after every commit and grow with the document.
-///
-/// hashbrown's `HashTable` rather than std's `HashMap`, which does not keep hashes: growing a
-/// `HashMap` hashes every key again, and each key is a pointer to chase, so on large collections
-/// the growth was the largest part of an observation's cost on the server (a cache miss per
-/// entry); here slots move without reading keys. It also lets a lookup that misses and the
-/// insert that follows be one probe. Hashed with foldhash (randomly seeded per process, so keys
-/// chosen by clients cannot be aimed at collisions) rather than SipHash, which showed up in
-/// profiles of the commit path.
-#[derive(Clone, Debug)]
-pub(crate) struct KeyedTable<V> {
-    table: HashTable<(u64, Key, V)>,
-    hasher: foldhash::quality::RandomState,
-}
-
-impl<V> Default for KeyedTable<V> {
-    fn default() -> Self {
-        Self::with_capacity(0)
-    }
-}
-
-impl<V> KeyedTable<V> {
-    fn with_capacity(capacity: usize) -> Self {
-        Self {
-            table: HashTable::with_capacity(capacity),
-            hasher: foldhash::quality::RandomState::default(),
-        }
-    }
-
-    fn hash(&self, key: &str) -> u64 {
-        self.hasher.hash_one(key)
-    }
-
-    fn get(&self, key: &str) -> Option<&V> {
-        let hash = self.hash(key);
-        self.table
-            .find(hash, |(h, k, _)| *h == hash && **k == *key)
-            .map(|(_, _, v)| v)
-    }
-
-    /// The slot of `key` (present or not), in one probe. Slots are compared by hash before key,
-    /// so a probe reads no key but the one it is looking for.
-    fn entry(&mut self, key: &str) -> (u64, hash_table::Entry<'_, (u64, Key, V)>) {
-        let hash = self.hash(key);
-        let entry = self
-            .table
-            .entry(hash, |(h, k, _)| *h == hash && **k == *key, |(h, _, _)| *h);
-        (hash, entry)
-    }
-
-    /// The slot of `key` if present (never grows the table).
-    fn find_entry(&mut self, key: &str) -> Option<hash_table::OccupiedEntry<'_, (u64, Key, V)>> {
-        let hash = self.hash(key);
-        self.table
-            .find_entry(hash, |(h, k, _)| *h == hash && **k == *key)
-            .ok()
-    }
-
-    fn insert(&mut self, key: Key, value: V) {
-        match self.entry(&key) {
-            (_, hash_table::Entry::Occupied(mut slot)) => slot.get_mut().2 = value,
-            (hash, hash_table::Entry::Vacant(slot)) => {
-                slot.insert((hash, key, value));
-            }
-        }
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&Key, &V)> {
-        self.table.iter().map(|(_, k, v)| (k, v))
-    }
-
-    fn clear(&mut self) {
-        self.table.clear();
-    }
-}
-
+use super::claim::{Claim, FieldRef};
+use super::table::KeyedTable;
 use serde_json::Value;
 
 use super::spec::{Fold, Rule};
-use crate::doc::{ChangeId, Document, Path};
+use crate::doc::{ChangeId, Document, FieldValue, Path};
 
 /// Where an entry came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,33 +115,10 @@ impl Claimants {
 enum Fact {
     /// Its contribution to a fold.
     Amount(f64),
-    /// The value it claims (as JSON text), if any.
-    Claim(Option<Key>),
+    /// The value it claims, if any.
+    Claim(Option<Claim>),
     /// Nothing beyond being counted.
     Counted,
-}
-
-/// The JSON text of a claimed value (what `Value::to_string` gives), as a shared [`Key`].
-///
-/// Written by hand for the common case, a short string that needs no escaping: built in a stack
-/// buffer it costs one allocation (the key itself), where `to_string` grows a `String` three
-/// times and the key is then a copy of it; this runs for every claim a change makes. serde_json
-/// escapes only `"`, `\` and control characters below U+0020 in strings, which is what
-/// `plain` excludes (checked against `to_string` in the tests).
-fn claim_text(value: &Value) -> Key {
-    if let Value::String(s) = value {
-        let plain = s.len() <= 62 && s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
-        if plain {
-            let mut buffer = [0u8; 64];
-            buffer[0] = b'"';
-            buffer[1..=s.len()].copy_from_slice(s.as_bytes());
-            buffer[s.len() + 1] = b'"';
-            if let Ok(text) = std::str::from_utf8(&buffer[..s.len() + 2]) {
-                return Key::from(text);
-            }
-        }
-    }
-    Key::from(value.to_string())
 }
 
 /// Running aggregate of one rule over the live (not voided) entries. Fields are named by their
@@ -238,8 +139,8 @@ enum Aggregate {
     /// claims change, so finding them does not cost a scan of every value).
     Claims {
         field: usize,
-        by_value: KeyedTable<Claimants>,
-        contested: BTreeSet<Key>,
+        by_value: KeyedTable<Claim, Claimants>,
+        contested: BTreeSet<Claim>,
     },
     /// Only the live count matters.
     Count,
@@ -248,19 +149,19 @@ enum Aggregate {
 impl Aggregate {
     /// What an entry adds to this aggregate, given the entry's fields by index (the same as
     /// [`contribution`] and a claim read from the entry's JSON).
-    fn fact<'v>(&self, field: &impl Fn(usize) -> Option<&'v Value>) -> Fact {
+    fn fact<'v>(&self, field: &impl Fn(usize) -> Option<FieldRef<'v>>) -> Fact {
         match self {
             Aggregate::Fold { amount, sign, .. } => {
-                let amount = field(*amount).and_then(Value::as_f64).unwrap_or(0.0);
+                let amount = field(*amount).and_then(FieldRef::as_f64).unwrap_or(0.0);
                 let negative = sign.as_ref().is_some_and(|(at, negative)| {
                     field(*at)
-                        .and_then(Value::as_str)
+                        .and_then(FieldRef::as_str)
                         .is_some_and(|v| negative.iter().any(|n| n == v))
                 });
                 Fact::Amount(if negative { -amount } else { amount })
             }
             Aggregate::Claims { field: at, .. } => {
-                Fact::Claim(field(*at).filter(|v| !v.is_null()).map(claim_text))
+                Fact::Claim(field(*at).filter(|v| !v.is_null()).map(FieldRef::claim))
             }
             Aggregate::Count => Fact::Counted,
         }
@@ -306,10 +207,10 @@ impl Aggregate {
                     match claims.len() {
                         0 => {
                             slot.remove();
-                            contested.remove(&**value);
+                            contested.remove(value);
                         }
                         1 => {
-                            contested.remove(&**value);
+                            contested.remove(value);
                         }
                         _ => {}
                     }
@@ -361,10 +262,11 @@ pub(crate) fn contribution(fold: &Fold, entry: &Value) -> f64 {
 
 /// A guarded collection and the aggregates of the rules that watch it.
 pub(crate) struct Collection {
-    pub path: Path,
+    /// Where it is: the very `Arc` the document is asked to track (see [`super::relate`]).
+    pub path: Arc<Path>,
     /// The entry fields the aggregates read (each once).
     fields: Vec<String>,
-    entries: KeyedTable<Entry>,
+    entries: KeyedTable<Key, Entry>,
     voided: HashSet<String>,
     live: usize,
     /// (index of the rule in the schema, its aggregate)
@@ -375,7 +277,7 @@ impl Collection {
     /// An empty view of the collection at `path`.
     pub fn new(path: Path) -> Self {
         Self {
-            path,
+            path: Arc::new(path),
             fields: Vec::new(),
             entries: KeyedTable::default(),
             voided: HashSet::new(),
@@ -453,16 +355,19 @@ impl Collection {
         doc: &Document,
         key: &str,
         shared: Option<&Key>,
-        fields: Option<&[Option<Value>]>,
+        fields: Option<&[Option<FieldValue>]>,
         meta: EntryMeta,
     ) {
         let fresh = match fields {
-            Some(fields) => Some(self.facts(|at| fields.get(at).and_then(Option::as_ref))),
+            Some(fields) => {
+                Some(self.facts(|at| fields.get(at).and_then(Option::as_ref).map(FieldRef::of)))
+            }
             None => doc
-                .get(&self.path.clone().key(key))
+                .get(&Path::clone(&self.path).key(key))
                 .map(|value| self.facts_of(&value)),
         };
-        let live = !self.voided.contains(key);
+        // Nothing voided is the common case: no hashing of the key then.
+        let live = self.voided.is_empty() || !self.voided.contains(key);
         let aggregates = &mut self.aggregates;
         // Adds (`sign` 1) or takes out (-1) one entry's facts from the aggregates.
         let count = |aggregates: &mut Vec<(usize, Aggregate)>, key: &Key, facts: &Facts, sign| {
@@ -505,7 +410,7 @@ impl Collection {
     }
 
     /// What an entry means to each aggregate, in order, given its fields by index.
-    fn facts<'v>(&self, field: impl Fn(usize) -> Option<&'v Value>) -> Facts {
+    fn facts<'v>(&self, field: impl Fn(usize) -> Option<FieldRef<'v>>) -> Facts {
         match self.aggregates.as_slice() {
             [(_, aggregate)] => Facts::One(aggregate.fact(&field)),
             aggregates => Facts::Many(aggregates.iter().map(|(_, a)| a.fact(&field)).collect()),
@@ -514,7 +419,12 @@ impl Collection {
 
     /// What the entry `value` means to each aggregate, in order.
     fn facts_of(&self, value: &Value) -> Facts {
-        self.facts(|at| self.fields.get(at).and_then(|f| value.get(f.as_str())))
+        self.facts(|at| {
+            self.fields
+                .get(at)
+                .and_then(|f| value.get(f.as_str()))
+                .map(FieldRef::Json)
+        })
     }
 
     /// The contribution of `entry` to the fold of rule `index` (0 when the rule has none).
@@ -532,7 +442,8 @@ impl Collection {
     /// The value of entry `key` as the document holds it now (`null` if it is gone): read only
     /// for a violation, which shows the entries' values in its options.
     pub fn value(&self, doc: &Document, key: &str) -> Value {
-        doc.get(&self.path.clone().key(key)).unwrap_or(Value::Null)
+        doc.get(&Path::clone(&self.path).key(key))
+            .unwrap_or(Value::Null)
     }
 
     /// Sets which entries resolutions voided; aggregates are rebuilt only when that changed.
@@ -593,6 +504,14 @@ impl Collection {
             .unwrap_or((0.0, 0.0))
     }
 
+    /// Whether rule `index` (unique, once) has a value claimed by more than one live entry: the
+    /// check after every commit, before [`Collection::contested`] lists them.
+    pub fn is_contested(&self, index: usize) -> bool {
+        self.aggregates.iter().any(|(i, a)| {
+            *i == index && matches!(a, Aggregate::Claims { contested, .. } if !contested.is_empty())
+        })
+    }
+
     /// The values of rule `index` (unique, once) claimed by more than one live entry, with the
     /// claimants.
     pub fn contested(&self, index: usize) -> Vec<(String, Vec<String>)> {
@@ -608,7 +527,7 @@ impl Collection {
                     .iter()
                     .filter_map(|v| {
                         let keys = by_value.get(v).filter(|keys| keys.len() > 1)?;
-                        Some((v.to_string(), keys.keys()))
+                        Some((v.json_text(), keys.keys()))
                     })
                     .collect::<Vec<_>>(),
                 _ => Vec::new(),
@@ -660,30 +579,6 @@ mod tests {
     }
 
     #[test]
-    fn claim_text_is_the_json_text() {
-        let long = "x".repeat(62);
-        let longer = "x".repeat(63);
-        for value in [
-            json!("12A"),
-            json!(""),
-            json!("a\"b"),
-            json!("back\\slash"),
-            json!("tab\there"),
-            json!("\u{1f}"),
-            json!("\u{7f} del"),
-            json!("é ü 日本 🎉"),
-            json!(long),
-            json!(longer),
-            json!(12),
-            json!(1.5),
-            json!(true),
-            json!({"b": 1, "a": [2, "x"]}),
-        ] {
-            assert_eq!(&*claim_text(&value), value.to_string().as_str(), "{value}");
-        }
-    }
-
-    #[test]
     fn facts_from_fields_match_facts_from_the_entry() {
         let mut collection = Collection::new(Path::keys(["wallet", "entries"]));
         let fold: Rule = serde_json::from_value(json!({
@@ -706,12 +601,14 @@ mod tests {
             json!("a scalar"),
             json!([1, 2]),
         ] {
-            let fields: Vec<Option<Value>> = collection
+            // As a change reports them: strings apart from other JSON.
+            let fields: Vec<Option<FieldValue>> = collection
                 .fields()
                 .iter()
-                .map(|f| entry.get(f.as_str()).cloned())
+                .map(|f| entry.get(f.as_str()).cloned().map(FieldValue::from_json))
                 .collect();
-            let projected = collection.facts(|at| fields.get(at).and_then(Option::as_ref));
+            let projected =
+                collection.facts(|at| fields.get(at).and_then(Option::as_ref).map(FieldRef::of));
             let read = collection.facts_of(&entry);
             assert_eq!(projected.as_slice(), read.as_slice(), "{entry}");
         }
@@ -725,7 +622,7 @@ mod tests {
             contested: BTreeSet::new(),
         };
         let seat = serde_json::json!("12A");
-        let fact = aggregate.fact(&|_| Some(&seat));
+        let fact = aggregate.fact(&|_| Some(FieldRef::Json(&seat)));
         aggregate.add(&Key::from("x"), &fact, 1.0);
         aggregate.add(&Key::from("y"), &fact, 1.0);
         let contested = |a: &Aggregate| match a {

@@ -10,10 +10,13 @@
 //! The server is the canonical repairer (it gives commit order); other replicas run the same
 //! checks to warn early, and all of them read the same facts, so derived values agree everywhere.
 
+mod claim;
 mod collection;
 pub mod reconcile;
 pub mod record;
+mod relate;
 pub mod spec;
+mod table;
 
 pub use reconcile::{
     choose, folded_total, ChooseError, CustomViolation, Invariant, Outcome, ReconcileStats,

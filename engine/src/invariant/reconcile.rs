@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
+use smallvec::SmallVec;
 
 use super::collection::{contribution, Collection, EntryMeta, Key};
 use super::record::is_reserved;
@@ -25,9 +26,10 @@ use super::record::{
     conflict_op, read_records, resolution_op, Action, Conflict, ConflictOption, Records,
     Resolution, ViolationId,
 };
+use super::relate::{Layout, Relation};
 use super::spec::{InvariantSpec, Policy, Rule, Schema};
 use crate::doc::{
-    overlaps, Change, ChangeId, DocError, DocKind, Document, Op, Path, Segment, Touched,
+    Change, ChangeId, DocError, DocKind, Document, FieldValue, Op, Path, Segment, Touched,
 };
 use crate::ids::DocumentId;
 
@@ -103,6 +105,9 @@ pub struct Outcome {
     pub rounds: u32,
 }
 
+/// For each touched path, the collection whose own path it is (see [`Layout::which`]).
+type Exact = SmallVec<[Option<usize>; 8]>;
+
 /// The reconciliation loop of one document. See the [module docs](self).
 pub struct Reconciler {
     document: DocumentId,
@@ -123,6 +128,10 @@ pub struct Reconciler {
     local_seq: u64,
     /// The changes of the last observation: the authors of a value a repair overrides.
     last_changes: Vec<ChangeId>,
+    /// The buffer the document's touched paths are taken into, kept between observations.
+    touched: Vec<Touched>,
+    /// How the collections' paths relate to each collection and to each rule's path.
+    layout: Layout,
     max_rounds: u32,
     stats: ReconcileStats,
 }
@@ -144,7 +153,7 @@ impl Reconciler {
                 continue;
             }
             let path = spec.rule.path();
-            let at = match collections.iter().position(|c| &c.path == path) {
+            let at = match collections.iter().position(|c| *c.path == *path) {
                 Some(at) => at,
                 None => {
                     collections.push(Collection::new(path.clone()));
@@ -165,6 +174,14 @@ impl Reconciler {
         roots.push("_accord".to_owned());
         roots.sort();
         roots.dedup();
+        let layout = Layout::new(
+            collections.iter().map(|c| c.path.clone()).collect(),
+            schema
+                .invariants
+                .iter()
+                .map(|s| s.rule.path().clone())
+                .collect(),
+        );
         Self {
             document,
             kind,
@@ -182,6 +199,8 @@ impl Reconciler {
             seen: std::collections::HashSet::new(),
             local_seq: 0,
             last_changes: Vec::new(),
+            touched: Vec::new(),
+            layout,
             max_rounds: 8,
             stats: ReconcileStats::default(),
         }
@@ -231,7 +250,13 @@ impl Reconciler {
         };
         self.last_changes.clear();
         self.last_changes.extend_from_slice(changes);
-        let touched = self.refresh(doc, meta, changes.len() != 1);
+        // The touched paths land in a buffer kept between observations (no allocation per
+        // commit); it goes back, emptied, at the end.
+        let mut buffer = std::mem::take(&mut self.touched);
+        let exact = self.refresh(doc, meta, changes.len() != 1, &mut buffer);
+        let touched = exact
+            .as_ref()
+            .map(|exact| (buffer.as_slice(), exact.as_slice()));
         let mut violations = Vec::new();
         let specs = std::mem::take(&mut self.specs);
         for (index, spec) in specs.iter().enumerate() {
@@ -242,7 +267,9 @@ impl Reconciler {
                     }
                     None => Vec::new(),
                 }
-            } else if touches(touched.as_deref(), spec.rule.path()) {
+            } else if touched.is_none_or(|(touched, exact)| {
+                (touched.iter().zip(exact)).any(|(t, e)| self.layout.touches(t, *e, index))
+            }) {
                 self.check_value(doc, spec)
             } else {
                 // Untouched since the last look: nothing new to say about this value.
@@ -251,6 +278,8 @@ impl Reconciler {
             violations.extend(found);
         }
         self.specs = specs;
+        crate::doc::recycle(&mut buffer);
+        self.touched = buffer;
         for rule in &self.custom {
             for found in rule.check(doc) {
                 violations.push(Violation {
@@ -286,18 +315,20 @@ impl Reconciler {
         violations
     }
 
-    /// Brings the cached records and collections up to date with what changed.
-    /// Returns the paths that changed, or `None` when everything must be assumed changed. With
-    /// `several_changes`, each touched entry is credited to the change that wrote it (when the
-    /// document can tell) rather than to the first change of the batch.
+    /// Brings the cached records and collections up to date with what changed, which it puts
+    /// in `touched`. Returns which collection's own path each change is at (see
+    /// [`Layout::which`]), or `None` when everything must be assumed changed (`touched` is then
+    /// empty). With `several_changes`, each touched entry is credited to the change that wrote
+    /// it (when the document can tell) rather than to the first change of the batch.
     fn refresh(
         &mut self,
         doc: &mut Document,
         meta: EntryMeta,
         several_changes: bool,
-    ) -> Option<Vec<Touched>> {
-        let touched = if self.loaded {
-            doc.take_touched_values()
+        touched: &mut Vec<Touched>,
+    ) -> Option<Exact> {
+        let known = if self.loaded {
+            doc.take_touched_into(touched)
         } else {
             doc.track_changes(&self.roots);
             for collection in &self.collections {
@@ -305,16 +336,19 @@ impl Reconciler {
             }
             let _ = doc.take_touched();
             self.loaded = true;
-            None
+            touched.clear();
+            false
         };
-        let Some(touched) = touched else {
+        if !known {
             self.records = read_records(doc);
             for collection in &mut self.collections {
                 collection.load(doc, meta);
                 collection.set_voided(voided_of(&self.records, &collection.path));
             }
             return None;
-        };
+        }
+        let touched = &touched[..];
+        let exact: Exact = touched.iter().map(|t| self.layout.which(&t.path)).collect();
         let records_touched = touched.iter().any(|t| match t.path.segments().first() {
             Some(Segment::Key(k)) => is_reserved(k),
             // A group at the root: each key is a top-level path.
@@ -330,46 +364,52 @@ impl Reconciler {
         // The touched entries of each collection, borrowed from `touched` (no copies on this
         // path, which runs after every commit): the key, and the entry's fields when the
         // document reported them.
-        type Touch<'t> = (&'t str, Option<&'t Key>, Option<&'t [Option<Value>]>);
-        let mut keys: Vec<Touch> = Vec::new();
-        for collection in &mut self.collections {
+        type Touch<'t> = (&'t str, Option<&'t Key>, Option<&'t [Option<FieldValue>]>);
+        let mut keys: SmallVec<[Touch; 8]> = SmallVec::new();
+        let layout = &self.layout;
+        for (c, collection) in self.collections.iter_mut().enumerate() {
             let at = collection.path.segments();
             let depth = at.len();
             keys.clear();
             let mut reload = false;
-            for t in &touched {
+            for (t, which) in touched.iter().zip(&exact) {
                 let path = t.path.segments();
-                // One pass over the common prefix decides how `path` and the collection relate
-                // (this runs for every collection and every changed map after every commit).
-                let common = path.iter().zip(at).take_while(|(a, b)| a == b).count();
-                let inside = common == depth; // `path` is the collection or lies inside it
-                let above = common == path.len() && path.len() < depth; // an ancestor
+                // Read from the layout's table when `path` is a collection's own (this runs
+                // for every collection and every changed map after every commit).
+                let relation = layout.relation(*which, path, c);
                 if t.keys.is_empty() {
                     // `path` itself changed.
-                    if inside {
-                        match path.get(depth) {
-                            Some(Segment::Key(key)) => keys.push((key.as_str(), None, None)),
-                            Some(_) => {}
-                            None => reload = true,
+                    match relation {
+                        Relation::Inside => {
+                            if let Some(Segment::Key(key)) = path.get(depth) {
+                                keys.push((key.as_str(), None, None));
+                            }
                         }
-                    } else if above {
-                        reload = true;
+                        Relation::Same | Relation::Above => reload = true,
+                        Relation::Unrelated => {}
                     }
-                } else if inside && path.len() == depth {
+                    continue;
+                }
+                match relation {
                     // Entries of this collection were set or removed.
-                    for key in &t.keys {
-                        keys.push((&key.key, Some(&key.key), key.fields.as_deref()));
+                    Relation::Same => {
+                        for key in &t.keys {
+                            keys.push((&key.key, Some(&key.key), key.fields.as_deref()));
+                        }
                     }
-                } else if inside {
                     // A change inside one entry.
-                    if let Some(Segment::Key(key)) = path.get(depth) {
-                        keys.push((key.as_str(), None, None));
+                    Relation::Inside => {
+                        if let Some(Segment::Key(key)) = path.get(depth) {
+                            keys.push((key.as_str(), None, None));
+                        }
                     }
-                } else if above {
                     // A key of an ancestor: the collection itself if it is on the way.
-                    if let Some(Segment::Key(next)) = at.get(path.len()) {
-                        reload |= t.keys.iter().any(|k| *k.key == **next);
+                    Relation::Above => {
+                        if let Some(Segment::Key(next)) = at.get(path.len()) {
+                            reload |= t.keys.iter().any(|k| *k.key == **next);
+                        }
                     }
+                    Relation::Unrelated => {}
                 }
             }
             if reload {
@@ -386,7 +426,8 @@ impl Reconciler {
                 // entry when the document can tell (Automerge).
                 let meta = if several_changes && doc.kind() == DocKind::Automerge {
                     EntryMeta {
-                        change: writer_of(doc, &collection.path.clone().key(key)).or(meta.change),
+                        change: writer_of(doc, &Path::clone(&collection.path).key(key))
+                            .or(meta.change),
                         ..meta
                     }
                 } else {
@@ -395,7 +436,7 @@ impl Reconciler {
                 collection.refresh(doc, key, shared, fields, meta);
             }
         }
-        Some(touched)
+        Some(exact)
     }
 
     /// The ops that act on `violations` by their policies (nothing unless this reconciler is the
@@ -523,7 +564,7 @@ impl Reconciler {
     }
 
     fn victim_changes(&self, path: &Path, victims: &[String]) -> Vec<String> {
-        let Some(collection) = self.collections.iter().find(|c| &c.path == path) else {
+        let Some(collection) = self.collections.iter().find(|c| *c.path == *path) else {
             return Vec::new();
         };
         let mut out: Vec<String> = victims
@@ -770,21 +811,6 @@ pub fn choose(doc: &Document, key: &str, choice: usize, by: &str) -> Result<Vec<
     Ok(ops)
 }
 
-/// Whether a change to `touched` (all of them when `None`) may have changed the value at `path`.
-fn touches(touched: Option<&[Touched]>, path: &Path) -> bool {
-    touched.is_none_or(|touched| {
-        touched.iter().any(|t| {
-            if t.keys.is_empty() {
-                overlaps(t.path.segments(), None, path.segments())
-            } else {
-                t.keys
-                    .iter()
-                    .any(|k| overlaps(t.path.segments(), Some(&k.key), path.segments()))
-            }
-        })
-    })
-}
-
 /// The change that wrote the value at `path`, when the document keeps that (Automerge keeps the
 /// op behind every value; Yrs does not expose it).
 fn writer_of(doc: &Document, path: &Path) -> Option<ChangeId> {
@@ -942,6 +968,7 @@ fn check_collection(
             );
             vec![violation(victims.clone(), victims, reason, options)]
         }
+        Rule::Unique { .. } | Rule::Once { .. } if !collection.is_contested(index) => Vec::new(),
         Rule::Unique { field, .. }
         | Rule::Once {
             key_field: field, ..
