@@ -462,6 +462,14 @@ async fn next_cbor(ws: &mut Ws) -> Value {
     }
 }
 
+/// A socket to the automerge-repo endpoint at `url`, joined as `peer` (the server answered).
+async fn am_joined(url: String, peer: &str) -> Ws {
+    let mut ws = connect(url).await;
+    ws.send(join(peer, "1")).await.unwrap();
+    assert_eq!(kind(&next_cbor(&mut ws).await), "peer");
+    ws
+}
+
 fn am_id(document: DocumentId) -> String {
     bs58::encode(document.as_bytes()).with_check().into_string()
 }
@@ -586,9 +594,7 @@ async fn automerge_repo_protocol_and_bad_input() {
 
     // The good connection still works: ephemeral messages are relayed between peers of the
     // document, once.
-    let mut other = connect(url.clone()).await;
-    other.send(join("other-peer", "1")).await.unwrap();
-    assert_eq!(kind(&next_cbor(&mut other).await), "peer");
+    let mut other = am_joined(url.clone(), "other-peer").await;
     let hello = empty_sync_message();
     other
         .send(WsMessage::Binary(
@@ -699,15 +705,7 @@ async fn am_sync_rounds(
             return others;
         }
         assert!(round < 50, "the sync exchange does not settle");
-        if let Some(message) = doc.generate_sync_message(state) {
-            let frame = cbor(vec![
-                ("type", text("sync")),
-                ("senderId", text(peer)),
-                ("documentId", text(&am_id(document))),
-                ("data", Value::Bytes(message.encode())),
-            ]);
-            ws.send(WsMessage::Binary(frame.into())).await.unwrap();
-        }
+        am_send(ws, peer, document, doc, state).await;
         let Ok(Some(Ok(next))) = timeout(Duration::from_millis(300), ws.next()).await else {
             return others;
         };
@@ -751,9 +749,7 @@ async fn automerge_repo_tokens_and_read_only() {
     assert_eq!(kind(&error), "error");
 
     // Read-only on a missing document: unavailable (it cannot create it).
-    let mut reader = connect(url(&token(Rights::Read))).await;
-    reader.send(join("reader", "1")).await.unwrap();
-    assert_eq!(kind(&next_cbor(&mut reader).await), "peer");
+    let mut reader = am_joined(url(&token(Rights::Read)), "reader").await;
     let mut theirs = automerge::Automerge::new();
     theirs
         .transact::<_, _, automerge::AutomergeError>(|tx| {
@@ -774,9 +770,7 @@ async fn automerge_repo_tokens_and_read_only() {
     assert_eq!(server.committed(), 0);
 
     // A writer creates it.
-    let mut writer = connect(url(&token(Rights::Write))).await;
-    writer.send(join("writer", "1")).await.unwrap();
-    assert_eq!(kind(&next_cbor(&mut writer).await), "peer");
+    let mut writer = am_joined(url(&token(Rights::Write)), "writer").await;
     let mut ours = automerge::Automerge::new();
     ours.transact::<_, _, automerge::AutomergeError>(|tx| {
         tx.put(automerge::ROOT, "by", "writer")?;
@@ -841,9 +835,7 @@ async fn fresh_load(
     document: DocumentId,
 ) -> (Ws, automerge::Automerge, automerge::sync::State) {
     use automerge::sync::SyncDoc;
-    let mut ws = connect(url.to_owned()).await;
-    ws.send(join(peer, "1")).await.unwrap();
-    assert_eq!(kind(&next_cbor(&mut ws).await), "peer");
+    let mut ws = am_joined(url.to_owned(), peer).await;
     let mut doc = automerge::Automerge::new();
     let mut state = automerge::sync::State::new();
     let hello = doc.generate_sync_message(&mut state).unwrap().encode();
@@ -900,9 +892,7 @@ async fn a_fresh_automerge_repo_peer_receives_the_whole_document_in_one_message(
     let document = DocumentId::from_bytes([0x71; 16]);
 
     // A writer makes the document out of 300 changes, then leaves.
-    let mut writer = connect(url.clone()).await;
-    writer.send(join("writer", "1")).await.unwrap();
-    assert_eq!(kind(&next_cbor(&mut writer).await), "peer");
+    let mut writer = am_joined(url.clone(), "writer").await;
     let mut ours = automerge::Automerge::new();
     for i in 0..300i64 {
         ours.transact::<_, _, automerge::AutomergeError>(|tx| {
@@ -971,9 +961,7 @@ async fn automerge_repo_peers_get_one_sync_message_per_interval_and_every_change
     let document = DocumentId::from_bytes([0x72; 16]);
 
     // The writer creates the document; the reader loads it.
-    let mut writer = connect(url.clone()).await;
-    writer.send(join("writer", "1")).await.unwrap();
-    assert_eq!(kind(&next_cbor(&mut writer).await), "peer");
+    let mut writer = am_joined(url.clone(), "writer").await;
     let mut ours = automerge::Automerge::new();
     ours.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(automerge::ROOT, "n", 0))
         .unwrap();
@@ -986,9 +974,7 @@ async fn automerge_repo_peers_get_one_sync_message_per_interval_and_every_change
         &mut writer_state,
     )
     .await;
-    let mut reader = connect(url.clone()).await;
-    reader.send(join("reader", "1")).await.unwrap();
-    assert_eq!(kind(&next_cbor(&mut reader).await), "peer");
+    let mut reader = am_joined(url.clone(), "reader").await;
     let mut theirs = automerge::Automerge::new();
     let mut reader_state = automerge::sync::State::new();
     am_sync(
