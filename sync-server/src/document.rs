@@ -587,6 +587,18 @@ impl Actor {
         Ok(Some(loaded))
     }
 
+    /// Makes a loaded document the actor's, and starts its reconciliation loop at once: the
+    /// entries a stored document already holds rank at its head, before anything committed from
+    /// now on. (Started lazily at the first change instead, the loop would rank them together
+    /// with that change, and "the later change loses" would pick among them by key: after a
+    /// restart or an eviction, an entry committed long ago could lose to a new one.)
+    fn install(&mut self, loaded: Loaded) {
+        self.state = Some(loaded);
+        // Anything found open here is acted on like the timer's findings (its repair commits
+        // with the next flush); whether something stays open only matters to the timer.
+        let _ = self.reconcile(Vec::new());
+    }
+
     /// Loads the document if needed (never creating it), for the REST API.
     async fn ensure_loaded(&mut self) -> Result<(), Refusal> {
         if self.state.is_some() {
@@ -594,7 +606,7 @@ impl Actor {
         }
         match self.load(None).await {
             Ok(Some(loaded)) => {
-                self.state = Some(loaded);
+                self.install(loaded);
                 Ok(())
             }
             Ok(None) => Err(Refusal::Missing),
@@ -658,7 +670,7 @@ impl Actor {
                             detail: "vanished while loaded".into(),
                         });
                     };
-                    self.state = Some(loaded);
+                    self.install(loaded);
                 }
                 let _ = reply.send(Err(Refusal::BadOps(partial.error.to_string())));
             }
@@ -680,7 +692,7 @@ impl Actor {
         } = request;
         if self.state.is_none() {
             match self.load(may_create.then_some(kind)).await {
-                Ok(Some(loaded)) => self.state = Some(loaded),
+                Ok(Some(loaded)) => self.install(loaded),
                 Ok(None) => {
                     self.error(&out, ErrorCode::UnknownDocument, "no such document");
                     return Ok(false);

@@ -169,6 +169,23 @@ fn spec(id: &str) -> accord_engine::invariant::InvariantSpec {
         .unwrap()
 }
 
+/// Every `victims` list in a document's JSON, wherever its records are kept.
+fn all_victims<'a>(json: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
+    match json {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                if key == "victims" {
+                    out.push(value);
+                } else {
+                    all_victims(value, out);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| all_victims(v, out)),
+        _ => {}
+    }
+}
+
 fn has_resolution(json: &serde_json::Value) -> bool {
     json.to_string().contains("\"victims\"")
 }
@@ -354,4 +371,76 @@ async fn status_payment_and_capacity_automerge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_payment_and_capacity_yrs() {
     status_payments_capacity(DocKind::Yrs).await;
+}
+
+/// "The later change in commit order loses" across a restart: entries already in a stored
+/// document rank before anything committed after it is loaded again, whatever their keys.
+async fn first_committed_wins_after_a_restart(kind: DocKind) {
+    let mut t = trip(kind).await;
+    let zoe = t.put(Who::Ana, &["trip", "bus", "zoe"], json!({"by": "zoe"}));
+    t.put(Who::Ana, &["trip", "bus", "yann"], json!({"by": "yann"}));
+    t.settle(|a, _| a.to_string().contains("yann") && a.to_string().contains("zoe"))
+        .await;
+    assert!(!has_resolution(&t.ana.replica.json(t.document).unwrap()));
+    // The server restarts: the document is loaded from SQLite on the next subscription.
+    t.offline();
+    let Trip {
+        server,
+        ana,
+        ben,
+        document,
+        kind,
+        _dir,
+    } = t;
+    server.stop().await;
+    let mut config = config(_dir.path(), false);
+    config.schemas.push(schema());
+    let server = Server::start(config).await;
+    let mut t = Trip {
+        server,
+        ana,
+        ben,
+        document,
+        kind,
+        _dir,
+    };
+    // Offline, Ben adds a third passenger whose key sorts before both of the others, and is
+    // the first to come back: his change is the first thing the reloaded document sees.
+    let abe = t.put(Who::Ben, &["trip", "bus", "abe"], json!({"by": "abe"}));
+    t.ben.connect(t.server.addr, None).await;
+    t.ben.subscribe(t.document).await;
+    assert!(t.ben.pump_until(WAIT, |c| c.outbox_len() == 0).await);
+    t.ana.connect(t.server.addr, None).await;
+    t.ana.subscribe(t.document).await;
+    t.settle(|a, _| has_resolution(a)).await;
+    let json = t.ana.replica.json(t.document).unwrap();
+    let mut victims = Vec::new();
+    all_victims(&json, &mut victims);
+    assert_eq!(
+        victims,
+        vec![&json!(["abe"])],
+        "{kind}: the entry committed last is the victim, not one loaded from storage: {json:#}"
+    );
+    assert!(
+        matches!(t.status(Who::Ben, abe), ChangeStatus::Compensated { .. }),
+        "{kind}: the change committed last is the one refused: {:?}",
+        t.status(Who::Ben, abe)
+    );
+    assert!(
+        matches!(t.status(Who::Ana, zoe), ChangeStatus::Confirmed { .. }),
+        "{kind}: {:?}",
+        t.status(Who::Ana, zoe)
+    );
+    assert_eq!(t.server.loaded(), 1);
+    t.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_committed_wins_after_a_restart_automerge() {
+    first_committed_wins_after_a_restart(DocKind::Automerge).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_committed_wins_after_a_restart_yrs() {
+    first_committed_wins_after_a_restart(DocKind::Yrs).await;
 }

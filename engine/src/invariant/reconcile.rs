@@ -12,7 +12,9 @@
 //!
 //! Entry order: the entries of a collection are ranked by the commit sequence number at which
 //! the reconciler first saw them, then by key. On the server, which observes after every commit,
-//! that is commit order, so "the change later in commit order loses" holds. A replica that is not
+//! that is commit order, so "the change later in commit order loses" holds. The server starts a
+//! document's reconciler as soon as it loads the document (observing at its head), so what was
+//! stored ranks before anything committed after a restart or an eviction. A replica that is not
 //! the authority sees a different order and so only detects (to warn its user) and never writes.
 
 use std::collections::{BTreeMap, HashMap};
