@@ -455,3 +455,64 @@ async fn first_committed_wins_after_a_restart_automerge() {
 async fn first_committed_wins_after_a_restart_yrs() {
     first_committed_wins_after_a_restart(DocKind::Yrs).await;
 }
+
+/// After a restart the stored ledger's entries rank before a new spend, and among themselves a
+/// deposit counts before the spends committed with it: the overdraft is the new spend, not an
+/// old one whose key sorts first.
+async fn a_ledger_after_a_restart_voids_the_new_spend(kind: DocKind) {
+    let mut t = trip(kind).await;
+    t.put(
+        Who::Ana,
+        &["wallet", "entries", "a1"],
+        json!({"amount": 50, "kind": "spend", "by": "ana"}),
+    );
+    t.settle(|a, _| a.to_string().contains("\"a1\"")).await;
+    assert!(!has_resolution(&t.ana.replica.json(t.document).unwrap()));
+    t.offline();
+    let Trip {
+        server,
+        ana,
+        ben,
+        document,
+        kind,
+        _dir,
+    } = t;
+    server.stop().await;
+    let mut config = config(_dir.path(), false);
+    config.schemas.push(schema());
+    let server = Server::start(config).await;
+    let mut t = Trip {
+        server,
+        ana,
+        ben,
+        document,
+        kind,
+        _dir,
+    };
+    t.put(
+        Who::Ben,
+        &["wallet", "entries", "s-ben"],
+        json!({"amount": 80, "kind": "spend", "by": "ben"}),
+    );
+    t.ben.connect(t.server.addr, None).await;
+    t.ben.subscribe(t.document).await;
+    assert!(t.ben.pump_until(WAIT, |c| c.outbox_len() == 0).await);
+    t.ana.connect(t.server.addr, None).await;
+    t.ana.subscribe(t.document).await;
+    t.settle(|a, _| has_resolution(a)).await;
+    let json = t.ana.replica.json(t.document).unwrap();
+    let mut victims = Vec::new();
+    all_victims(&json, &mut victims);
+    assert_eq!(victims, vec![&json!(["s-ben"])], "{kind}");
+    t.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_after_a_restart_voids_the_new_spend_automerge() {
+    a_ledger_after_a_restart_voids_the_new_spend(DocKind::Automerge).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_after_a_restart_voids_the_new_spend_yrs() {
+    a_ledger_after_a_restart_voids_the_new_spend(DocKind::Yrs).await;
+}

@@ -83,6 +83,8 @@ pub struct Violation {
     /// What a person would choose between.
     pub options: Vec<ConflictOption>,
     repair: Vec<Op>,
+    /// Closes the open conflict with this id: what it asked about no longer breaks the rule.
+    withdraws: bool,
 }
 
 /// Counters of what the loop did, by rule kind and policy (for metrics).
@@ -125,6 +127,9 @@ pub struct Reconciler {
     loaded: bool,
     roots: Vec<String>,
     last_valid: HashMap<String, Value>,
+    /// The resolutions of value rules already looked at: a decision makes its value valid at
+    /// the look that first sees it, not from any state forever after.
+    honored: std::collections::HashSet<String>,
     attempts: HashMap<ViolationId, u32>,
     seen: std::collections::HashSet<ViolationId>,
     local_seq: u64,
@@ -197,6 +202,7 @@ impl Reconciler {
             loaded: false,
             roots,
             last_valid: HashMap::new(),
+            honored: std::collections::HashSet::new(),
             attempts: HashMap::new(),
             seen: std::collections::HashSet::new(),
             local_seq: 0,
@@ -295,9 +301,15 @@ impl Reconciler {
                     reason: found.reason,
                     options: found.options,
                     repair: found.repair,
+                    withdraws: false,
                 });
             }
         }
+        let found_ids: std::collections::HashSet<String> = if self.authority {
+            violations.iter().map(|v| v.id.key()).collect()
+        } else {
+            std::collections::HashSet::new()
+        };
         let records = &self.records;
         violations.retain(|v| {
             let key = v.id.key();
@@ -314,7 +326,49 @@ impl Reconciler {
                     .or_default() += 1;
             }
         }
+        if self.authority {
+            self.withdraw_moot_conflicts(&found_ids, &mut violations);
+        }
         violations
+    }
+
+    /// Adds, for each open conflict of a collection rule that this look no longer finds (the
+    /// claims it asked about changed: one was withdrawn, a third arrived), a violation that
+    /// closes it, so the inbox never asks about a question that no longer stands. Collection
+    /// rules are checked on every look, so "not found" means gone. (A value rule is checked
+    /// only when its value changes; its conflicts stay until a person answers.)
+    fn withdraw_moot_conflicts(
+        &self,
+        found: &std::collections::HashSet<String>,
+        violations: &mut Vec<Violation>,
+    ) {
+        for (key, conflict) in self.records.open_conflicts() {
+            if found.contains(key) {
+                continue;
+            }
+            let Some(spec) = self.specs.iter().find(|s| s.id == conflict.invariant) else {
+                continue;
+            };
+            if !spec.rule.is_collection() {
+                continue;
+            }
+            let Some(id) = ViolationId::from_key(key) else {
+                continue;
+            };
+            violations.push(Violation {
+                id,
+                invariant: spec.id.clone(),
+                kind: spec.rule.kind(),
+                policy: spec.policy,
+                path: conflict.path.clone(),
+                victims: Vec::new(),
+                proposed: None,
+                reason: format!("withdrawn: {} no longer applies", conflict.question),
+                options: Vec::new(),
+                repair: Vec::new(),
+                withdraws: true,
+            });
+        }
     }
 
     /// Brings the cached records and collections up to date with what changed, which it puts
@@ -449,6 +503,22 @@ impl Reconciler {
         }
         let mut ops = Vec::new();
         for v in violations {
+            if v.withdraws {
+                let resolution = Resolution {
+                    invariant: v.invariant.clone(),
+                    policy: v.policy,
+                    action: Action::Void,
+                    path: v.path.clone(),
+                    victims: Vec::new(),
+                    victim_changes: Vec::new(),
+                    value: None,
+                    reason: v.reason.clone(),
+                    by: self.by.clone(),
+                    seq,
+                };
+                ops.push(resolution_op(self.kind, &v.id, &resolution));
+                continue;
+            }
             let attempts = self.attempts.entry(v.id).or_default();
             *attempts += 1;
             let max_attempts = self
@@ -585,11 +655,21 @@ impl Reconciler {
         let Some(current) = doc.get(path) else {
             return Vec::new();
         };
-        // A value a recorded decision set is valid by definition.
-        let decided = records
-            .resolutions
-            .values()
-            .any(|r| r.invariant == spec.id && r.value.as_ref() == Some(&current));
+        // A value a recorded decision set is valid by definition, when the decision is new (a
+        // person's choice, a restore): the look that first sees a decision honours it once.
+        // Later, that value is judged like any other (a status restored to "booked" once may
+        // not come back to "booked" from "done").
+        let mut decided = false;
+        let mut decisions = 0usize;
+        for (key, r) in &records.resolutions {
+            if r.invariant != spec.id {
+                continue;
+            }
+            decisions += 1;
+            if self.honored.insert(key.clone()) && r.value.as_ref() == Some(&current) {
+                decided = true;
+            }
+        }
         let last = self.last_valid.get(&spec.id).cloned();
         let verdict = match &spec.rule {
             Rule::Range { min, max, .. } => {
@@ -663,7 +743,14 @@ impl Reconciler {
             return Vec::new();
         }
         let previous = last.unwrap_or(Value::Null);
-        let involved = vec![format!("{path}={current}"), format!("from={previous}")];
+        // The same move can break the rule again after it was repaired; the decisions recorded
+        // for this rule so far tell the occurrences apart (every replica with the same records
+        // computes the same id, and a repaired occurrence stays closed).
+        let involved = vec![
+            format!("{path}={current}"),
+            format!("from={previous}"),
+            format!("after={decisions}"),
+        ];
         let options = vec![
             ConflictOption {
                 entry: None,
@@ -693,6 +780,7 @@ impl Reconciler {
             reason,
             options,
             repair: Vec::new(),
+            withdraws: false,
         }]
     }
 }
@@ -917,6 +1005,7 @@ fn check_collection(
         reason,
         options,
         repair: Vec::new(),
+        withdraws: false,
     };
     match &spec.rule {
         Rule::Range {
@@ -946,11 +1035,23 @@ fn check_collection(
                 return Vec::new();
             }
             // Keep the longest run in commit order that holds; what would break it goes.
+            // Entries of one rank have no order among them (one message's changes; what a
+            // loaded document held): those that cannot break a bound count first (for a floor,
+            // the deposits before the spends), then the others by key. By key alone, an old
+            // spend whose key sorts before its deposit would go instead of the new overdraft.
+            let can_break = |c: f64| (c < 0.0 && min.is_some()) || (c > 0.0 && max.is_some());
+            let mut ranked: Vec<_> = collection
+                .ranked_live()
+                .into_iter()
+                .map(|(key, entry)| (key, entry, collection.amount(entry, index)))
+                .collect();
+            ranked.sort_by(|a, b| {
+                (a.1.meta.seq, can_break(a.2), a.0).cmp(&(b.1.meta.seq, can_break(b.2), b.0))
+            });
             let mut running = 0.0;
             let mut victims = Vec::new();
             let mut options = Vec::new();
-            for (key, entry) in collection.ranked_live() {
-                let c = collection.amount(entry, index);
+            for (key, entry, c) in ranked {
                 let breaks = (c < 0.0 && min.is_some_and(|lo| running + c < lo))
                     || (c > 0.0 && max.is_some_and(|hi| running + c > hi));
                 if breaks {

@@ -48,6 +48,19 @@ impl ViolationId {
     pub fn key(&self) -> String {
         self.0[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
+
+    /// The id a document key names (its first 16 bytes; the rest zero), so that
+    /// `from_key(k)?.key() == k`; `None` for anything that is not 32 hex digits.
+    pub fn from_key(key: &str) -> Option<Self> {
+        if key.len() != 32 || !key.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (at, byte) in out.iter_mut().take(16).enumerate() {
+            *byte = u8::from_str_radix(key.get(2 * at..2 * at + 2)?, 16).ok()?;
+        }
+        Some(Self(out))
+    }
 }
 
 impl fmt::Debug for ViolationId {
@@ -257,5 +270,29 @@ impl Records {
         self.resolutions
             .iter()
             .filter(move |(_, r)| r.victim_changes.iter().any(|c| c == change))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_violation_key_names_its_id_and_nothing_else_parses() {
+        let id = ViolationId::compute("seat-once", DocumentId::from_bytes([3; 16]), &["a".into()]);
+        let key = id.key();
+        let back = ViolationId::from_key(&key).unwrap();
+        assert_eq!(back.key(), key);
+        for bad in [
+            "",
+            "zz",
+            &key[..30],
+            &format!("{key}00"),
+            &key.replace(&key[..2], "g1"),
+        ] {
+            assert!(ViolationId::from_key(bad).is_none(), "{bad:?}");
+        }
+        // Not ASCII, though 32 bytes long: refused, not a panic on a char boundary.
+        assert!(ViolationId::from_key("é0000000000000000000000000000000").is_none());
     }
 }
