@@ -172,6 +172,9 @@ pub enum ServerError {
     /// The database could not be opened.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// Two loaded schemas declare the same document type (which rules apply would be a guess).
+    #[error("two schemas declare the document type {0:?}")]
+    DuplicateSchema(String),
 }
 
 /// State shared by every connection and document of one server.
@@ -216,6 +219,12 @@ pub async fn run_with_metrics(
     metrics: Arc<Metrics>,
     shutdown: impl Future,
 ) -> Result<(), ServerError> {
+    let mut types = std::collections::HashSet::new();
+    for schema in &config.schemas {
+        if !types.insert(schema.document_type.as_str()) {
+            return Err(ServerError::DuplicateSchema(schema.document_type.clone()));
+        }
+    }
     std::fs::create_dir_all(&config.data_dir)?;
     let database = config.database_path();
     let storage_config = config.storage.clone();

@@ -516,3 +516,19 @@ async fn a_ledger_after_a_restart_voids_the_new_spend_automerge() {
 async fn a_ledger_after_a_restart_voids_the_new_spend_yrs() {
     a_ledger_after_a_restart_voids_the_new_spend(DocKind::Yrs).await;
 }
+
+#[tokio::test]
+async fn two_schemas_for_one_document_type_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.schemas.push(schema());
+    config.schemas.push(schema());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let result = accord_server::run(listener, config, std::future::pending::<()>()).await;
+    match result {
+        Err(accord_server::ServerError::DuplicateSchema(document_type)) => {
+            assert_eq!(document_type, "trip")
+        }
+        other => panic!("expected a duplicate schema error, got {other:?}"),
+    }
+}

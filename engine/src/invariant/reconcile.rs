@@ -85,6 +85,8 @@ pub struct Violation {
     repair: Vec<Op>,
     /// Closes the open conflict with this id: what it asked about no longer breaks the rule.
     withdraws: bool,
+    /// For a value rule: the changes that wrote the value a repair overrides.
+    writers: Vec<ChangeId>,
 }
 
 /// Counters of what the loop did, by rule kind and policy (for metrics).
@@ -133,7 +135,7 @@ pub struct Reconciler {
     attempts: HashMap<ViolationId, u32>,
     seen: std::collections::HashSet<ViolationId>,
     local_seq: u64,
-    /// The changes of the last observation: the authors of a value a repair overrides.
+    /// The changes of the last observation: who wrote a value when the document cannot tell.
     last_changes: Vec<ChangeId>,
     /// The buffer the document's touched paths are taken into, kept between observations.
     touched: Vec<Touched>,
@@ -302,6 +304,7 @@ impl Reconciler {
                     options: found.options,
                     repair: found.repair,
                     withdraws: false,
+                    writers: Vec::new(),
                 });
             }
         }
@@ -367,6 +370,7 @@ impl Reconciler {
                 options: Vec::new(),
                 repair: Vec::new(),
                 withdraws: true,
+                writers: Vec::new(),
             });
         }
     }
@@ -527,7 +531,10 @@ impl Reconciler {
                 .find(|s| s.id == v.invariant)
                 .map_or(3, |s| s.max_attempts);
             let escalate = *attempts > max_attempts;
-            if v.policy == Policy::Ask || escalate {
+            // Nothing a machine could do (a number rule holding text): a person decides, rather
+            // than a fact that changes nothing and closes the violation.
+            let helpless = v.proposed.is_none() && v.repair.is_empty() && v.victims.is_empty();
+            if v.policy == Policy::Ask || escalate || helpless {
                 let conflict = Conflict {
                     invariant: v.invariant.clone(),
                     path: v.path.clone(),
@@ -560,7 +567,7 @@ impl Reconciler {
             };
             let victim_changes = if v.proposed.is_some() {
                 // A value rule: the change that wrote the value being overridden.
-                self.last_changes.iter().map(|c| c.to_hex()).collect()
+                v.writers.iter().map(|c| c.to_hex()).collect()
             } else {
                 self.victim_changes(&v.path, &v.victims)
             };
@@ -728,11 +735,12 @@ impl Reconciler {
             }
             _ => None,
         };
-        if verdict.is_some() {
-            if let Some(writer) = writer_of(doc, path) {
-                self.last_changes = vec![writer];
-            }
-        }
+        // Who wrote the value (Automerge can tell; otherwise the changes of this look).
+        let writers = match (&verdict, writer_of(doc, path)) {
+            (None, _) => Vec::new(),
+            (Some(_), Some(writer)) => vec![writer],
+            (Some(_), None) => self.last_changes.clone(),
+        };
         let Some((reason, proposed)) = verdict else {
             self.last_valid.insert(spec.id.clone(), current);
             return Vec::new();
@@ -781,6 +789,7 @@ impl Reconciler {
             options,
             repair: Vec::new(),
             withdraws: false,
+            writers,
         }]
     }
 }
@@ -1006,6 +1015,7 @@ fn check_collection(
         options,
         repair: Vec::new(),
         withdraws: false,
+        writers: Vec::new(),
     };
     match &spec.rule {
         Rule::Range {

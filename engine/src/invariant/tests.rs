@@ -615,3 +615,106 @@ fn a_conflict_whose_violation_went_away_is_closed() {
         );
     }
 }
+
+#[test]
+fn two_value_rules_broken_at_once_each_name_their_own_writer() {
+    // Automerge tells which change wrote a value; each repair must name that one, not the
+    // writer of whichever rule was checked last.
+    let schema = Schema::from_json(
+        r#"{"document_type": "trip", "invariants": [
+            {"id": "status-forward", "kind": "transitions", "path": ["trip", "status"],
+             "allowed": {"planning": ["booked"], "booked": ["done"]}, "policy": "reject"},
+            {"id": "seats", "kind": "range", "path": ["trip", "seats_left"], "min": 0,
+             "policy": "reject"}]}"#,
+    )
+    .expect("schema");
+    let kind = DocKind::Automerge;
+    let mut server = Document::new(kind, ReplicaId::from_bytes([100; 16]), doc_id());
+    let init = server
+        .apply_ops(&[Op::Put {
+            path: Path::keys(["trip"]),
+            value: json!({"status": "booked", "seats_left": 3}),
+        }])
+        .expect("init")
+        .expect("change");
+    let mut reconciler = Reconciler::new(&schema, doc_id(), kind, "server", true);
+    assert!(reconciler
+        .observe(&mut server, Some(1), &[init.id])
+        .is_empty());
+    let mut replica = |n: u8| {
+        Document::load(
+            kind,
+            ReplicaId::from_bytes([n; 16]),
+            doc_id(),
+            None,
+            [server.save().as_slice()],
+        )
+        .expect("load")
+    };
+    let (mut ana, mut ben) = (replica(1), replica(2));
+    let back = ana
+        .apply_ops(&[Op::Put {
+            path: Path::keys(["trip", "status"]),
+            value: json!("planning"),
+        }])
+        .expect("edit")
+        .expect("change");
+    let over = ben
+        .apply_ops(&[Op::Put {
+            path: Path::keys(["trip", "seats_left"]),
+            value: json!(-1),
+        }])
+        .expect("edit")
+        .expect("change");
+    server.apply_changes(&back.bytes).expect("merge");
+    server.apply_changes(&over.bytes).expect("merge");
+    let outcome = reconciler
+        .reconcile(&mut server, Some(2), &[back.id, over.id])
+        .expect("reconcile");
+    assert_eq!(outcome.violations.len(), 2);
+    let records = read_records(&server);
+    let named = |rule: &str| {
+        records
+            .resolutions
+            .values()
+            .find(|r| r.invariant == rule)
+            .map(|r| r.victim_changes.clone())
+            .expect("resolution")
+    };
+    assert_eq!(named("status-forward"), vec![back.id.to_hex()]);
+    assert_eq!(named("seats"), vec![over.id.to_hex()]);
+}
+
+#[test]
+fn a_value_no_rule_can_repair_goes_to_a_person() {
+    let schema = Schema::from_json(
+        r#"{"document_type": "trip", "invariants": [
+            {"id": "seats", "kind": "range", "path": ["trip", "seats_left"], "min": 0,
+             "policy": "reject"}]}"#,
+    )
+    .expect("schema");
+    for kind in KINDS {
+        let mut doc = Document::new(kind, ReplicaId::from_bytes([100; 16]), doc_id());
+        let mut reconciler = Reconciler::new(&schema, doc_id(), kind, "server", true);
+        let change = doc
+            .apply_ops(&[Op::Put {
+                path: Path::keys(["trip"]),
+                value: json!({"seats_left": "lots"}),
+            }])
+            .expect("edit")
+            .expect("change");
+        reconciler
+            .reconcile(&mut doc, Some(1), &[change.id])
+            .expect("reconcile");
+        let records = read_records(&doc);
+        assert!(
+            records.resolutions.is_empty(),
+            "{kind}: no fact that fixes nothing"
+        );
+        assert_eq!(
+            records.open_conflicts().count(),
+            1,
+            "{kind}: a question instead"
+        );
+    }
+}
