@@ -175,6 +175,10 @@ function list(words: string[]): string {
 function describeResolution(doc: TripDoc, r: Resolution): { title: string; detail: string } {
   const path = (r.path ?? []).join('.');
   const victims = (r.victims ?? []).map((v) => describeEntry(doc, path, v));
+  if (r.action === 'void' && victims.length === 0 && r.reason.startsWith('withdrawn:')) {
+    // The server closed a question nobody needs to answer any more (a claim was withdrawn).
+    return { title: 'Question withdrawn', detail: 'What it asked about changed before anyone answered.' };
+  }
   switch (r.invariant) {
     case 'wallet-non-negative':
       return {
