@@ -118,6 +118,39 @@ impl Trip {
         self.ben.drop_connection();
     }
 
+    /// Both go offline and the server restarts on the same data (documents load from SQLite).
+    async fn restart(mut self) -> Trip {
+        self.offline();
+        let Trip {
+            server,
+            ana,
+            ben,
+            document,
+            kind,
+            _dir,
+        } = self;
+        server.stop().await;
+        let mut config = config(_dir.path(), false);
+        config.schemas.push(schema());
+        Trip {
+            server: Server::start(config).await,
+            ana,
+            ben,
+            document,
+            kind,
+            _dir,
+        }
+    }
+
+    /// Ben comes back first (what he did offline is the first thing the server sees), then Ana.
+    async fn ben_back_first(&mut self) {
+        self.ben.connect(self.server.addr, None).await;
+        self.ben.subscribe(self.document).await;
+        assert!(self.ben.pump_until(WAIT, |c| c.outbox_len() == 0).await);
+        self.ana.connect(self.server.addr, None).await;
+        self.ana.subscribe(self.document).await;
+    }
+
     /// Ana comes back first (her changes commit first), then Ben.
     async fn online(&mut self) {
         self.ana.connect(self.server.addr, None).await;
@@ -385,37 +418,13 @@ async fn first_committed_wins_after_a_restart(kind: DocKind) {
         .await;
     assert!(!has_resolution(&t.ana.replica.json(t.document).unwrap()));
     // The server restarts: the document is loaded from SQLite on the next subscription.
-    t.offline();
-    let Trip {
-        server,
-        ana,
-        ben,
-        document,
-        kind,
-        _dir,
-    } = t;
-    server.stop().await;
-    let mut config = config(_dir.path(), false);
-    config.schemas.push(schema());
-    let server = Server::start(config).await;
-    let mut t = Trip {
-        server,
-        ana,
-        ben,
-        document,
-        kind,
-        _dir,
-    };
+    let mut t = t.restart().await;
     // Offline, Ben adds a third passenger whose key sorts before both of the others, and is
     // the first to come back: his change is the first thing the reloaded document sees.
     let abe = t.put(Who::Ben, &["trip", "bus", "abe"], json!({"by": "abe"}));
     // And moves the status backwards: the rule knows what the stored document said.
     let back = t.put(Who::Ben, &["trip", "status"], json!("planning"));
-    t.ben.connect(t.server.addr, None).await;
-    t.ben.subscribe(t.document).await;
-    assert!(t.ben.pump_until(WAIT, |c| c.outbox_len() == 0).await);
-    t.ana.connect(t.server.addr, None).await;
-    t.ana.subscribe(t.document).await;
+    t.ben_back_first().await;
     t.settle(|a, _| a.to_string().matches("\"victims\"").count() >= 2)
         .await;
     let json = t.ana.replica.json(t.document).unwrap();
@@ -468,37 +477,13 @@ async fn a_ledger_after_a_restart_voids_the_new_spend(kind: DocKind) {
     );
     t.settle(|a, _| a.to_string().contains("\"a1\"")).await;
     assert!(!has_resolution(&t.ana.replica.json(t.document).unwrap()));
-    t.offline();
-    let Trip {
-        server,
-        ana,
-        ben,
-        document,
-        kind,
-        _dir,
-    } = t;
-    server.stop().await;
-    let mut config = config(_dir.path(), false);
-    config.schemas.push(schema());
-    let server = Server::start(config).await;
-    let mut t = Trip {
-        server,
-        ana,
-        ben,
-        document,
-        kind,
-        _dir,
-    };
+    let mut t = t.restart().await;
     t.put(
         Who::Ben,
         &["wallet", "entries", "s-ben"],
         json!({"amount": 80, "kind": "spend", "by": "ben"}),
     );
-    t.ben.connect(t.server.addr, None).await;
-    t.ben.subscribe(t.document).await;
-    assert!(t.ben.pump_until(WAIT, |c| c.outbox_len() == 0).await);
-    t.ana.connect(t.server.addr, None).await;
-    t.ana.subscribe(t.document).await;
+    t.ben_back_first().await;
     t.settle(|a, _| has_resolution(a)).await;
     let json = t.ana.replica.json(t.document).unwrap();
     let mut victims = Vec::new();
