@@ -16,16 +16,16 @@
 //! single write lock (busy-handler sleeps: ack p99 above a second under load).
 //!
 //! - Checkpoints (copying the WAL into the database file) run on a checkpoint thread with its
-//!   own connection, a second after commits (so under a steady load about once a second),
-//!   never inside one. SQLite's default checkpoints
-//!   inside the commit that takes the WAL past 1,000 pages, and under a steady write load that
-//!   is several times a second: each time one group commit also writes the pages into the
-//!   database file and fsyncs it, and every acknowledgement waiting on it is late (the tail of
-//!   the commit latency). A passive checkpoint runs beside the writer and blocks nobody. Under a
-//!   steady load the WAL cannot start over by itself (a new commit always lands before a
-//!   checkpoint ends), so when it passes [`StorageConfig::wal_limit_frames`] the checkpoint
-//!   thread asks the writer, which runs a restart checkpoint between two groups, after their
-//!   acknowledgements: little is left to copy by then, and the WAL file stays bounded.
+//!   own connection, a second after commits (under a steady load about once a second), never
+//!   inside one. SQLite's default checkpoints inside the commit that takes the WAL past 1,000
+//!   pages, and under a steady write load that is several times a second: each time one group
+//!   commit also writes the pages into the database file and fsyncs it, and every
+//!   acknowledgement waiting on it is late (the tail of the commit latency). A passive
+//!   checkpoint runs beside the writer and blocks nobody. Under a steady load the WAL cannot
+//!   start over by itself (a new commit always lands before a checkpoint ends), so when it
+//!   passes [`StorageConfig::wal_limit_frames`] the checkpoint thread asks the writer, which
+//!   runs a restart checkpoint between two groups, after their acknowledgements: little is left
+//!   to copy by then, and the WAL file stays bounded.
 //!
 //! Both queues are bounded: a full queue makes the caller wait (back-pressure to the document
 //! actors, and from them to the connections). When every [`Storage`] handle is dropped the
@@ -268,20 +268,16 @@ fn checkpoint_loop(
     limit: i64,
 ) {
     while commits.recv().is_ok() {
-        // Wait out the delay, but not past the writer's exit (shutdown does not wait for it).
+        // Wait out the delay (taking the commits made meanwhile), but not past the writer's
+        // exit: shutdown does not wait for it.
         let due = std::time::Instant::now() + delay;
-        let mut writer_gone = false;
-        loop {
-            let left = due.saturating_duration_since(std::time::Instant::now());
-            match commits.recv_timeout(left) {
-                Ok(()) if !left.is_zero() => {}
-                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    writer_gone = true;
-                    break;
-                }
+        let writer_gone = loop {
+            match commits.recv_timeout(due.saturating_duration_since(std::time::Instant::now())) {
+                Ok(()) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break false,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break true,
             }
-        }
+        };
         if writer_gone {
             break;
         }

@@ -308,11 +308,11 @@ impl Reconciler {
                 });
             }
         }
-        let found_ids: std::collections::HashSet<String> = if self.authority {
-            violations.iter().map(|v| v.id.key()).collect()
-        } else {
-            std::collections::HashSet::new()
-        };
+        // The ids found, for closing conflicts no longer found (only when any is open: most
+        // looks have none, and this runs after every commit).
+        let found_ids: Option<std::collections::HashSet<String>> = (self.authority
+            && self.records.open_conflicts().next().is_some())
+        .then(|| violations.iter().map(|v| v.id.key()).collect());
         let records = &self.records;
         violations.retain(|v| {
             let key = v.id.key();
@@ -329,8 +329,8 @@ impl Reconciler {
                     .or_default() += 1;
             }
         }
-        if self.authority {
-            self.withdraw_moot_conflicts(&found_ids, &mut violations);
+        if let Some(found) = found_ids {
+            self.withdraw_moot_conflicts(&found, &mut violations);
         }
         violations
     }
@@ -673,8 +673,9 @@ impl Reconciler {
                 continue;
             }
             decisions += 1;
-            if self.honored.insert(key.clone()) && r.value.as_ref() == Some(&current) {
-                decided = true;
+            if !self.honored.contains(key) {
+                self.honored.insert(key.clone());
+                decided |= r.value.as_ref() == Some(&current);
             }
         }
         let last = self.last_valid.get(&spec.id).cloned();
