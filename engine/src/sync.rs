@@ -188,6 +188,66 @@ impl DocSync {
         }
     }
 
+    /// Applies payloads from several peers of `doc` at once: `peers[i]` sent `payloads[i]`.
+    /// For Automerge the changes they carry are applied together (one walk of Automerge's op
+    /// set instead of one per message, which is what a relay under load needs: see
+    /// `AutomergeDoc::receive_sync_messages`); otherwise, or for Yrs, each is received in turn.
+    /// The result for each is what [`DocSync::receive`] would return for it.
+    pub fn receive_many(
+        doc: &mut Document,
+        peers: &mut [&mut DocSync],
+        payloads: Vec<SyncPayload>,
+    ) -> Vec<Result<Received, DocError>> {
+        let all_automerge = peers.len() == payloads.len()
+            && payloads
+                .iter()
+                .all(|p| matches!(p, SyncPayload::Automerge(_)))
+            && peers
+                .iter()
+                .all(|p| matches!(p.state, KindState::Automerge(_)));
+        let Document::Automerge(d) = doc else {
+            return Self::receive_each(doc, peers, payloads);
+        };
+        if !all_automerge {
+            return Self::receive_each(doc, peers, payloads);
+        }
+        let bytes: Vec<&[u8]> = payloads
+            .iter()
+            .filter_map(|p| match p {
+                SyncPayload::Automerge(b) => Some(b.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let mut states: Vec<&mut automerge::sync::State> = peers
+            .iter_mut()
+            .filter_map(|p| match &mut p.state {
+                KindState::Automerge(state) => Some(&mut **state),
+                KindState::Yrs(_) => None,
+            })
+            .collect();
+        d.receive_sync_messages(&mut states, &bytes)
+            .into_iter()
+            .map(|r| {
+                r.map(|changes| Received {
+                    changes,
+                    ..Received::default()
+                })
+            })
+            .collect()
+    }
+
+    fn receive_each(
+        doc: &mut Document,
+        peers: &mut [&mut DocSync],
+        payloads: Vec<SyncPayload>,
+    ) -> Vec<Result<Received, DocError>> {
+        peers
+            .iter_mut()
+            .zip(payloads)
+            .map(|(peer, payload)| peer.receive(doc, payload))
+            .collect()
+    }
+
     /// Applies a payload from the peer to `doc`.
     pub fn receive(
         &mut self,

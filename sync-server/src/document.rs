@@ -401,7 +401,39 @@ impl Actor {
                 }
             }
             let mut result = Ok(());
-            for command in batch {
+            let mut commands = batch.into_iter().peekable();
+            while let Some(command) = commands.next() {
+                // Automerge sync messages queued back to back from different connections are
+                // received together: one apply for all their changes (see `receive_together`).
+                if let Command::Sync {
+                    connection,
+                    payload: payload @ SyncPayload::Automerge(_),
+                } = *command
+                {
+                    let mut run = vec![(connection, payload)];
+                    while let Some(next) = commands.peek() {
+                        let Command::Sync {
+                            connection,
+                            payload: SyncPayload::Automerge(_),
+                        } = &**next
+                        else {
+                            break;
+                        };
+                        if run.iter().any(|(c, _)| c == connection) {
+                            break;
+                        }
+                        let Some(next) = commands.next() else { break };
+                        if let Command::Sync {
+                            connection,
+                            payload,
+                        } = *next
+                        {
+                            run.push((connection, payload));
+                        }
+                    }
+                    self.receive_together(run);
+                    continue;
+                }
                 // Boxed (like the flushes below): the futures of a command's handling are
                 // larger than the idle actor; held in place they would size every actor's task.
                 result = Box::pin(self.handle(*command)).await;
@@ -869,6 +901,83 @@ impl Actor {
             }
         }
         self.pending.dirty.insert(connection);
+    }
+
+    /// Automerge sync messages from different connections, received together: their changes
+    /// go into the document with one apply ([`DocSync::receive_many`]), which under load (when
+    /// messages queue up behind an apply) spares Automerge a walk of the whole text for every
+    /// message. One message, or any that is not from a writable subscriber of a loaded
+    /// Automerge document, is received on its own as before.
+    fn receive_together(&mut self, mut run: Vec<(u64, SyncPayload)>) {
+        let together = run.len() > 1
+            && self
+                .state
+                .as_ref()
+                .is_some_and(|s| s.kind == DocKind::Automerge)
+            && run.iter().all(|(connection, _)| {
+                self.subscribers
+                    .get(connection)
+                    .is_some_and(|s| !s.read_only)
+            });
+        if !together {
+            for (connection, payload) in run {
+                self.receive(connection, payload);
+            }
+            return;
+        }
+        // The subscribers come out of the map in the order of their ids: the messages too.
+        run.sort_by_key(|(connection, _)| *connection);
+        let (connections, payloads): (Vec<u64>, Vec<SyncPayload>) = run.into_iter().unzip();
+        let Some(state) = self.state.as_mut() else {
+            return;
+        };
+        let mut peers: Vec<&mut DocSync> = self
+            .subscribers
+            .iter_mut()
+            .filter(|(id, _)| connections.binary_search(id).is_ok())
+            .map(|(_, s)| &mut s.sync)
+            .collect();
+        let results = DocSync::receive_many(&mut state.doc, &mut peers, payloads);
+        let with_changes = results
+            .iter()
+            .filter(|r| r.as_ref().is_ok_and(|r| !r.changes.is_empty()))
+            .count();
+        if with_changes > 1 {
+            self.metrics
+                .automerge_applied_together
+                .fetch_add(with_changes as u64, Ordering::Relaxed);
+        }
+        let mut ids = Vec::new();
+        for (connection, result) in connections.into_iter().zip(results) {
+            let Some(subscriber) = self.subscribers.get(&connection) else {
+                continue;
+            };
+            match result {
+                Ok(received) => {
+                    for change in received.changes {
+                        ids.push(change.id);
+                        self.pending.changes.push(PendingChange {
+                            connection,
+                            author: subscriber.replica,
+                            change,
+                            detected: None,
+                        });
+                    }
+                }
+                Err(error) => {
+                    let _ = subscriber.out.send(Message::Error {
+                        code: ErrorCode::InvalidChange,
+                        document: Some(self.document),
+                        message: error.to_string(),
+                    });
+                }
+            }
+            self.mark_dirty(connection);
+        }
+        // Everything is in the document now: reconcile once, naming all of it.
+        if !ids.is_empty() {
+            self.reconcile(ids);
+        }
     }
 
     fn reconciling(&self) -> bool {

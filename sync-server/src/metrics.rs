@@ -33,6 +33,9 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     /// Bytes sent in WebSocket frames.
     pub bytes_out: AtomicU64,
+    /// Automerge sync messages with changes that a document received together with others
+    /// (queued back to back from different connections: one apply for all their changes).
+    pub automerge_applied_together: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -111,7 +114,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let scalars: [(&str, &str, &str, String); 6] = [
+        let scalars: [(&str, &str, &str, String); 7] = [
             (
                 "accord_connections",
                 "gauge",
@@ -147,6 +150,14 @@ impl Metrics {
                 "counter",
                 "Bytes sent in WebSocket frames.",
                 self.bytes_out.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "accord_automerge_applied_together_total",
+                "counter",
+                "Automerge sync messages whose changes were applied together with others'.",
+                self.automerge_applied_together
+                    .load(Ordering::Relaxed)
+                    .to_string(),
             ),
         ];
         for (name, kind, help, value) in scalars {

@@ -1039,3 +1039,74 @@ async fn automerge_repo_peers_get_one_sync_message_per_interval_and_every_change
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn automerge_repo_changes_queued_together_are_applied_together() {
+    use automerge::transaction::Transactable;
+    use automerge::ReadDoc;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), false)).await;
+    let url = format!("ws://{}/automerge", server.addr);
+    let document = DocumentId::from_bytes([0x73; 16]);
+
+    // Four peers hold the document: a text.
+    let mut seed = automerge::Automerge::new();
+    seed.transact::<_, _, automerge::AutomergeError>(|tx| {
+        tx.put_object(automerge::ROOT, "text", automerge::ObjType::Text)
+    })
+    .unwrap();
+    let mut peers = Vec::new();
+    for i in 0..4 {
+        let name = format!("typist-{i}");
+        let mut ws = am_joined(url.clone(), &name).await;
+        let mut doc = seed
+            .fork()
+            .with_actor(automerge::ActorId::from([i as u8 + 1; 16]));
+        let mut state = automerge::sync::State::new();
+        am_sync(&mut ws, &name, document, &mut doc, &mut state).await;
+        peers.push((name, ws, doc, state));
+    }
+    assert_eq!(server.committed(), 1);
+
+    // The first writes a text, the others a character each, right behind it: their messages
+    // queue up for the document while it applies the first (this test's runtime has one
+    // thread: the server runs once they are all sent).
+    for (i, (name, ws, doc, state)) in peers.iter_mut().enumerate() {
+        let typed = if i == 0 {
+            "x".repeat(2_000)
+        } else {
+            format!("{i}")
+        };
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            let (_, text) = tx.get(automerge::ROOT, "text")?.expect("text");
+            tx.splice_text(&text, 0, 0, &typed)
+        })
+        .unwrap();
+        am_send(ws, name, document, doc, state).await;
+    }
+    // Everyone syncs until nobody has anything to say: the same text everywhere.
+    for _ in 0..3 {
+        for (name, ws, doc, state) in peers.iter_mut() {
+            am_sync(ws, name, document, doc, state).await;
+        }
+    }
+    let texts: Vec<String> = peers
+        .iter()
+        .map(|(_, _, doc, _)| {
+            let (_, text) = doc.get(automerge::ROOT, "text").unwrap().unwrap();
+            doc.text(&text).unwrap()
+        })
+        .collect();
+    assert_eq!(texts[0].len(), 2_003);
+    assert!(texts.iter().all(|t| *t == texts[0]), "the peers converge");
+    assert_eq!(server.committed(), 5, "every change durable once");
+    let together = server
+        .metrics
+        .automerge_applied_together
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        together >= 2,
+        "the typed characters were applied together ({together})"
+    );
+    server.stop().await;
+}

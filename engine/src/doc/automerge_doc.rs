@@ -408,6 +408,83 @@ impl AutomergeDoc {
         Ok(self.changes_since(&before))
     }
 
+    /// Applies sync messages from several peers (`states[i]` is the state of the peer that sent
+    /// `payloads[i]`), with one Automerge apply for all the changes they carry when that is
+    /// possible (see `automerge_sync::receive_batch`), one by one otherwise (a message that does
+    /// not decode, or carries a whole document, or fewer than two carry changes). Returns, for
+    /// each message, the changes that were new here and came with it, or its error. No change
+    /// that entered the document goes unreported: one that cannot be traced to a message (a
+    /// change that waited for its dependencies) is reported with the last message that
+    /// brought changes.
+    pub fn receive_sync_messages(
+        &mut self,
+        states: &mut [&mut automerge::sync::State],
+        payloads: &[&[u8]],
+    ) -> Vec<Result<Vec<Change>, DocError>> {
+        let one_by_one = |this: &mut Self, states: &mut [&mut automerge::sync::State]| {
+            states
+                .iter_mut()
+                .zip(payloads)
+                .map(|(state, bytes)| this.receive_sync_message(state, bytes))
+                .collect()
+        };
+        if states.len() != payloads.len() {
+            return one_by_one(self, states);
+        }
+        let mut messages = Vec::with_capacity(payloads.len());
+        let mut carried = Vec::with_capacity(payloads.len());
+        for bytes in payloads {
+            let Ok(message) = automerge::sync::Message::decode(bytes) else {
+                return one_by_one(self, states);
+            };
+            let Some(hashes) = super::automerge_sync::carried_hashes(&message) else {
+                return one_by_one(self, states);
+            };
+            messages.push(message);
+            carried.push(hashes);
+        }
+        if messages.iter().filter(|m| !m.changes.is_empty()).count() < 2 {
+            return one_by_one(self, states);
+        }
+        self.fresh.clear();
+        self.astral = true;
+        let before = self.doc.get_heads();
+        let mut results: Vec<Result<Vec<Change>, DocError>> =
+            match super::automerge_sync::receive_batch(&mut self.doc, states, &messages, &carried) {
+                Ok(()) => messages.iter().map(|_| Ok(Vec::new())).collect(),
+                // Settle each again on its own: the failing one gets its error.
+                Err(_) => states
+                    .iter_mut()
+                    .zip(messages)
+                    .map(|(state, message)| {
+                        super::automerge_sync::receive(&mut self.doc, state, message)
+                            .map(|()| Vec::new())
+                            .map_err(|e| DocError::malformed("automerge sync message", e))
+                    })
+                    .collect(),
+            };
+        let last = results
+            .iter()
+            .zip(&carried)
+            .rposition(|(r, c)| r.is_ok() && !c.is_empty())
+            .unwrap_or(0);
+        for change in self.changes_since(&before) {
+            let hash = ChangeHash(change.id.0);
+            let carrier = carried
+                .iter()
+                .zip(&results)
+                .position(|(c, r)| r.is_ok() && c.contains(&hash))
+                .unwrap_or(last);
+            match &mut results[carrier] {
+                Ok(changes) => changes.push(change),
+                // Only when nothing succeeded and yet the document changed: the change is
+                // reported rather than the error.
+                slot @ Err(_) => *slot = Ok(vec![change]),
+            }
+        }
+        results
+    }
+
     /// Every value written concurrently at `path` (Automerge keeps them all), with the change that
     /// wrote each, winner first.
     pub fn conflicts_at(

@@ -27,17 +27,83 @@ pub(crate) fn receive(
     state: &mut State,
     message: Message,
 ) -> Result<(), AutomergeError> {
-    state.in_flight = false;
     let before_heads = doc.get_heads();
-    let Message {
-        heads,
-        changes,
-        need,
-        have,
-        flags,
-        ..
-    } = message;
-    if let Some(flags) = flags {
+    begin(state, &message);
+    let changes_is_empty = message.changes.is_empty();
+    if !changes_is_empty && !state.read_only {
+        doc.load_incremental(&joined_changes(&[&message]))?;
+        let after_heads = doc.get_heads();
+        state.shared_heads = advance_heads(&before_heads, &after_heads, &state.shared_heads);
+    }
+    finish(doc, state, &before_heads, message, changes_is_empty);
+    Ok(())
+}
+
+/// Applies decoded sync messages from several peers (each with its own state; a peer appears
+/// once) with one `load_incremental` for all the changes they carry, then settles each peer's
+/// state as [`receive`] would have. Applying costs Automerge a walk over the whole object each
+/// time (linear in the text since 0.7), so under load, when messages queue up, one walk for all
+/// of them instead of one each. `carried[i]` are the hashes of the changes in `messages[i]`.
+///
+/// What differs from receiving them one by one: each peer's state sees the document after all
+/// of the changes, not after those before it (which is only what the order of arrival made
+/// it); a peer's shared heads advance by its own changes only. On an error nothing is settled
+/// (some changes may be in the document): receive each message again, one by one.
+pub(crate) fn receive_batch(
+    doc: &mut AutoCommit,
+    states: &mut [&mut State],
+    messages: &[Message],
+    carried: &[HashSet<ChangeHash>],
+) -> Result<(), AutomergeError> {
+    let before_heads = doc.get_heads();
+    let applied: Vec<&Message> = messages
+        .iter()
+        .zip(states.iter())
+        .filter(|(m, s)| !m.changes.is_empty() && !s.read_only)
+        .map(|(m, _)| m)
+        .collect();
+    if !applied.is_empty() {
+        doc.load_incremental(&joined_changes(&applied))?;
+    }
+    let after_heads = doc.get_heads();
+    for ((state, message), carried) in states.iter_mut().zip(messages).zip(carried) {
+        begin(state, message);
+        let changes_is_empty = message.changes.is_empty();
+        if !changes_is_empty && !state.read_only {
+            // Our new heads that came with its changes, and the shared heads still heads.
+            state.shared_heads = after_heads
+                .iter()
+                .filter(|h| {
+                    (carried.contains(h) && !before_heads.contains(h))
+                        || state.shared_heads.contains(h)
+                })
+                .copied()
+                .collect();
+        }
+        finish(doc, state, &after_heads, message.clone(), changes_is_empty);
+    }
+    Ok(())
+}
+
+/// The change chunks of `messages`, one after the other (what `load_incremental` takes).
+fn joined_changes(messages: &[&Message]) -> Vec<u8> {
+    let size = messages
+        .iter()
+        .flat_map(|m| m.changes.iter())
+        .map(<[u8]>::len)
+        .sum();
+    let mut joined = Vec::with_capacity(size);
+    for chunk in messages.iter().flat_map(|m| m.changes.iter()) {
+        joined.extend_from_slice(chunk);
+    }
+    joined
+}
+
+/// What a message settles before its changes are applied: nothing is in flight any more, and
+/// what its flags say.
+fn begin(state: &mut State, message: &Message) {
+    state.in_flight = false;
+    if let Some(flags) = message.flags {
         // A peer that sends flags supports V2 messages (they came together).
         let mut caps = vec![Capability::MessageV2];
         if flags.contains(MessageFlags::SUPPORTS_SYNC_RESET) {
@@ -49,17 +115,21 @@ pub(crate) fn receive(
         }
         state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
     }
-    let changes_is_empty = changes.is_empty();
-    if !changes_is_empty && !state.read_only {
-        let mut joined = Vec::with_capacity(changes.iter().map(<[u8]>::len).sum());
-        for chunk in changes.iter() {
-            joined.extend_from_slice(chunk);
-        }
-        doc.load_incremental(&joined)?;
-        let after_heads = doc.get_heads();
-        state.shared_heads = advance_heads(&before_heads, &after_heads, &state.shared_heads);
-    }
+}
 
+/// What a message settles once its changes are in: the sent hashes it acknowledges, the shared
+/// heads, and what the peer has, needs and holds. `before_heads` are our heads before its
+/// changes.
+fn finish(
+    doc: &mut AutoCommit,
+    state: &mut State,
+    before_heads: &[ChangeHash],
+    message: Message,
+    changes_is_empty: bool,
+) {
+    let Message {
+        heads, need, have, ..
+    } = message;
     let known_heads: Vec<ChangeHash> = heads
         .iter()
         .filter(|h| doc.get_change_meta_by_hash(h).is_some())
@@ -99,7 +169,48 @@ pub(crate) fn receive(
     state.their_have = Some(have);
     state.their_heads = Some(heads);
     state.their_need = Some(need);
-    Ok(())
+}
+
+/// The hashes of the changes a sync message carries, or `None` when it carries anything but
+/// change chunks (a whole document) or they do not parse. An uncompressed change's hash is the
+/// SHA-256 of its chunk after the magic bytes and checksum (type, length, body), as automerge
+/// computes it; a compressed one is decoded to find it.
+pub(crate) fn carried_hashes(message: &Message) -> Option<HashSet<ChangeHash>> {
+    use sha2::Digest;
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    const CHANGE: u8 = 1;
+    const COMPRESSED_CHANGE: u8 = 2;
+    let mut hashes = HashSet::new();
+    for bytes in message.changes.iter() {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let (&kind, mut after) = rest.strip_prefix(&MAGIC[..])?.get(4..)?.split_first()?;
+            let mut length: u64 = 0;
+            let mut shift = 0;
+            loop {
+                let (&byte, tail) = after.split_first()?;
+                after = tail;
+                length |= u64::from(byte & 0x7f) << shift;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+                shift += 7;
+                if shift >= 64 {
+                    return None;
+                }
+            }
+            let end = (rest.len() - after.len()).checked_add(usize::try_from(length).ok()?)?;
+            let chunk = rest.get(..end)?;
+            let hash = match kind {
+                CHANGE => ChangeHash(sha2::Sha256::digest(chunk.get(8..)?).into()),
+                COMPRESSED_CHANGE => automerge::Change::try_from(chunk).ok()?.hash(),
+                _ => return None,
+            };
+            hashes.insert(hash);
+            rest = &rest[end..];
+        }
+    }
+    Some(hashes)
 }
 
 /// Whether automerge's `generate_sync_message` would return `None` because a message to this

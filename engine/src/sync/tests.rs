@@ -1,7 +1,7 @@
 use serde_json::json;
 
 use super::*;
-use crate::doc::{Op, Path};
+use crate::doc::{ChangeId, Op, Path};
 use crate::ids::{DocumentId, ReplicaId};
 
 fn doc(kind: DocKind, replica: u8) -> Document {
@@ -180,4 +180,152 @@ fn a_fresh_automerge_peer_that_also_has_a_change_converges() {
     settle(&mut server, &mut down, &mut client, &mut up);
     assert_eq!(server.to_json(), json!({"m": {"a": 1}, "b": 2}));
     assert_eq!(client.to_json(), server.to_json());
+}
+
+/// A hub and three spokes for [`messages_received_together_match_one_by_one`]: the hub is kept
+/// twice, `together` receiving what is queued with [`DocSync::receive_many`] (and answering the
+/// spokes), `apart` receiving the same messages one by one.
+struct Hub {
+    together: Document,
+    together_sync: Vec<DocSync>,
+    apart: Document,
+    apart_sync: Vec<DocSync>,
+    spokes: Vec<Document>,
+    spoke_sync: Vec<DocSync>,
+    inbox: Vec<VecDeque<SyncPayload>>,
+    batches: usize,
+}
+
+impl Hub {
+    fn new(n: usize) -> Self {
+        let syncs = |role| {
+            (0..n)
+                .map(|_| DocSync::new(DocKind::Automerge, role))
+                .collect()
+        };
+        Self {
+            together: doc(DocKind::Automerge, 100),
+            together_sync: syncs(SyncRole::Downstream),
+            apart: doc(DocKind::Automerge, 100),
+            apart_sync: syncs(SyncRole::Downstream),
+            spokes: (0..n)
+                .map(|i| doc(DocKind::Automerge, i as u8 + 1))
+                .collect(),
+            spoke_sync: syncs(SyncRole::Upstream),
+            inbox: vec![VecDeque::new(); n],
+            batches: 0,
+        }
+    }
+
+    fn send(&mut self, spoke: usize) {
+        let out = self.spoke_sync[spoke].poll(&mut self.spokes[spoke]);
+        self.inbox[spoke].extend(out);
+    }
+
+    /// The hub takes the oldest message of every spoke that sent one, both ways.
+    fn deliver(&mut self) {
+        let from: Vec<usize> = (0..self.inbox.len())
+            .filter(|i| !self.inbox[*i].is_empty())
+            .collect();
+        let payloads: Vec<SyncPayload> = from
+            .iter()
+            .filter_map(|i| self.inbox[*i].pop_front())
+            .collect();
+        let apart: Vec<Vec<ChangeId>> = from
+            .iter()
+            .zip(payloads.clone())
+            .map(|(i, p)| {
+                let received = self.apart_sync[*i]
+                    .receive(&mut self.apart, p)
+                    .expect("apart");
+                received.changes.iter().map(|c| c.id).collect()
+            })
+            .collect();
+        let mut peers: Vec<&mut DocSync> = self
+            .together_sync
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| from.contains(i))
+            .map(|(_, s)| s)
+            .collect();
+        let together = DocSync::receive_many(&mut self.together, &mut peers, payloads);
+        let together: Vec<Vec<ChangeId>> = together
+            .into_iter()
+            .map(|r| r.expect("together").changes.iter().map(|c| c.id).collect())
+            .collect();
+        if together.iter().filter(|c| !c.is_empty()).count() > 1 {
+            self.batches += 1;
+        }
+        assert_eq!(together, apart, "each message brought the same changes");
+        assert_eq!(self.together.to_json(), self.apart.to_json());
+        assert_eq!(self.together.version(), self.apart.version());
+    }
+
+    fn answer(&mut self, spoke: usize) {
+        for payload in self.together_sync[spoke].poll(&mut self.together) {
+            self.spoke_sync[spoke]
+                .receive(&mut self.spokes[spoke], payload)
+                .expect("spoke receives");
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+    /// Automerge messages from several peers applied together leave the document as applying
+    /// them one by one does, report each change with the message that brought it, and keep every
+    /// peer's sync going to convergence.
+    #[test]
+    fn messages_received_together_match_one_by_one(
+        steps in proptest::collection::vec((0..4u8, 0..3usize, 0..8u8), 1..80)
+    ) {
+        let mut hub = Hub::new(3);
+        for (kind, spoke, key) in steps {
+            match kind {
+                0 => {
+                    hub.spokes[spoke]
+                        .apply_ops(&[init(&format!("k{key}"), i64::from(key))])
+                        .expect("edit");
+                }
+                1 => hub.send(spoke),
+                2 => hub.deliver(),
+                _ => hub.answer(spoke),
+            }
+        }
+        for _ in 0..12 {
+            for spoke in 0..3 {
+                hub.send(spoke);
+            }
+            while hub.inbox.iter().any(|i| !i.is_empty()) {
+                hub.deliver();
+            }
+            for spoke in 0..3 {
+                hub.answer(spoke);
+            }
+        }
+        for spoke in &hub.spokes {
+            proptest::prop_assert_eq!(spoke.to_json(), hub.together.to_json());
+        }
+    }
+}
+
+#[test]
+fn automerge_messages_from_several_peers_are_applied_together() {
+    let mut hub = Hub::new(3);
+    for spoke in 0..3 {
+        hub.spokes[spoke]
+            .apply_ops(&[init("x", spoke as i64)])
+            .expect("edit");
+        hub.send(spoke);
+    }
+    // First messages (heads only: nothing was asked yet), then their changes.
+    hub.deliver();
+    for spoke in 0..3 {
+        hub.answer(spoke);
+        hub.send(spoke);
+    }
+    hub.deliver();
+    assert_eq!(hub.batches, 1, "three messages with changes, one batch");
+    assert!(hub.together.to_json()["m"]["x"].is_i64());
+    assert_eq!(hub.together.to_json(), hub.apart.to_json());
 }
