@@ -15,7 +15,8 @@
 # ACCORD_SERVER_BIN (another accord-server binary to measure, e.g. an experiment),
 # ACCORD_LOADGEN_BIN (another accord-loadgen binary; with a target directory shared by several
 # checkouts, copy both binaries away after the build so nobody else's build replaces them mid-run),
-# FANOUT_RATES, FANOUT_SECONDS, IDLE_CONNECTIONS, TYPISTS ("8 32 128").
+# FANOUT_RATES, FANOUT_SECONDS, IDLE_CONNECTIONS, TYPISTS ("8 32 128": real automerge-repo
+# clients in Node), THIN_TYPISTS ("8 32 128": accord-loadgen am-typists).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -143,10 +144,14 @@ if [ "$SMOKE" = 1 ]; then
     --label accord --connections 200 --duration 1 | record
   timeout 60 "$LOADGEN" yws-docs --smoke --target "$YWS_TARGET" --server-pid "$SERVER_PID" \
     --label accord --docs 20 --type-interval-ms 200 --duration 2 | record
+  echo "== smoke: automerge-repo protocol (thin typists) against accord-server /automerge"
+  timeout 60 "$LOADGEN" am-typists --smoke --target "$AM_URL" --server-pid "$SERVER_PID" \
+    --label accord --duration 2 | record
   stop_server
   grep -q "RESULT fanout accord best_updates_per_s=[1-9]" "$RESULTS" || { echo "smoke: fan-out delivered nothing" >&2; exit 1; }
   grep -q "RESULT idle accord connections=200" "$RESULTS" || { echo "smoke: idle failed" >&2; exit 1; }
   grep -q "RESULT docs accord docs=20" "$RESULTS" || { echo "smoke: docs failed" >&2; exit 1; }
+  grep -q "RESULT am-typists accord n=4 .*caught_up=true" "$RESULTS" || { echo "smoke: am-typists failed" >&2; exit 1; }
   echo "smoke: ok"
   exit 0
 fi
@@ -236,6 +241,18 @@ if want typists; then
       start_server "$s"
       (cd "$BENCH/node" && timeout 300 node typists.mjs --server-url "$AM_URL" --n "$n" \
         --seconds 20 --server-pid "$SERVER_PID" --label "$s") | record || echo "typists $s failed" >&2
+      stop_server
+    done
+  done
+  # The same load from thin clients (accord-loadgen am-typists: the change graph only, no
+  # text), so the server, not the clients, is what saturates at 32 and 128 typists.
+  for n in ${THIN_TYPISTS:-8 32 128}; do
+    for s in accord automerge-sync-server; do
+      server_wanted "$s" || continue
+      echo "== thin typists n=$n: $s"
+      start_server "$s"
+      timeout 300 "$LOADGEN" am-typists --target "$AM_URL" --typists "$n" --duration 20 \
+        --server-pid "$SERVER_PID" --label "$s" | record || echo "thin typists $s n=$n: lagged" >&2
       stop_server
     done
   done

@@ -64,4 +64,14 @@ if (typ.length) {
   }
   out.push('')
 }
+const thin = of('am-typists')
+if (thin.length) {
+  out.push('### Typists from thin clients (accord-loadgen am-typists: change graph only), 6 chars/s each, 20 s', '')
+  out.push('| N | server | server CPU (cores) | per typist | this ÷ Accord | delivery p50 / p99 (ms) | lag at stop (chars) | caught up (s) | loadgen CPU |', '|---|---|---|---|---|---|---|---|---|')
+  for (const r of thin) {
+    const acc = thin.find((x) => x.label === 'accord' && x.n === r.n)
+    out.push(`| ${r.n} | ${r.label} | ${fmt(num(r.server_cores), 3)} | ${fmt(num(r.cores_per_typist), 4)} | ${r.label === 'accord' || !acc ? '—' : fmt(num(r.cores_per_typist) / num(acc.cores_per_typist), 1) + '×'} | ${fmt(num(r.p50_ms), 1)} / ${fmt(num(r.p99_ms), 1)} | ${r.lag_chars_at_stop} | ${r.caught_up === 'true' ? r.catch_up_s : 'no (> ' + r.catch_up_s + ')'} | ${r.loadgen_cores} |`)
+  }
+  out.push('')
+}
 console.log(out.join('\n'))

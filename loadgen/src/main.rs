@@ -23,6 +23,7 @@
 //! `--max-changes`. Traffic goes to 127.0.0.1 only: an embedded server on a temporary data
 //! directory (auth off), or `--url ws://127.0.0.1:PORT/sync`.
 
+mod amtypists;
 mod conn;
 mod yws;
 
@@ -57,6 +58,10 @@ enum Scenario {
     YwsDocs,
     /// y-websocket protocol: `--connections` idle connections.
     YwsIdle,
+    /// automerge-repo protocol (any server, `--target`; Accord's `/automerge` or
+    /// automerge-repo-sync-server): `--typists` thin clients typing `--type-rate` characters a
+    /// second each into one document (see `amtypists.rs`).
+    AmTypists,
     /// Accord's own protocol (`--url` of a running server, with `--server-pid`): `--connections`
     /// idle connections, each subscribed to one of `--rooms` Yrs documents.
     Idle,
@@ -135,6 +140,12 @@ struct Args {
     /// yws-idle, idle: rooms (documents) the connections spread over.
     #[arg(long, default_value_t = 1)]
     rooms: usize,
+    /// am-typists: typists.
+    #[arg(long, default_value_t = 8)]
+    typists: usize,
+    /// am-typists: characters each typist types per second.
+    #[arg(long, default_value_t = 6.0)]
+    type_rate: f64,
     /// Worker threads of the embedded server's runtime.
     #[arg(long, default_value_t = 2)]
     server_threads: usize,
@@ -160,6 +171,7 @@ impl Args {
             self.rates.truncate(2);
             self.docs = self.docs.min(20);
             self.connections = self.connections.min(200);
+            self.typists = self.typists.min(4);
         }
     }
 }
@@ -186,6 +198,11 @@ fn real_main(args: Args) -> Result<()> {
     );
     if yws_scenario && args.target.is_some() {
         return yws_main(&args, args.target.clone().unwrap_or_default());
+    }
+    if args.scenario == Scenario::AmTypists {
+        if let Some(target) = args.target.clone() {
+            return am_typists_main(&args, target);
+        }
     }
     let schemas = match &args.schema {
         Some(path) => {
@@ -234,6 +251,16 @@ fn real_main(args: Args) -> Result<()> {
         }
         return result;
     }
+    if args.scenario == Scenario::AmTypists {
+        drop(runtime);
+        let mut args = args;
+        args.server_pid = None;
+        let result = am_typists_main(&args, url.replace("/sync", "/automerge"));
+        if let Some(server) = server {
+            server.stop();
+        }
+        return result;
+    }
     if args.scenario == Scenario::Idle {
         let result = runtime.block_on(native_idle(&args, &url, run_id));
         drop(runtime);
@@ -257,6 +284,48 @@ fn real_main(args: Args) -> Result<()> {
     }
     print_table(&url, &args, &rows);
     result
+}
+
+/// `am-typists` against `url` (an automerge-repo WebSocket endpoint on 127.0.0.1).
+fn am_typists_main(args: &Args, url: String) -> Result<()> {
+    check_local(&url)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let r = runtime.block_on(amtypists::typists(
+        &url,
+        args.typists,
+        args.type_rate,
+        args.duration,
+        args.server_pid,
+    ))?;
+    let n = r.typists as f64;
+    println!(
+        "RESULT am-typists {} n={} typed={} seconds={:.1} server_cores={:.3} cores_per_typist={:.4} server_rss_mb={:.1} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} lag_chars_at_stop={} caught_up={} catch_up_s={:.2} loadgen_cores={:.2}",
+        args.label,
+        r.typists,
+        r.typed,
+        r.seconds,
+        r.server_cores,
+        r.server_cores / n,
+        r.server_rss as f64 / 1e6,
+        r.p50_ms,
+        r.p99_ms,
+        r.max_ms,
+        r.lag_at_stop,
+        r.caught_up,
+        r.catch_up_s,
+        r.loadgen_cores
+    );
+    if !r.caught_up {
+        return Err(format!(
+            "am-typists: not every keystroke reached every typist ({} missing at the stop)",
+            r.lag_at_stop
+        ));
+    }
+    Ok(())
 }
 
 fn yws_main(args: &Args, template: String) -> Result<()> {
