@@ -34,9 +34,12 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{watch, Barrier};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::conn::Result;
-use crate::yws::proc_usage;
+use crate::yws::{percentile_ms, proc_usage, read_var_uint};
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// How long a typist waits for the server's `peer` answer or first sync message.
 const HANDSHAKE: Duration = Duration::from_secs(20);
@@ -87,17 +90,12 @@ struct Parsed {
     sent_micros: Option<u64>,
 }
 
+/// An unsigned LEB128 varint at the start of `bytes`, which then start after it.
 fn uleb(bytes: &mut &[u8]) -> Option<u64> {
-    let mut value: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = bytes.split_first()?;
-        *bytes = rest;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
+    let mut pos = 0;
+    let value = read_var_uint(bytes, &mut pos)?;
+    *bytes = &bytes[pos..];
+    Some(value)
 }
 
 fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
@@ -255,14 +253,32 @@ fn field<'a>(message: &'a Value, key: &str) -> Option<&'a Value> {
     })
 }
 
+/// The next message of type `kind` from the server (others are skipped), within [`HANDSHAKE`].
+async fn next_of_type(ws: &mut Ws, kind: &str) -> Result<Value> {
+    timeout(HANDSHAKE, async {
+        while let Some(frame) = ws.next().await {
+            if let Ok(WsMessage::Binary(bytes)) = frame {
+                let message: Value =
+                    ciborium::from_reader(&bytes[..]).map_err(|e| e.to_string())?;
+                if field(&message, "type").and_then(Value::as_text) == Some(kind) {
+                    return Ok(message);
+                }
+            }
+        }
+        Err(format!("closed before a {kind} message"))
+    })
+    .await
+    .map_err(|_| format!("no {kind} message within {HANDSHAKE:?}"))?
+}
+
 /// Shared counters of one run.
 struct Shared {
     /// Keystrokes typed by each typist.
     typed: Vec<AtomicU64>,
     /// Other typists' keystrokes each typist has received.
     received: Vec<AtomicU64>,
-    /// Delivery latencies in microseconds.
-    latencies: Mutex<Vec<u64>>,
+    /// Delivery latencies in microseconds (one per keystroke received: bounded by the run).
+    latencies: Mutex<Vec<u32>>,
 }
 
 /// Runs `n` typists at `rate` keystrokes a second each for `seconds` against `url`.
@@ -356,13 +372,6 @@ pub async fn typists(
     }
     let mut latencies = std::mem::take(&mut *shared.latencies.lock().map_err(|e| e.to_string())?);
     latencies.sort_unstable();
-    let at = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((p / 100.0) * (latencies.len() - 1) as f64).round() as usize;
-        latencies[i.min(latencies.len() - 1)] as f64 / 1000.0
-    };
     let cores = |a: Option<(f64, u64)>, b: Option<(f64, u64)>| match (a, b) {
         (Some(a), Some(b)) => (b.0 - a.0) / elapsed,
         _ => f64::NAN,
@@ -374,9 +383,9 @@ pub async fn typists(
         server_cores: cores(usage0, usage1),
         server_rss: usage1.map_or(0, |u| u.1),
         loadgen_cores: cores(own0, own1),
-        p50_ms: at(50.0),
-        p99_ms: at(99.0),
-        max_ms: at(100.0),
+        p50_ms: percentile_ms(&latencies, 50.0),
+        p99_ms: percentile_ms(&latencies, 99.0),
+        max_ms: percentile_ms(&latencies, 100.0),
         lag_at_stop,
         caught_up,
         catch_up_s,
@@ -415,23 +424,11 @@ async fn typist(
     ws.send(WsMessage::Binary(join.into()))
         .await
         .map_err(|e| e.to_string())?;
-    let server = timeout(HANDSHAKE, async {
-        while let Some(frame) = ws.next().await {
-            if let Ok(WsMessage::Binary(bytes)) = frame {
-                let message: Value =
-                    ciborium::from_reader(&bytes[..]).map_err(|e| e.to_string())?;
-                if field(&message, "type").and_then(Value::as_text) == Some("peer") {
-                    return field(&message, "senderId")
-                        .and_then(Value::as_text)
-                        .map(str::to_owned)
-                        .ok_or_else(|| "peer without senderId".to_string());
-                }
-            }
-        }
-        Err("closed before peer".to_string())
-    })
-    .await
-    .map_err(|_| format!("{url}: no peer answer"))??;
+    let peer = next_of_type(&mut ws, "peer").await?;
+    let server = field(&peer, "senderId")
+        .and_then(Value::as_text)
+        .map(str::to_owned)
+        .ok_or("peer without senderId")?;
     let sync = |data: Vec<u8>| -> Result<WsMessage> {
         Ok(WsMessage::Binary(
             cbor(vec![
@@ -461,20 +458,7 @@ async fn typist(
         .await
         .map_err(|e| e.to_string())?;
     // Wait for the server's answer (it holds the seed then).
-    timeout(HANDSHAKE, async {
-        while let Some(frame) = ws.next().await {
-            if let Ok(WsMessage::Binary(bytes)) = frame {
-                let message: Value =
-                    ciborium::from_reader(&bytes[..]).map_err(|e| e.to_string())?;
-                if field(&message, "type").and_then(Value::as_text) == Some("sync") {
-                    return Ok(());
-                }
-            }
-        }
-        Err("closed before the first sync".to_string())
-    })
-    .await
-    .map_err(|_| format!("{url}: no sync answer"))??;
+    next_of_type(&mut ws, "sync").await?;
     ready.wait().await;
     let (begun, end) = start_rx
         .wait_for(Option::is_some)
@@ -519,7 +503,8 @@ async fn typist(
                         if graph.add(p.hash, &p.deps, p.start_op) {
                             new += 1;
                             if let Some(sent) = p.sent_micros {
-                                latencies.push(now.saturating_sub(sent));
+                                let micros = now.saturating_sub(sent);
+                                latencies.push(u32::try_from(micros).unwrap_or(u32::MAX));
                             }
                         }
                     }

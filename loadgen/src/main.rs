@@ -10,6 +10,8 @@
 //! - `yws-fanout`, `yws-docs`, `yws-idle`: the same kind of load over the y-websocket protocol,
 //!   so it can be applied unchanged to Accord's `/yjs` and to other Yjs servers (`--target`, with
 //!   `{room}` in the URL; `--proto hocuspocus` for Hocuspocus); see `yws.rs` and `bench/run.sh`.
+//! - `am-typists`: `--typists` thin automerge-repo clients typing into one Automerge document, for
+//!   Accord's `/automerge` or automerge-repo-sync-server (`--target`); see `amtypists.rs`.
 //!
 //! `commits --trip-changes` sends changes shaped like the demo trip document instead (each adds a
 //! wallet ledger entry, a seat booking and a payment, after a first change that declares the

@@ -54,7 +54,8 @@ pub struct Target {
 
 const HANDSHAKE: Duration = Duration::from_secs(20);
 
-fn read_var_uint(buf: &[u8], pos: &mut usize) -> Option<u64> {
+/// Reads an unsigned LEB128 varint at `*pos` and moves past it.
+pub(crate) fn read_var_uint(buf: &[u8], pos: &mut usize) -> Option<u64> {
     let mut n = 0u64;
     let mut shift = 0;
     loop {
@@ -173,7 +174,8 @@ pub fn proc_usage(pid: Option<u32>) -> Option<(f64, u64)> {
     Some((ticks / 100.0, rss_kb * 1024))
 }
 
-fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
+/// The `p`th percentile of sorted microseconds, in milliseconds (NaN when empty).
+pub(crate) fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

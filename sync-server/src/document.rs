@@ -307,6 +307,28 @@ struct Pending {
     replies: Vec<(usize, oneshot::Sender<Result<Applied, Refusal>>)>,
 }
 
+impl Pending {
+    /// Queues the changes `connection` sent (written by `author`) for the next commit, and
+    /// notes their ids in `ids`.
+    fn received(
+        &mut self,
+        connection: u64,
+        author: ReplicaId,
+        changes: Vec<Change>,
+        ids: &mut Vec<ChangeId>,
+    ) {
+        for change in changes {
+            ids.push(change.id);
+            self.changes.push(PendingChange {
+                connection,
+                author,
+                change,
+                detected: None,
+            });
+        }
+    }
+}
+
 struct Actor {
     document: DocumentId,
     config: Arc<Config>,
@@ -411,18 +433,12 @@ impl Actor {
                 } = *command
                 {
                     let mut run = vec![(connection, payload)];
-                    while let Some(next) = commands.peek() {
-                        let Command::Sync {
+                    while let Some(next) = commands.next_if(|next| {
+                        matches!(&**next, Command::Sync {
                             connection,
                             payload: SyncPayload::Automerge(_),
-                        } = &**next
-                        else {
-                            break;
-                        };
-                        if run.iter().any(|(c, _)| c == connection) {
-                            break;
-                        }
-                        let Some(next) = commands.next() else { break };
+                        } if run.iter().all(|(c, _)| c != connection))
+                    }) {
                         if let Command::Sync {
                             connection,
                             payload,
@@ -866,16 +882,9 @@ impl Actor {
                         self.pending.duplicates.push((connection, id));
                     }
                 }
-                let author = subscriber.replica;
-                let ids: Vec<ChangeId> = received.changes.iter().map(|c| c.id).collect();
-                for change in received.changes {
-                    self.pending.changes.push(PendingChange {
-                        connection,
-                        author,
-                        change,
-                        detected: None,
-                    });
-                }
+                let mut ids = Vec::new();
+                self.pending
+                    .received(connection, subscriber.replica, received.changes, &mut ids);
                 // The whole message is in the document now: reconcile once, naming all of it
                 // (the reconciler credits each entry to the change that wrote it).
                 if !ids.is_empty() {
@@ -954,15 +963,12 @@ impl Actor {
             };
             match result {
                 Ok(received) => {
-                    for change in received.changes {
-                        ids.push(change.id);
-                        self.pending.changes.push(PendingChange {
-                            connection,
-                            author: subscriber.replica,
-                            change,
-                            detected: None,
-                        });
-                    }
+                    self.pending.received(
+                        connection,
+                        subscriber.replica,
+                        received.changes,
+                        &mut ids,
+                    );
                 }
                 Err(error) => {
                     let _ = subscriber.out.send(Message::Error {

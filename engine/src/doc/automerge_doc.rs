@@ -510,30 +510,30 @@ impl AutomergeDoc {
     }
 }
 
-/// Whether `bytes` are exactly one saved document chunk (magic, checksum, type 0 = document,
-/// its length, and nothing after it), as [`AutomergeDoc::save`] writes.
+/// Whether `bytes` are exactly one saved document chunk (type 0, nothing after it), as
+/// [`AutomergeDoc::save`] writes.
 fn is_one_document(bytes: &[u8]) -> bool {
-    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
     const DOCUMENT: u8 = 0;
-    let Some(rest) = bytes.strip_prefix(&MAGIC[..]) else {
-        return false;
-    };
-    // 4 bytes of checksum, then the chunk type, then the length as unsigned LEB128.
-    let Some((&DOCUMENT, mut rest)) = rest.get(4..).and_then(<[u8]>::split_first) else {
-        return false;
-    };
+    matches!(next_chunk(bytes), Some((DOCUMENT, _, rest)) if rest.is_empty())
+}
+
+/// The first chunk of Automerge's storage format in `bytes`: its type, the whole chunk (magic,
+/// 4 bytes of checksum, the type, the body's length as unsigned LEB128, the body) and what
+/// follows it. `None` when `bytes` do not start with a whole chunk.
+pub(super) fn next_chunk(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    let (&kind, mut rest) = bytes.strip_prefix(&MAGIC[..])?.get(4..)?.split_first()?;
     let mut length: u64 = 0;
     for shift in (0..64).step_by(7) {
-        let Some((&byte, tail)) = rest.split_first() else {
-            return false;
-        };
+        let (&byte, tail) = rest.split_first()?;
         rest = tail;
         length |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
-            return rest.len() as u64 == length;
+            let end = (bytes.len() - rest.len()).checked_add(usize::try_from(length).ok()?)?;
+            return Some((kind, bytes.get(..end)?, bytes.get(end..)?));
         }
     }
-    false
+    None
 }
 
 /// Where an object lives: its path, exact when only map keys lead there; otherwise the path of

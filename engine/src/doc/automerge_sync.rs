@@ -35,7 +35,18 @@ pub(crate) fn receive(
         let after_heads = doc.get_heads();
         state.shared_heads = advance_heads(&before_heads, &after_heads, &state.shared_heads);
     }
-    finish(doc, state, &before_heads, message, changes_is_empty);
+    let Message {
+        heads, need, have, ..
+    } = message;
+    finish(
+        doc,
+        state,
+        &before_heads,
+        heads,
+        need,
+        have,
+        changes_is_empty,
+    );
     Ok(())
 }
 
@@ -80,7 +91,15 @@ pub(crate) fn receive_batch(
                 .copied()
                 .collect();
         }
-        finish(doc, state, &after_heads, message.clone(), changes_is_empty);
+        finish(
+            doc,
+            state,
+            &after_heads,
+            message.heads.clone(),
+            message.need.clone(),
+            message.have.clone(),
+            changes_is_empty,
+        );
     }
     Ok(())
 }
@@ -118,18 +137,17 @@ fn begin(state: &mut State, message: &Message) {
 }
 
 /// What a message settles once its changes are in: the sent hashes it acknowledges, the shared
-/// heads, and what the peer has, needs and holds. `before_heads` are our heads before its
-/// changes.
+/// heads, and what the peer has, needs and holds (the message's `heads`, `need` and `have`).
+/// `before_heads` are our heads before its changes.
 fn finish(
     doc: &mut AutoCommit,
     state: &mut State,
     before_heads: &[ChangeHash],
-    message: Message,
+    heads: Vec<ChangeHash>,
+    need: Vec<ChangeHash>,
+    have: Vec<automerge::sync::Have>,
     changes_is_empty: bool,
 ) {
-    let Message {
-        heads, need, have, ..
-    } = message;
     let known_heads: Vec<ChangeHash> = heads
         .iter()
         .filter(|h| doc.get_change_meta_by_hash(h).is_some())
@@ -177,37 +195,19 @@ fn finish(
 /// computes it; a compressed one is decoded to find it.
 pub(crate) fn carried_hashes(message: &Message) -> Option<HashSet<ChangeHash>> {
     use sha2::Digest;
-    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
     const CHANGE: u8 = 1;
     const COMPRESSED_CHANGE: u8 = 2;
     let mut hashes = HashSet::new();
-    for bytes in message.changes.iter() {
-        let mut rest = bytes;
+    for mut rest in message.changes.iter() {
         while !rest.is_empty() {
-            let (&kind, mut after) = rest.strip_prefix(&MAGIC[..])?.get(4..)?.split_first()?;
-            let mut length: u64 = 0;
-            let mut shift = 0;
-            loop {
-                let (&byte, tail) = after.split_first()?;
-                after = tail;
-                length |= u64::from(byte & 0x7f) << shift;
-                if byte & 0x80 == 0 {
-                    break;
-                }
-                shift += 7;
-                if shift >= 64 {
-                    return None;
-                }
-            }
-            let end = (rest.len() - after.len()).checked_add(usize::try_from(length).ok()?)?;
-            let chunk = rest.get(..end)?;
+            let (kind, chunk, after) = super::automerge_doc::next_chunk(rest)?;
             let hash = match kind {
                 CHANGE => ChangeHash(sha2::Sha256::digest(chunk.get(8..)?).into()),
                 COMPRESSED_CHANGE => automerge::Change::try_from(chunk).ok()?.hash(),
                 _ => return None,
             };
             hashes.insert(hash);
-            rest = &rest[end..];
+            rest = after;
         }
     }
     Some(hashes)
