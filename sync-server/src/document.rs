@@ -1208,6 +1208,7 @@ impl Actor {
         let now = throttle.map(|_| Instant::now());
         dirty.append(&mut self.held);
         self.sync_due = None;
+        let mut sent = false;
         for connection in dirty {
             let Some(subscriber) = self.subscribers.get_mut(&connection) else {
                 continue;
@@ -1223,6 +1224,7 @@ impl Actor {
             let payloads = subscriber.sync.poll(&mut state.doc);
             if !payloads.is_empty() {
                 subscriber.synced_at = now;
+                sent = true;
             }
             for payload in payloads {
                 if !subscriber.out.send(Message::Sync { document, payload }) {
@@ -1233,6 +1235,12 @@ impl Actor {
         }
         for connection in dead {
             self.subscribers.remove(&connection);
+        }
+        // Nothing new came in, nothing went out and nothing waits: the peers that answered are
+        // up to date, so the bytes kept to send recent changes on are dropped (an idle
+        // document keeps none; a peer that still lacks one gets it rebuilt).
+        if pending.changes.is_empty() && !sent && self.held.is_empty() {
+            state.doc.forget_recent_changes();
         }
         Ok(())
     }

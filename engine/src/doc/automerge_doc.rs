@@ -24,8 +24,10 @@ use automerge::{
     Value, ROOT,
 };
 
+use super::automerge_sync::{self, Generated};
 use super::error::DocError;
 use super::ops::{Op, Path, Segment};
+use super::recent_changes::RecentChanges;
 use super::{Change, ChangeId};
 use crate::ids::ReplicaId;
 
@@ -58,6 +60,9 @@ pub struct AutomergeDoc {
     /// The last compacted save and the heads it holds: reused while the heads are unchanged (a
     /// save costs time proportional to the whole history; a fresh sync peer is sent one).
     saved: Option<Saved>,
+    /// The bytes of the changes just received or made, so they are not rebuilt from the op set
+    /// to be reported or sent on (see [`RecentChanges`]).
+    recent: RecentChanges,
 }
 
 /// A compacted save of the document at `heads`.
@@ -77,6 +82,7 @@ impl AutomergeDoc {
             fresh: Vec::new(),
             astral: false,
             saved: None,
+            recent: RecentChanges::default(),
         }
     }
 
@@ -92,6 +98,7 @@ impl AutomergeDoc {
             fresh: Vec::new(),
             astral: true,
             saved: None,
+            recent: RecentChanges::default(),
         })
     }
 
@@ -143,6 +150,7 @@ impl AutomergeDoc {
         self.fresh.clear();
         let hash = self.doc.commit()?;
         let change = self.doc.get_change_by_hash(&hash)?;
+        automerge_sync::keep_changes(&mut self.recent, change.raw_bytes());
         if let Some(tracker) = &mut self.tracking {
             let mut deps = change.deps().to_vec();
             deps.sort_unstable();
@@ -163,24 +171,67 @@ impl AutomergeDoc {
         self.fresh.clear();
         let before = self.doc.get_heads();
         self.astral = true;
+        automerge_sync::keep_changes(&mut self.recent, bytes);
         self.doc
             .load_incremental(bytes)
             .map_err(|e| DocError::malformed("automerge change", e))?;
         Ok(self.changes_since(&before))
     }
 
+    /// The changes not covered by `before` (the heads before something entered the document), in
+    /// the document's order, recorded for tracking. Their bytes come from [`RecentChanges`] when
+    /// all are there, else Automerge rebuilds them.
     fn changes_since(&mut self, before: &[ChangeHash]) -> Vec<Change> {
         let mut after = self.doc.get_heads();
         if after == before {
             return Vec::new();
         }
-        let changes = self.doc.get_changes(before);
+        let hashes: Vec<ChangeHash> = self
+            .doc
+            .get_changes_meta(before)
+            .into_iter()
+            .map(|m| m.hash)
+            .collect();
+        let kept: Option<Vec<Change>> = hashes
+            .iter()
+            .map(|h| {
+                self.recent.get(h).map(|bytes| Change {
+                    id: ChangeId(h.0),
+                    bytes: bytes.to_vec(),
+                })
+            })
+            .collect();
+        let kept = kept.and_then(|changes| {
+            if self.tracking.is_none() {
+                return Some((changes, Vec::new()));
+            }
+            // The tracker reads each change's ops: decode the kept bytes.
+            let decoded: Option<Vec<automerge::Change>> = changes
+                .iter()
+                .map(|c| automerge::Change::try_from(c.bytes.as_slice()).ok())
+                .collect();
+            decoded.map(|d| (changes, d))
+        });
+        let (changes, natives) = match kept {
+            Some(kept) => kept,
+            None => {
+                let natives = self.doc.get_changes(before);
+                let changes = natives
+                    .iter()
+                    .map(|c| Change {
+                        id: ChangeId(c.hash().0),
+                        bytes: c.raw_bytes().to_vec(),
+                    })
+                    .collect();
+                (changes, natives)
+            }
+        };
         if let Some(tracker) = &mut self.tracking {
             let mut before = before.to_vec();
             before.sort_unstable();
             // Only when nothing unseen came before them; otherwise the next take catches up.
             if before == tracker.heads {
-                for change in &changes {
+                for change in &natives {
                     tracker.record(&self.doc, change);
                 }
                 after.sort_unstable();
@@ -188,12 +239,12 @@ impl AutomergeDoc {
             }
         }
         changes
-            .into_iter()
-            .map(|c| Change {
-                id: ChangeId(c.hash().0),
-                bytes: c.raw_bytes().to_vec(),
-            })
-            .collect()
+    }
+
+    /// Drops the bytes kept of recent changes (see [`RecentChanges`]): a relay calls it when
+    /// its peers are up to date, so an idle document holds none.
+    pub fn forget_recent_changes(&mut self) {
+        self.recent.clear();
     }
 
     /// The current heads.
@@ -304,16 +355,21 @@ impl AutomergeDoc {
     /// nothing gets the whole document in one message, compacted, from the kept save (see
     /// [`AutomergeDoc::whole_document_message`]).
     pub fn generate_sync_message(&mut self, state: &mut automerge::sync::State) -> Option<Vec<u8>> {
-        if super::automerge_sync::waiting_for_ack(&mut self.doc, state) {
+        if automerge_sync::waiting_for_ack(&mut self.doc, state) {
             return None;
         }
         if let Some(message) = self.whole_document_message(state) {
             return Some(message);
         }
-        self.doc
-            .sync()
-            .generate_sync_message(state)
-            .map(|m| m.encode())
+        match automerge_sync::generate(&mut self.doc, state, &self.recent) {
+            Generated::Message(message) => Some(message.encode()),
+            Generated::Nothing => None,
+            Generated::Automerge => self
+                .doc
+                .sync()
+                .generate_sync_message(state)
+                .map(|m| m.encode()),
+        }
     }
 
     /// The message for a peer whose last message said it has nothing (empty heads) and that
@@ -403,7 +459,10 @@ impl AutomergeDoc {
         if !message.changes.is_empty() {
             self.astral = true;
         }
-        super::automerge_sync::receive(&mut self.doc, state, message)
+        for bytes in message.changes.iter() {
+            automerge_sync::keep_changes(&mut self.recent, bytes);
+        }
+        automerge_sync::receive(&mut self.doc, state, message)
             .map_err(|e| DocError::malformed("automerge sync message", e))?;
         Ok(self.changes_since(&before))
     }
@@ -437,7 +496,7 @@ impl AutomergeDoc {
             let Ok(message) = automerge::sync::Message::decode(bytes) else {
                 return one_by_one(self, states);
             };
-            let Some(hashes) = super::automerge_sync::carried_hashes(&message) else {
+            let Some(hashes) = automerge_sync::carried_hashes(&message) else {
                 return one_by_one(self, states);
             };
             messages.push(message);
@@ -448,16 +507,19 @@ impl AutomergeDoc {
         }
         self.fresh.clear();
         self.astral = true;
+        for bytes in messages.iter().flat_map(|m| m.changes.iter()) {
+            automerge_sync::keep_changes(&mut self.recent, bytes);
+        }
         let before = self.doc.get_heads();
         let mut results: Vec<Result<Vec<Change>, DocError>> =
-            match super::automerge_sync::receive_batch(&mut self.doc, states, &messages, &carried) {
+            match automerge_sync::receive_batch(&mut self.doc, states, &messages, &carried) {
                 Ok(()) => messages.iter().map(|_| Ok(Vec::new())).collect(),
                 // Settle each again on its own: the failing one gets its error.
                 Err(_) => states
                     .iter_mut()
                     .zip(messages)
                     .map(|(state, message)| {
-                        super::automerge_sync::receive(&mut self.doc, state, message)
+                        automerge_sync::receive(&mut self.doc, state, message)
                             .map(|()| Vec::new())
                             .map_err(|e| DocError::malformed("automerge sync message", e))
                     })

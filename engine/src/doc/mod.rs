@@ -8,6 +8,7 @@ mod automerge_doc;
 mod automerge_sync;
 mod error;
 mod ops;
+mod recent_changes;
 mod yrs_doc;
 
 use std::fmt;
@@ -318,6 +319,15 @@ impl Document {
         match self {
             Document::Automerge(d) => d.save(),
             Document::Yrs(d) => d.save(),
+        }
+    }
+
+    /// Drops what the document keeps of its recent changes to send them on quickly (Automerge
+    /// keeps their bytes; see `AutomergeDoc::forget_recent_changes`). A relay calls it when every
+    /// peer is up to date.
+    pub fn forget_recent_changes(&mut self) {
+        if let Document::Automerge(d) = self {
+            d.forget_recent_changes();
         }
     }
 
