@@ -28,6 +28,7 @@ use super::automerge_sync::{self, Generated};
 use super::error::DocError;
 use super::ops::{Op, Path, Segment};
 use super::recent_changes::RecentChanges;
+use super::recent_graph::RecentGraph;
 use super::{Change, ChangeId};
 use crate::ids::ReplicaId;
 
@@ -63,6 +64,9 @@ pub struct AutomergeDoc {
     /// The bytes of the changes just received or made, so they are not rebuilt from the op set
     /// to be reported or sent on (see [`RecentChanges`]).
     recent: RecentChanges,
+    /// The last changes with their dependencies, so the sync protocol's "what is not an
+    /// ancestor of these heads" is answered without Automerge (see [`RecentGraph`]).
+    graph: RecentGraph,
 }
 
 /// A compacted save of the document at `heads`.
@@ -83,6 +87,7 @@ impl AutomergeDoc {
             astral: false,
             saved: None,
             recent: RecentChanges::default(),
+            graph: RecentGraph::default(),
         }
     }
 
@@ -99,6 +104,7 @@ impl AutomergeDoc {
             astral: true,
             saved: None,
             recent: RecentChanges::default(),
+            graph: RecentGraph::default(),
         })
     }
 
@@ -186,12 +192,8 @@ impl AutomergeDoc {
         if after == before {
             return Vec::new();
         }
-        let hashes: Vec<ChangeHash> = self
-            .doc
-            .get_changes_meta(before)
-            .into_iter()
-            .map(|m| m.hash)
-            .collect();
+        self.graph.catch_up(&mut self.doc);
+        let hashes = automerge_sync::hashes_since(&mut self.doc, &self.graph, before);
         let kept: Option<Vec<Change>> = hashes
             .iter()
             .map(|h| {
@@ -245,6 +247,7 @@ impl AutomergeDoc {
     /// its peers are up to date, so an idle document holds none.
     pub fn forget_recent_changes(&mut self) {
         self.recent.clear();
+        self.graph.clear();
     }
 
     /// The current heads.
@@ -361,7 +364,7 @@ impl AutomergeDoc {
         if let Some(message) = self.whole_document_message(state) {
             return Some(message);
         }
-        match automerge_sync::generate(&mut self.doc, state, &self.recent) {
+        match automerge_sync::generate(&mut self.doc, state, &self.recent, &mut self.graph) {
             Generated::Message(message) => Some(message.encode()),
             Generated::Nothing => None,
             Generated::Automerge => self
@@ -462,7 +465,7 @@ impl AutomergeDoc {
         for bytes in message.changes.iter() {
             automerge_sync::keep_changes(&mut self.recent, bytes);
         }
-        automerge_sync::receive(&mut self.doc, state, message)
+        automerge_sync::receive(&mut self.doc, state, message, &mut self.graph)
             .map_err(|e| DocError::malformed("automerge sync message", e))?;
         Ok(self.changes_since(&before))
     }
@@ -511,20 +514,25 @@ impl AutomergeDoc {
             automerge_sync::keep_changes(&mut self.recent, bytes);
         }
         let before = self.doc.get_heads();
-        let mut results: Vec<Result<Vec<Change>, DocError>> =
-            match automerge_sync::receive_batch(&mut self.doc, states, &messages, &carried) {
-                Ok(()) => messages.iter().map(|_| Ok(Vec::new())).collect(),
-                // Settle each again on its own: the failing one gets its error.
-                Err(_) => states
-                    .iter_mut()
-                    .zip(messages)
-                    .map(|(state, message)| {
-                        automerge_sync::receive(&mut self.doc, state, message)
-                            .map(|()| Vec::new())
-                            .map_err(|e| DocError::malformed("automerge sync message", e))
-                    })
-                    .collect(),
-            };
+        let mut results: Vec<Result<Vec<Change>, DocError>> = match automerge_sync::receive_batch(
+            &mut self.doc,
+            states,
+            &messages,
+            &carried,
+            &mut self.graph,
+        ) {
+            Ok(()) => messages.iter().map(|_| Ok(Vec::new())).collect(),
+            // Settle each again on its own: the failing one gets its error.
+            Err(_) => states
+                .iter_mut()
+                .zip(messages)
+                .map(|(state, message)| {
+                    automerge_sync::receive(&mut self.doc, state, message, &mut self.graph)
+                        .map(|()| Vec::new())
+                        .map_err(|e| DocError::malformed("automerge sync message", e))
+                })
+                .collect(),
+        };
         let last = results
             .iter()
             .zip(&carried)

@@ -1,28 +1,36 @@
-//! Receiving an Automerge sync message without automerge's history walk.
+//! The Automerge sync protocol's two steps, receiving a message and generating the next one,
+//! without automerge's per-message walks of the history.
 //!
-//! Written by hand because automerge 0.12's `receive_sync_message` walks every ancestor of the
-//! peer's heads on each message (`filter_changes` → `ChangeGraph::remove_ancestors` visits the
-//! whole change graph, with no early exit, even when there is nothing to filter). A relay
-//! receives one message from every peer for every change it forwards, so that walk made the cost
-//! of each keystroke grow with the document's history times the number of peers (18% of the
-//! server's CPU with 8 automerge-repo typists, and quadratic as typists are added).
+//! Written by hand because automerge 0.12 makes a relay pay for its whole history on every
+//! message, in three ways:
 //!
-//! [`receive`] reproduces `receive_sync_message_inner` step by step through automerge's public
-//! API; the one difference is how it trims `sent_hashes` to what the peer has not seen: instead
-//! of walking back from the peer's heads, it asks for the changes *not* covered by those heads
-//! (`get_changes_meta`, answered from automerge's cached vector clocks in time proportional to
-//! the answer) and keeps the sent hashes among them. When there is nothing to trim it does
-//! nothing. The tests below run random multi-peer sessions through both paths and require
-//! identical documents, states and next messages.
-
-use std::collections::{HashMap, HashSet};
+//! - `receive_sync_message` walks every ancestor of the peer's heads (`filter_changes` →
+//!   `ChangeGraph::remove_ancestors`, with no early exit, even when there is nothing to filter):
+//!   18% of the server's CPU with 8 automerge-repo typists, quadratic as typists are added;
+//! - "the changes not ancestors of these heads" (our Bloom filter, what to send, what the peer
+//!   has seen) costs a vector-clock walk plus, per change listed, metadata read back from
+//!   compressed columns; with peers lagging behind, over half the CPU at 128 typists;
+//! - every change sent is rebuilt from the op set, once per peer it is sent to.
+//!
+//! [`receive`] and [`generate`] reproduce `receive_sync_message_inner` and
+//! `generate_sync_message` step by step through automerge's public API, with three
+//! substitutions: the sent hashes the peer has seen are found from what is not an ancestor of
+//! its heads (nothing to do when it has ours); "not an ancestor of" is answered by
+//! [`RecentGraph`] (the last changes with their dependencies) when it can, by automerge
+//! otherwise; and the changes to send come from [`RecentChanges`] (their bytes as they came)
+//! when they are there. The cases that need automerge's internals are left to it
+//! ([`Generated::Automerge`]). The tests below run random multi-peer sessions through both
+//! paths, with V1 and V2 peers and the kept changes dropped at random, and require identical
+//! documents, states and messages.
 
 use automerge::sync::{
     BloomFilter, Capability, Have, Message, MessageFlags, MessageVersion, State,
 };
 use automerge::{AutoCommit, AutomergeError, ChangeHash, ReadDoc};
 
+use super::change_hash_set::{ChangeHashMap, ChangeHashSet};
 use super::recent_changes::RecentChanges;
+use super::recent_graph::RecentGraph;
 
 /// Applies a decoded sync `message` from a peer to `doc` and its `state`, exactly as
 /// `doc.sync().receive_sync_message(state, message)` would.
@@ -30,12 +38,15 @@ pub(crate) fn receive(
     doc: &mut AutoCommit,
     state: &mut State,
     message: Message,
+    graph: &mut RecentGraph,
 ) -> Result<(), AutomergeError> {
+    graph.catch_up(doc);
     let before_heads = doc.get_heads();
     begin(state, &message);
     let changes_is_empty = message.changes.is_empty();
     if !changes_is_empty && !state.read_only {
         doc.load_incremental(&joined_changes(&[&message]))?;
+        graph.catch_up(doc);
         let after_heads = doc.get_heads();
         state.shared_heads = advance_heads(&before_heads, &after_heads, &state.shared_heads);
     }
@@ -43,7 +54,7 @@ pub(crate) fn receive(
         heads, need, have, ..
     } = message;
     finish(
-        doc,
+        (doc, graph),
         state,
         &before_heads,
         heads,
@@ -68,8 +79,10 @@ pub(crate) fn receive_batch(
     doc: &mut AutoCommit,
     states: &mut [&mut State],
     messages: &[Message],
-    carried: &[HashSet<ChangeHash>],
+    carried: &[ChangeHashSet<ChangeHash>],
+    graph: &mut RecentGraph,
 ) -> Result<(), AutomergeError> {
+    graph.catch_up(doc);
     let before_heads = doc.get_heads();
     let applied: Vec<&Message> = messages
         .iter()
@@ -79,6 +92,7 @@ pub(crate) fn receive_batch(
         .collect();
     if !applied.is_empty() {
         doc.load_incremental(&joined_changes(&applied))?;
+        graph.catch_up(doc);
     }
     let after_heads = doc.get_heads();
     for ((state, message), carried) in states.iter_mut().zip(messages).zip(carried) {
@@ -96,7 +110,7 @@ pub(crate) fn receive_batch(
                 .collect();
         }
         finish(
-            doc,
+            (&mut *doc, &*graph),
             state,
             &after_heads,
             message.heads.clone(),
@@ -144,7 +158,7 @@ fn begin(state: &mut State, message: &Message) {
 /// heads, and what the peer has, needs and holds (the message's `heads`, `need` and `have`).
 /// `before_heads` are our heads before its changes.
 fn finish(
-    doc: &mut AutoCommit,
+    (doc, graph): (&mut AutoCommit, &RecentGraph),
     state: &mut State,
     before_heads: &[ChangeHash],
     heads: Vec<ChangeHash>,
@@ -154,17 +168,21 @@ fn finish(
 ) {
     let known_heads: Vec<ChangeHash> = heads
         .iter()
-        .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+        .filter(|h| has_change(doc, graph, h))
         .copied()
         .collect();
-    // Trim the sent hashes to those the peer has not seen: not ancestors of its known heads.
+    // Trim the sent hashes to those the peer has not seen: not ancestors of its known heads
+    // (none when it has our heads).
     if !state.sent_hashes.is_empty() && !known_heads.is_empty() {
-        let unseen: HashSet<ChangeHash> = doc
-            .get_changes_meta(&known_heads)
-            .into_iter()
-            .map(|m| m.hash)
-            .collect();
-        state.sent_hashes.retain(|h| unseen.contains(h));
+        let mut sorted = known_heads.clone();
+        sorted.sort();
+        if sorted == doc.get_heads() {
+            state.sent_hashes.clear();
+        } else {
+            let unseen: ChangeHashSet<ChangeHash> =
+                hashes_since(doc, graph, &known_heads).into_iter().collect();
+            state.sent_hashes.retain(|h| unseen.contains(h));
+        }
     }
 
     if changes_is_empty && heads == before_heads {
@@ -195,8 +213,8 @@ fn finish(
 
 /// The hashes of the changes a sync message carries, or `None` when it carries anything but
 /// change chunks (a whole document) or they do not parse.
-pub(crate) fn carried_hashes(message: &Message) -> Option<HashSet<ChangeHash>> {
-    let mut hashes = HashSet::new();
+pub(crate) fn carried_hashes(message: &Message) -> Option<ChangeHashSet<ChangeHash>> {
+    let mut hashes = ChangeHashSet::default();
     for bytes in message.changes.iter() {
         hashes.extend(change_chunks(bytes)?.into_iter().map(|(hash, _)| hash));
     }
@@ -271,7 +289,9 @@ pub(crate) fn generate(
     doc: &mut AutoCommit,
     state: &mut State,
     recent: &RecentChanges,
+    graph: &mut RecentGraph,
 ) -> Generated {
+    graph.catch_up(doc);
     // With changes waiting for their dependencies, what we need depends on them: automerge's.
     if !doc.get_missing_deps(&[]).is_empty() {
         return Generated::Automerge;
@@ -285,20 +305,16 @@ pub(crate) fn generate(
             .their_heads
             .iter()
             .flatten()
-            .filter(|h| doc.get_change_meta_by_hash(h).is_none())
+            .filter(|h| !has_change(doc, graph, h))
             .copied()
             .collect();
         need.sort();
         need.dedup();
         need
     };
-    let their_heads: HashSet<&ChangeHash> = state.their_heads.iter().flatten().collect();
+    let their_heads: ChangeHashSet<&ChangeHash> = state.their_heads.iter().flatten().collect();
     let our_have = if our_need.iter().all(|h| their_heads.contains(h)) {
-        let since: Vec<ChangeHash> = doc
-            .get_changes_meta(&state.shared_heads)
-            .into_iter()
-            .map(|m| m.hash)
-            .collect();
+        let since = hashes_since(doc, graph, &state.shared_heads);
         vec![Have {
             last_sync: state.shared_heads.clone(),
             bloom: BloomFilter::from_hashes(since.iter()),
@@ -307,11 +323,7 @@ pub(crate) fn generate(
         Vec::new()
     };
     if let Some(first) = state.their_have.as_ref().and_then(|h| h.first()) {
-        if !first
-            .last_sync
-            .iter()
-            .all(|h| doc.get_change_meta_by_hash(h).is_some())
-        {
+        if !first.last_sync.iter().all(|h| has_change(doc, graph, h)) {
             return Generated::Automerge;
         }
     }
@@ -325,7 +337,7 @@ pub(crate) fn generate(
             if supports_v2 && state.their_heads.as_deref() == Some(&[]) {
                 return Generated::Automerge;
             }
-            let hashes: Vec<ChangeHash> = hashes_to_send(doc, have, need)
+            let hashes: Vec<ChangeHash> = hashes_to_send(doc, graph, have, need)
                 .into_iter()
                 .filter(|h| !state.sent_hashes.contains(h))
                 .collect();
@@ -405,14 +417,60 @@ pub(crate) fn generate(
     })
 }
 
+/// Whether `doc` holds the change `hash` (applied, not waiting for its dependencies): known
+/// from the recent graph, or asked of automerge.
+fn has_change(doc: &mut AutoCommit, graph: &RecentGraph, hash: &ChangeHash) -> bool {
+    graph.contains(hash) || doc.get_change_meta_by_hash(hash).is_some()
+}
+
+/// The hashes of the changes of `doc` that are not ancestors of `theirs`, in its order (see
+/// [`changes_since`]).
+pub(crate) fn hashes_since(
+    doc: &mut AutoCommit,
+    graph: &RecentGraph,
+    theirs: &[ChangeHash],
+) -> Vec<ChangeHash> {
+    if let Some(since) = graph.since(&doc.get_heads(), theirs) {
+        return since.into_iter().map(|(hash, _)| hash).collect();
+    }
+    doc.get_changes_meta(theirs)
+        .into_iter()
+        .map(|m| m.hash)
+        .collect()
+}
+
+/// The changes of `doc` that are not ancestors of `theirs` (hashes it holds), in its order, with
+/// their dependencies: from the recent graph when it can tell, else from automerge.
+pub(crate) fn changes_since(
+    doc: &mut AutoCommit,
+    graph: &RecentGraph,
+    theirs: &[ChangeHash],
+) -> Vec<(ChangeHash, Vec<ChangeHash>)> {
+    if let Some(since) = graph.since(&doc.get_heads(), theirs) {
+        return since
+            .into_iter()
+            .map(|(hash, deps)| (hash, deps.to_vec()))
+            .collect();
+    }
+    doc.get_changes_meta(theirs)
+        .into_iter()
+        .map(|m| (m.hash, m.deps))
+        .collect()
+}
+
 /// The changes a peer lacks given what it has (`have`: its last sync heads and a Bloom filter of
 /// its changes since) and asks for (`need`), in automerge's order (automerge's private
 /// `get_hashes_to_send`): what it asked for that we have, then, in our change order, each change
 /// since its last sync not in its filter, with every change that depends on one of those.
-fn hashes_to_send(doc: &mut AutoCommit, have: &[Have], need: &[ChangeHash]) -> Vec<ChangeHash> {
+fn hashes_to_send(
+    doc: &mut AutoCommit,
+    graph: &RecentGraph,
+    have: &[Have],
+    need: &[ChangeHash],
+) -> Vec<ChangeHash> {
     let need: Vec<ChangeHash> = need
         .iter()
-        .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+        .filter(|h| has_change(doc, graph, h))
         .copied()
         .collect();
     if have.is_empty() {
@@ -421,16 +479,12 @@ fn hashes_to_send(doc: &mut AutoCommit, have: &[Have], need: &[ChangeHash]) -> V
     let last_sync: Vec<ChangeHash> = have
         .iter()
         .flat_map(|h| h.last_sync.iter().copied())
-        .collect::<HashSet<_>>()
+        .collect::<ChangeHashSet<_>>()
         .into_iter()
         .collect();
-    let since: Vec<(ChangeHash, Vec<ChangeHash>)> = doc
-        .get_changes_meta(&last_sync)
-        .into_iter()
-        .map(|m| (m.hash, m.deps))
-        .collect();
-    let mut dependents: HashMap<ChangeHash, Vec<ChangeHash>> = HashMap::new();
-    let mut to_send: HashSet<ChangeHash> = HashSet::new();
+    let since = changes_since(doc, graph, &last_sync);
+    let mut dependents: ChangeHashMap<ChangeHash, Vec<ChangeHash>> = ChangeHashMap::default();
+    let mut to_send: ChangeHashSet<ChangeHash> = ChangeHashSet::default();
     for (hash, deps) in &since {
         for dep in deps {
             dependents.entry(*dep).or_default().push(*hash);
@@ -482,8 +536,8 @@ pub(crate) fn waiting_for_ack(doc: &mut AutoCommit, state: &State) -> bool {
 /// The shared heads after our heads moved from `old` to `new` (automerge's `advance_heads`):
 /// our new heads plus the old shared heads that are still heads, sorted.
 fn advance_heads(old: &[ChangeHash], new: &[ChangeHash], shared: &[ChangeHash]) -> Vec<ChangeHash> {
-    let old: HashSet<&ChangeHash> = old.iter().collect();
-    let new_set: HashSet<&ChangeHash> = new.iter().collect();
+    let old: ChangeHashSet<&ChangeHash> = old.iter().collect();
+    let new_set: ChangeHashSet<&ChangeHash> = new.iter().collect();
     let mut advanced: Vec<ChangeHash> = new
         .iter()
         .filter(|h| !old.contains(h))
@@ -509,6 +563,7 @@ mod tests {
         fast: AutoCommit,
         slow: AutoCommit,
         recent: RecentChanges,
+        graph: RecentGraph,
     }
 
     /// A hub (the relay) and `n` spokes; the hub's sync states for each spoke, kept twice.
@@ -535,6 +590,7 @@ mod tests {
                     fast: AutoCommit::new(),
                     slow: AutoCommit::new(),
                     recent: RecentChanges::default(),
+                    graph: RecentGraph::default(),
                 },
                 hub_fast: vec![State::new(); n],
                 hub_slow: vec![State::new(); n],
@@ -588,7 +644,13 @@ mod tests {
             for bytes in m.changes.iter() {
                 keep_changes(&mut self.hub.recent, bytes);
             }
-            receive(&mut self.hub.fast, &mut self.hub_fast[spoke], m.clone()).expect("fast");
+            receive(
+                &mut self.hub.fast,
+                &mut self.hub_fast[spoke],
+                m.clone(),
+                &mut self.hub.graph,
+            )
+            .expect("fast");
             self.hub
                 .slow
                 .sync()
@@ -603,6 +665,7 @@ mod tests {
                 &mut self.hub.fast,
                 &mut self.hub_fast[spoke],
                 &self.hub.recent,
+                &mut self.hub.graph,
             ) {
                 Generated::Message(m) => {
                     self.generated += 1;
@@ -689,7 +752,10 @@ mod tests {
                     Step::Send(i) => session.spoke_sends(i),
                     Step::Receive(i) => session.hub_receives(i),
                     Step::Answer(i) => session.hub_answers(i),
-                    Step::Forget => session.hub.recent.clear(),
+                    Step::Forget => {
+                        session.hub.recent.clear();
+                        session.hub.graph.clear();
+                    }
                 }
             }
             // Then everyone talks until quiet: the same end either way, and converged.
@@ -730,6 +796,17 @@ mod tests {
             }
         }
         assert!(session.generated >= 12, "{} built here", session.generated);
+        let heads = session.hub.fast.get_heads();
+        for state in &session.hub_fast {
+            assert!(
+                session
+                    .hub
+                    .graph
+                    .since(&heads, &state.shared_heads)
+                    .is_some(),
+                "the recent graph answers without automerge"
+            );
+        }
         assert_eq!(session.left, 0, "nothing left to automerge");
         session.settle();
         assert_eq!(session.left, 0, "nothing left to automerge");

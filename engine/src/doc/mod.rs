@@ -6,9 +6,11 @@
 
 mod automerge_doc;
 mod automerge_sync;
+mod change_hash_set;
 mod error;
 mod ops;
 mod recent_changes;
+mod recent_graph;
 mod yrs_doc;
 
 use std::fmt;

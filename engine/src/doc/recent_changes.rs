@@ -9,9 +9,11 @@
 //! document's peers are up to date ([`RecentChanges::clear`]). A change that is not here is
 //! rebuilt by Automerge, as before: this only saves time.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use automerge::ChangeHash;
+
+use super::change_hash_set::ChangeHashMap;
 
 /// At most this many changes are kept.
 pub(crate) const MAX_CHANGES: usize = 1024;
@@ -23,7 +25,7 @@ pub(crate) const MAX_CHANGE_BYTES: usize = MAX_BYTES / 16;
 /// Recently seen changes' bytes, by hash; bounded, oldest dropped first.
 #[derive(Default)]
 pub(crate) struct RecentChanges {
-    by_hash: HashMap<ChangeHash, Vec<u8>>,
+    by_hash: ChangeHashMap<ChangeHash, Vec<u8>>,
     /// Insertion order, for dropping the oldest.
     order: VecDeque<ChangeHash>,
     bytes: usize,
