@@ -82,7 +82,8 @@ pub struct Config {
     pub outbound_queue: usize,
     /// Commands waiting for one document.
     pub document_inbox: usize,
-    /// Commands one document handles before it commits (the group commit batch).
+    /// Commands one document handles before it commits (the group commit batch); also the most
+    /// Automerge sync messages that wait for a document's next round of sync messages.
     pub max_batch: usize,
     /// A connection that sends nothing (not even a pong) for this long is closed; pings go out
     /// at a third of it.
@@ -105,11 +106,13 @@ pub struct Config {
     /// How often a loaded document with invariants is re-checked even without commits (the
     /// level-triggered half of the loop); doubled while violations persist, up to 16 times.
     pub reconcile_interval: Duration,
-    /// The shortest time between two Automerge sync messages to one peer of one document
-    /// (zero: no limit). Changes that arrive meanwhile go out together in the next message, so
-    /// with many typists each peer gets one message (and sends one reply) per interval instead
-    /// of one per keystroke. A peer not sent anything for this long is answered at once. The
-    /// automerge-repo client and its sync server throttle the same way, at 100 ms.
+    /// The shortest time between two rounds of Automerge sync messages for one document (zero:
+    /// no limit); in a round every peer with something due gets one message. Changes that
+    /// arrive meanwhile are applied together just before the next round and go out together in
+    /// it, so with many typists each peer gets one message (and sends one reply) per interval
+    /// instead of one per keystroke, and Automerge walks the document once per round instead of
+    /// once per keystroke. A document quiet for this long answers at once. The automerge-repo
+    /// client and its sync server throttle the same way, at 100 ms.
     pub automerge_sync_interval: Duration,
     /// An admin token for `POST /v1/tokens`, besides the one derived from the secret
     /// ([`auth::admin_token`]).

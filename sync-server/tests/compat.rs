@@ -1110,3 +1110,114 @@ async fn automerge_repo_changes_queued_together_are_applied_together() {
     );
     server.stop().await;
 }
+
+/// Four automerge-repo peers of one text; the first has just had a round of sync messages.
+async fn am_typists_after_a_round(
+    config: accord_server::Config,
+    document: DocumentId,
+) -> (
+    Server,
+    Vec<(String, Ws, automerge::Automerge, automerge::sync::State)>,
+) {
+    use automerge::transaction::Transactable;
+    let server = Server::start(config).await;
+    let url = format!("ws://{}/automerge", server.addr);
+    let mut seed = automerge::Automerge::new();
+    seed.transact::<_, _, automerge::AutomergeError>(|tx| {
+        tx.put_object(automerge::ROOT, "text", automerge::ObjType::Text)
+    })
+    .unwrap();
+    let mut peers = Vec::new();
+    for i in 0..4 {
+        let name = format!("typist-{i}");
+        let mut ws = am_joined(url.clone(), &name).await;
+        let mut doc = seed
+            .fork()
+            .with_actor(automerge::ActorId::from([i as u8 + 1; 16]));
+        let mut state = automerge::sync::State::new();
+        am_sync(&mut ws, &name, document, &mut doc, &mut state).await;
+        peers.push((name, ws, doc, state));
+    }
+    (server, peers)
+}
+
+/// Each peer types one character, `pause` apart; then everyone syncs until quiet. Returns the
+/// texts.
+async fn am_type_one_each(
+    peers: &mut [(String, Ws, automerge::Automerge, automerge::sync::State)],
+    document: DocumentId,
+    pause: Duration,
+) -> Vec<String> {
+    use automerge::transaction::Transactable;
+    use automerge::ReadDoc;
+    for (i, (name, ws, doc, state)) in peers.iter_mut().enumerate() {
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            let (_, text) = tx.get(automerge::ROOT, "text")?.expect("text");
+            tx.splice_text(&text, 0, 0, &format!("{i}"))
+        })
+        .unwrap();
+        am_send(ws, name, document, doc, state).await;
+        tokio::time::sleep(pause).await;
+    }
+    for _ in 0..3 {
+        for (name, ws, doc, state) in peers.iter_mut() {
+            am_sync(ws, name, document, doc, state).await;
+        }
+    }
+    peers
+        .iter()
+        .map(|(_, _, doc, _)| {
+            let (_, text) = doc.get(automerge::ROOT, "text").unwrap().unwrap();
+            doc.text(&text).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn automerge_repo_changes_arriving_between_rounds_are_applied_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.automerge_sync_interval = Duration::from_millis(400);
+    let document = DocumentId::from_bytes([0x74; 16]);
+    let (server, mut peers) = am_typists_after_a_round(config, document).await;
+    assert_eq!(server.committed(), 1);
+    // Keystrokes 20 ms apart, well inside one interval: none is applied before the round
+    // (each would have been applied on its own as it came), all of them together.
+    let texts = am_type_one_each(&mut peers, document, Duration::from_millis(20)).await;
+    assert_eq!(texts[0].len(), 4);
+    assert!(texts.iter().all(|t| *t == texts[0]), "the peers converge");
+    assert_eq!(server.committed(), 5, "every change durable once");
+    let together = server
+        .metrics
+        .automerge_applied_together
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        together >= 3,
+        "keystrokes between rounds were applied together ({together})"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn automerge_messages_beyond_the_stash_limit_are_received_at_once_and_none_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.automerge_sync_interval = Duration::from_millis(400);
+    // At most one message waits for the round: the second empties the stash.
+    config.max_batch = 1;
+    let document = DocumentId::from_bytes([0x75; 16]);
+    let (server, mut peers) = am_typists_after_a_round(config, document).await;
+    let texts = am_type_one_each(&mut peers, document, Duration::from_millis(20)).await;
+    assert_eq!(texts[0].len(), 4);
+    assert!(texts.iter().all(|t| *t == texts[0]), "the peers converge");
+    assert_eq!(server.committed(), 5, "every change durable once");
+    let together = server
+        .metrics
+        .automerge_applied_together
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        together <= 2,
+        "no more than the limit waited to be applied together ({together})"
+    );
+    server.stop().await;
+}

@@ -243,7 +243,8 @@ impl AutomergeDoc {
         changes
     }
 
-    /// Drops the bytes kept of recent changes (see [`RecentChanges`]): a relay calls it when
+    /// Drops the bytes and graph kept of recent changes (to send them on without rebuilding
+    /// them, and to answer the sync protocol without automerge): a relay calls it when
     /// its peers are up to date, so an idle document holds none.
     pub fn forget_recent_changes(&mut self) {
         self.recent.clear();

@@ -171,12 +171,13 @@ fn finish(
         .filter(|h| has_change(doc, graph, h))
         .copied()
         .collect();
-    // Trim the sent hashes to those the peer has not seen: not ancestors of its known heads
-    // (none when it has our heads).
+    // Trim the sent hashes to those the peer has not seen: not ancestors of its known heads.
+    // None when it has our heads, or the heads we last sent it (every change we sent it is an
+    // ancestor of those: our heads only grow), which a relay finds in almost every answer.
     if !state.sent_hashes.is_empty() && !known_heads.is_empty() {
         let mut sorted = known_heads.clone();
         sorted.sort();
-        if sorted == doc.get_heads() {
+        if sorted == doc.get_heads() || graph.covers(&known_heads, &state.last_sent_heads) {
             state.sent_hashes.clear();
         } else {
             let unseen: ChangeHashSet<ChangeHash> =

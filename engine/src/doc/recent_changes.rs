@@ -16,9 +16,9 @@ use automerge::ChangeHash;
 use super::change_hash_set::ChangeHashMap;
 
 /// At most this many changes are kept.
-pub(crate) const MAX_CHANGES: usize = 1024;
+pub(crate) const MAX_CHANGES: usize = 8_192;
 /// At most this many bytes of changes are kept.
-pub(crate) const MAX_BYTES: usize = 1 << 20;
+pub(crate) const MAX_BYTES: usize = 4 << 20;
 /// A change larger than this is not kept (it would push out hundreds of small ones).
 pub(crate) const MAX_CHANGE_BYTES: usize = MAX_BYTES / 16;
 

@@ -22,7 +22,7 @@ use automerge::{AutoCommit, ChangeHash};
 use super::change_hash_set::{ChangeHashMap, ChangeHashSet};
 
 /// At most this many changes are kept.
-pub(crate) const MAX_NODES: usize = 1024;
+pub(crate) const MAX_NODES: usize = 8_192;
 
 /// A change: its hash and the hashes it depends on, with their positions (`None` for a change
 /// older than the graph).
@@ -97,6 +97,20 @@ impl RecentGraph {
     /// Whether the change `hash` is kept (then the document holds it).
     pub(crate) fn contains(&self, hash: &ChangeHash) -> bool {
         self.by_hash.contains_key(hash)
+    }
+
+    /// Whether each of `hashes` is one of `heads` or a dependency of one: then all of them are
+    /// ancestors of `heads` (a quick, partial test: `false` says nothing). Empty `hashes` are
+    /// not covered (nothing was sent to cover).
+    pub(crate) fn covers(&self, heads: &[ChangeHash], hashes: &[ChangeHash]) -> bool {
+        !hashes.is_empty()
+            && hashes.iter().all(|h| {
+                heads.contains(h)
+                    || heads
+                        .iter()
+                        .filter_map(|k| self.index_of(k).and_then(|i| self.nodes.get(i)))
+                        .any(|node| node.deps.contains(h))
+            })
     }
 
     /// Where the change `hash` is in `nodes`, if kept.
