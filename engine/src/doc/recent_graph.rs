@@ -131,8 +131,14 @@ impl RecentGraph {
         if self.heads.as_deref() != Some(doc_heads) {
             return None;
         }
+        // Marks are kept from the newest change reached down, only as deep as the walk goes.
+        let top = doc_heads
+            .iter()
+            .chain(theirs)
+            .filter_map(|h| self.index_of(h))
+            .max();
         let mut walk = Walk {
-            marks: vec![0; self.nodes.len()],
+            top,
             theirs: theirs.iter().copied().collect(),
             ..Walk::default()
         };
@@ -152,14 +158,14 @@ impl RecentGraph {
                 break;
             };
             index = current.checked_sub(1);
-            let flag = match walk.marks.get(current).copied() {
-                None | Some(0) => continue,
-                Some(OURS) => {
+            let flag = match walk.mark_at(current) {
+                0 => continue,
+                OURS => {
                     walk.only_ours -= 1;
                     ours.push(current);
                     OURS
                 }
-                Some(_) => THEIRS,
+                _ => THEIRS,
             };
             let node = self.nodes.get(current)?;
             for (dep, position) in node.deps.iter().zip(&node.dep_positions) {
@@ -182,8 +188,9 @@ impl RecentGraph {
 /// The marks of a [`RecentGraph::since`] walk, by index in the kept changes.
 #[derive(Default)]
 struct Walk {
+    /// `marks[k]` is the mark of the change at index `top - k`.
     marks: Vec<u8>,
-    /// The newest index marked.
+    /// The newest index that can be marked (that of the newest head, ours or theirs).
     top: Option<usize>,
     /// Marked changes not yet walked that are only ours.
     only_ours: usize,
@@ -199,7 +206,11 @@ impl Walk {
     /// Marks the change `hash` (at `index` when kept) as reached from ours or from theirs
     /// (`flag`); an older one is noted.
     fn reach(&mut self, index: Option<usize>, hash: &ChangeHash, flag: u8) {
-        let Some(marks) = index.and_then(|i| self.marks.get_mut(i)) else {
+        let slot = index.zip(self.top).and_then(|(i, top)| top.checked_sub(i));
+        if let Some(k) = slot.filter(|k| *k >= self.marks.len()) {
+            self.marks.resize(k + 1, 0);
+        }
+        let Some(marks) = slot.and_then(|k| self.marks.get_mut(k)) else {
             if flag == THEIRS {
                 self.outside_theirs.insert(*hash);
             } else if !self.theirs.contains(hash) {
@@ -214,9 +225,15 @@ impl Walk {
             (OURS, m) if m != OURS => self.only_ours -= 1,
             _ => {}
         }
-        if self.top.is_none_or(|top| index > Some(top)) {
-            self.top = index;
-        }
+    }
+
+    /// The mark of the change at `index` (0: not reached).
+    fn mark_at(&self, index: usize) -> u8 {
+        self.top
+            .and_then(|top| top.checked_sub(index))
+            .and_then(|k| self.marks.get(k))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Whether every old change reached from ours is known to be theirs.
