@@ -349,23 +349,6 @@ pub(crate) fn generate(
         }
         _ => Vec::new(),
     };
-    let mut changes = Vec::with_capacity(hashes.len());
-    let mut rebuilt = 0;
-    for hash in &hashes {
-        if let Some(bytes) = recent.get(hash) {
-            changes.push(bytes.to_vec());
-            continue;
-        }
-        rebuilt += 1;
-        if rebuilt > MAX_REBUILT {
-            return Generated::Automerge;
-        }
-        match doc.get_change_by_hash(hash) {
-            Some(change) => changes.push(change.raw_bytes().to_vec()),
-            None => return Generated::Automerge,
-        }
-    }
-
     let heads_unchanged = state.last_sent_heads == our_heads;
     let heads_equal = state.their_heads.as_ref() == Some(&our_heads);
     if heads_unchanged && state.have_responded {
@@ -374,6 +357,32 @@ pub(crate) fn generate(
         }
         if state.in_flight {
             return Generated::Nothing;
+        }
+    }
+    // The changes' bytes: one chunk each for a V1 peer, one chunk of all for a V2 peer.
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut joined: Vec<u8> = Vec::new();
+    let mut rebuilt = 0;
+    for hash in &hashes {
+        let rebuilt_change;
+        let bytes = match recent.get(hash) {
+            Some(bytes) => bytes,
+            None => {
+                rebuilt += 1;
+                if rebuilt > MAX_REBUILT {
+                    return Generated::Automerge;
+                }
+                let Some(change) = doc.get_change_by_hash(hash) else {
+                    return Generated::Automerge;
+                };
+                rebuilt_change = change;
+                rebuilt_change.raw_bytes()
+            }
+        };
+        if supports_v2 {
+            joined.extend_from_slice(bytes);
+        } else {
+            chunks.push(bytes.to_vec());
         }
     }
     state.have_responded = true;
@@ -401,11 +410,11 @@ pub(crate) fn generate(
         our_heads
     };
     let (changes, version) = if !supports_v2 {
-        (changes.into(), MessageVersion::V1)
-    } else if changes.is_empty() {
+        (chunks.into(), MessageVersion::V1)
+    } else if joined.is_empty() {
         (Vec::<Vec<u8>>::new().into(), MessageVersion::V2)
     } else {
-        (changes.concat().into(), MessageVersion::V2)
+        (joined.into(), MessageVersion::V2)
     };
     state.in_flight = true;
     Generated::Message(Message {
