@@ -283,6 +283,8 @@ struct Subscriber {
     replica: ReplicaId,
     /// Whether it is sent [`Message::Ack`]s.
     acks: bool,
+    /// Whether it has been sent a sync message (until then it does not wait for a round).
+    synced: bool,
 }
 
 struct PendingChange {
@@ -832,6 +834,7 @@ impl Actor {
                 read_only,
                 replica,
                 acks,
+                synced: false,
             }),
         );
         self.pending.dirty.insert(connection);
@@ -947,6 +950,12 @@ impl Actor {
         self.stash.append(run);
         self.sync_due = Some(self.sync_due.map_or(next, |due| due.min(next)));
         true
+    }
+
+    /// Whether a round of Automerge sync messages may go out at `now`.
+    fn round_due(&self, now: Instant) -> bool {
+        let interval = self.config.automerge_sync_interval;
+        interval.is_zero() || self.last_round.is_none_or(|at| at + interval <= now)
     }
 
     /// Receives the stashed Automerge sync messages, in order: together in runs of distinct
@@ -1138,6 +1147,10 @@ impl Actor {
 
     /// Commits what is pending in one transaction, then acknowledges, relays and polls.
     async fn flush(&mut self) -> Result<(), StoreError> {
+        // A round due now takes what waits for it first (stashed before the round came due).
+        if !self.stash.is_empty() && self.round_due(Instant::now()) {
+            self.drain_stash();
+        }
         let pending = std::mem::take(&mut self.pending);
         let Some(state) = self.state.as_mut() else {
             return Ok(());
@@ -1267,8 +1280,13 @@ impl Actor {
             .map(|(interval, at)| at + interval)
             .filter(|next| now < *next)
         {
-            if !dirty.is_empty() {
-                self.held = std::mem::take(&mut dirty);
+            // A peer never sent anything yet (a new subscriber) is answered at once.
+            let (fresh, waiting): (BTreeSet<u64>, BTreeSet<u64>) = std::mem::take(&mut dirty)
+                .into_iter()
+                .partition(|c| self.subscribers.get(c).is_some_and(|s| !s.synced));
+            dirty = fresh;
+            if !waiting.is_empty() {
+                self.held = waiting;
                 self.sync_due = Some(next);
             }
         }
@@ -1279,6 +1297,7 @@ impl Actor {
             };
             let payloads = subscriber.sync.poll(&mut state.doc);
             if !payloads.is_empty() {
+                subscriber.synced = true;
                 sent = true;
             }
             for payload in payloads {

@@ -1,39 +1,17 @@
-//! Hash sets and maps keyed by Automerge change hashes, hashed by their first eight bytes.
+//! Hash sets and maps keyed by Automerge change hashes, hashed with foldhash.
 //!
-//! A change hash is a SHA-256 digest: its first bytes are already as well spread as anything a
-//! general-purpose hasher could make of them. Hashed with the standard library's SipHash (all
-//! 32 bytes, every time), the sets the sync protocol builds per message were a fifth of the
-//! relay's CPU at 128 typists. Written by hand because it is ten lines and no crate offers a
-//! hasher for keys that are already digests. Crafting changes whose hashes share a prefix
-//! costs a search of SHA-256 preimages, so this is no easier to flood than SipHash.
+//! The sync protocol builds several such sets per message; hashed with the standard library's
+//! SipHash they were a fifth of the relay's CPU at 128 typists. foldhash hashes the 32 bytes in
+//! a few nanoseconds and is seeded per process, which matters: some of these sets hold hashes
+//! copied from a peer's message (its heads, its last sync), not digests of changes we hold, so
+//! a peer can send values that share any fixed part. Hashing only a prefix of them (as an
+//! earlier version did, taking them for digests) let one message of colliding "hashes" stall a
+//! document's actor for seconds.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
 
-/// A hasher for keys that are digests: it keeps the first eight bytes written.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut prefix = [0u8; 8];
-        let n = bytes.len().min(8);
-        prefix[..n].copy_from_slice(&bytes[..n]);
-        self.0 = self.0.rotate_left(17) ^ u64::from_le_bytes(prefix);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        // The length a slice's hash writes first.
-        self.0 = self.0.rotate_left(17) ^ n as u64;
-    }
-}
-
-/// Builds [`DigestHasher`]s.
-pub(crate) type DigestState = BuildHasherDefault<DigestHasher>;
+/// Builds the hashers: foldhash, randomly seeded per process.
+pub(crate) type DigestState = foldhash::fast::RandomState;
 /// A set of change hashes.
 pub(crate) type ChangeHashSet<T> = HashSet<T, DigestState>;
 /// A map keyed by change hashes.
@@ -43,20 +21,34 @@ pub(crate) type ChangeHashMap<K, V> = HashMap<K, V, DigestState>;
 mod tests {
     use super::*;
     use automerge::ChangeHash;
-    use std::hash::BuildHasher;
 
     #[test]
-    fn digests_spread_by_their_prefix_and_sets_work() {
-        let state = DigestState::default();
+    fn sets_work_and_references_hash_as_their_targets() {
         let a = ChangeHash([1; 32]);
         let mut b = [1u8; 32];
         b[0] = 2;
         let b = ChangeHash(b);
-        assert_ne!(state.hash_one(a), state.hash_one(b));
         let set: ChangeHashSet<ChangeHash> = [a, b, a].into_iter().collect();
         assert_eq!(set.len(), 2);
         assert!(set.contains(&b));
         let refs: ChangeHashSet<&ChangeHash> = set.iter().collect();
-        assert!(refs.contains(&&a), "references hash as their targets");
+        assert!(refs.contains(&&a));
+    }
+
+    #[test]
+    fn hashes_a_peer_made_to_share_a_prefix_do_not_collide() {
+        use std::hash::BuildHasher;
+        // 50,000 "hashes" alike but for their last bytes (what a peer can send as its heads):
+        // hashed by a prefix they would all fall in one bucket, and every set operation on them
+        // would compare against all the others.
+        let state = DigestState::default();
+        let hashes: HashSet<u64> = (0..50_000u32)
+            .map(|i| {
+                let mut h = [7u8; 32];
+                h[28..].copy_from_slice(&i.to_le_bytes());
+                state.hash_one(ChangeHash(h))
+            })
+            .collect();
+        assert!(hashes.len() > 49_900, "{} distinct hashes", hashes.len());
     }
 }
