@@ -170,6 +170,20 @@ struct Graph {
 }
 
 impl Graph {
+    /// A typist writing as `actor` that has seen the seed.
+    fn new(actor: ActorId, seed: &Seed) -> Self {
+        let mut graph = Graph {
+            actor,
+            known: HashSet::new(),
+            heads: Vec::new(),
+            max_op: 0,
+            seq: 0,
+            previous: None,
+        };
+        graph.add(seed.hash, &[], seed.text.0);
+        graph
+    }
+
     fn add(&mut self, hash: ChangeHash, deps: &[ChangeHash], max_op: u64) -> bool {
         if !self.known.insert(hash) {
             return false;
@@ -444,15 +458,7 @@ async fn typist(
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
     bytes[15] = 0x7e;
-    let mut graph = Graph {
-        actor: ActorId::from(bytes),
-        known: HashSet::new(),
-        heads: Vec::new(),
-        max_op: 0,
-        seq: 0,
-        previous: None,
-    };
-    graph.add(seed.hash, &[], seed.text.0);
+    let mut graph = Graph::new(ActorId::from(bytes), seed);
     // Everyone sends the seed: the first to arrive creates the document, the rest are no-ops.
     ws.send(sync(graph.message(vec![seed.bytes.clone()]))?)
         .await
@@ -542,15 +548,7 @@ mod tests {
     #[test]
     fn a_typed_change_parses_to_what_automerge_says() {
         let seed = seed().expect("seed");
-        let mut graph = Graph {
-            actor: ActorId::from([7u8; 16]),
-            known: HashSet::new(),
-            heads: Vec::new(),
-            max_op: 0,
-            seq: 0,
-            previous: None,
-        };
-        graph.add(seed.hash, &[], seed.text.0);
+        let mut graph = Graph::new(ActorId::from([7u8; 16]), &seed);
         let first = graph.type_one(&seed.text, 'a').expect("type");
         let second = graph.type_one(&seed.text, 'b').expect("type");
         let mut parsed = Vec::new();

@@ -932,14 +932,13 @@ impl Actor {
     /// one. Returns `false` (and leaves `run`) when a round is due now, or the stash would hold
     /// more than [`Config::max_batch`] messages.
     fn stash(&mut self, run: &mut Vec<(u64, SyncPayload)>) -> bool {
-        let interval = self.config.automerge_sync_interval;
         let automerge = self
             .state
             .as_ref()
             .is_some_and(|s| s.kind == DocKind::Automerge);
-        let next = self.last_round.map(|at| at + interval);
-        let Some(next) =
-            next.filter(|next| automerge && !interval.is_zero() && Instant::now() < *next)
+        let Some(next) = self
+            .next_round()
+            .filter(|next| automerge && Instant::now() < *next)
         else {
             return false;
         };
@@ -952,10 +951,10 @@ impl Actor {
         true
     }
 
-    /// Whether a round of Automerge sync messages may go out at `now`.
-    fn round_due(&self, now: Instant) -> bool {
-        let interval = self.config.automerge_sync_interval;
-        interval.is_zero() || self.last_round.is_none_or(|at| at + interval <= now)
+    /// The earliest time the next round of Automerge sync messages may go out (`None`: any
+    /// time).
+    fn next_round(&self) -> Option<Instant> {
+        next_round(self.last_round, self.config.automerge_sync_interval)
     }
 
     /// Receives the stashed Automerge sync messages, in order: together in runs of distinct
@@ -1148,7 +1147,7 @@ impl Actor {
     /// Commits what is pending in one transaction, then acknowledges, relays and polls.
     async fn flush(&mut self) -> Result<(), StoreError> {
         // A round due now takes what waits for it first (stashed before the round came due).
-        if !self.stash.is_empty() && self.round_due(Instant::now()) {
+        if !self.stash.is_empty() && self.next_round().is_none_or(|next| next <= Instant::now()) {
             self.drain_stash();
         }
         let pending = std::mem::take(&mut self.pending);
@@ -1270,15 +1269,13 @@ impl Actor {
         // is lost by waiting: a sync state computes its message from the document and what
         // the peer has, not from a queue. One round for all peers (not one interval per peer)
         // so that what arrives between rounds is applied together (see `stash`).
-        let throttle = Some(self.config.automerge_sync_interval)
-            .filter(|interval| state.kind == DocKind::Automerge && !interval.is_zero());
+        let interval = self.config.automerge_sync_interval;
+        let rounds = state.kind == DocKind::Automerge && !interval.is_zero();
         let now = Instant::now();
         dirty.append(&mut self.held);
         self.sync_due = None;
-        if let Some(next) = throttle
-            .zip(self.last_round)
-            .map(|(interval, at)| at + interval)
-            .filter(|next| now < *next)
+        if let Some(next) =
+            next_round(self.last_round, interval).filter(|next| rounds && now < *next)
         {
             // A peer never sent anything yet (a new subscriber) is answered at once.
             let (fresh, waiting): (BTreeSet<u64>, BTreeSet<u64>) = std::mem::take(&mut dirty)
@@ -1307,15 +1304,12 @@ impl Actor {
                 }
             }
         }
-        if sent && throttle.is_some() {
+        if sent && rounds {
             self.last_round = Some(now);
         }
         // Stashed messages are received before the next round, whether or not a peer waits.
         if !self.stash.is_empty() && self.sync_due.is_none() {
-            let next = throttle
-                .zip(self.last_round)
-                .map_or(now, |(interval, at)| at + interval);
-            self.sync_due = Some(next);
+            self.sync_due = Some(next_round(self.last_round, interval).unwrap_or(now));
         }
         for connection in dead {
             self.subscribers.remove(&connection);
@@ -1330,14 +1324,14 @@ impl Actor {
     }
 }
 
-/// Queues a group commit's Yrs changes for every subscriber, coalesced: each subscriber gets one
-/// update, the merge (`yrs::merge_updates_v1`, Yjs' `Y.mergeUpdates`) of the batch's changes, so
-/// a batch of `n` changes costs each subscriber one message, one frame and one write instead of
-/// `n`. The merge is computed once per batch for all subscribers. A subscriber that authored
-/// every change of the batch gets nothing; one that authored some of them gets them back inside
-/// the merge (Yjs and the engine skip what they have, as with the y-websocket server, which
-/// echoes every update to its author): a merge per author would cost as much as all the rest of
-/// the relay (`yrs` merges in time quadratic in the number of updates).
+/// The earliest time the next round of Automerge sync messages may go out after one at
+/// `last_round`, `interval` apart (`None`: any time).
+fn next_round(last_round: Option<Instant>, interval: Duration) -> Option<Instant> {
+    last_round
+        .filter(|_| !interval.is_zero())
+        .map(|at| at + interval)
+}
+
 /// Whether a flush stores a new snapshot: after `compact_every` changes, once the changes since
 /// the last snapshot hold at least a quarter of its bytes. A snapshot costs the whole document
 /// (saving it, writing it), so a fixed count made a large document pay more per change the
@@ -1351,6 +1345,14 @@ fn compaction_due(changes: u64, bytes: u64, snapshot_bytes: u64, compact_every: 
             || changes >= compact_every.saturating_mul(16))
 }
 
+/// Queues a group commit's Yrs changes for every subscriber, coalesced: each subscriber gets one
+/// update, the merge (`yrs::merge_updates_v1`, Yjs' `Y.mergeUpdates`) of the batch's changes, so
+/// a batch of `n` changes costs each subscriber one message, one frame and one write instead of
+/// `n`. The merge is computed once per batch for all subscribers. A subscriber that authored
+/// every change of the batch gets nothing; one that authored some of them gets them back inside
+/// the merge (Yjs and the engine skip what they have, as with the y-websocket server, which
+/// echoes every update to its author): a merge per author would cost as much as all the rest of
+/// the relay (`yrs` merges in time quadratic in the number of updates).
 fn relay_yrs(changes: &[PendingChange], subscribers: &mut BTreeMap<u64, Box<Subscriber>>) {
     let Some(first) = changes.first() else {
         return;

@@ -1045,27 +1045,9 @@ async fn automerge_repo_changes_queued_together_are_applied_together() {
     use automerge::transaction::Transactable;
     use automerge::ReadDoc;
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path(), false)).await;
-    let url = format!("ws://{}/automerge", server.addr);
     let document = DocumentId::from_bytes([0x73; 16]);
-
     // Four peers hold the document: a text.
-    let mut seed = automerge::Automerge::new();
-    seed.transact::<_, _, automerge::AutomergeError>(|tx| {
-        tx.put_object(automerge::ROOT, "text", automerge::ObjType::Text)
-    })
-    .unwrap();
-    let mut peers = Vec::new();
-    for i in 0..4 {
-        let name = format!("typist-{i}");
-        let mut ws = am_joined(url.clone(), &name).await;
-        let mut doc = seed
-            .fork()
-            .with_actor(automerge::ActorId::from([i as u8 + 1; 16]));
-        let mut state = automerge::sync::State::new();
-        am_sync(&mut ws, &name, document, &mut doc, &mut state).await;
-        peers.push((name, ws, doc, state));
-    }
+    let (server, mut peers) = am_typists(config(dir.path(), false), document).await;
     assert_eq!(server.committed(), 1);
 
     // The first writes a text, the others a character each, right behind it: their messages
@@ -1111,8 +1093,8 @@ async fn automerge_repo_changes_queued_together_are_applied_together() {
     server.stop().await;
 }
 
-/// Four automerge-repo peers of one text; the first has just had a round of sync messages.
-async fn am_typists_after_a_round(
+/// Four automerge-repo peers of one text, each synced with the server.
+async fn am_typists(
     config: accord_server::Config,
     document: DocumentId,
 ) -> (
@@ -1179,7 +1161,7 @@ async fn automerge_repo_changes_arriving_between_rounds_are_applied_together() {
     let mut config = config(dir.path(), false);
     config.automerge_sync_interval = Duration::from_millis(400);
     let document = DocumentId::from_bytes([0x74; 16]);
-    let (server, mut peers) = am_typists_after_a_round(config, document).await;
+    let (server, mut peers) = am_typists(config, document).await;
     assert_eq!(server.committed(), 1);
     // Keystrokes 20 ms apart, well inside one interval: none is applied before the round
     // (each would have been applied on its own as it came), all of them together.
@@ -1206,7 +1188,7 @@ async fn automerge_messages_beyond_the_stash_limit_are_received_at_once_and_none
     // At most one message waits for the round: the second empties the stash.
     config.max_batch = 1;
     let document = DocumentId::from_bytes([0x75; 16]);
-    let (server, mut peers) = am_typists_after_a_round(config, document).await;
+    let (server, mut peers) = am_typists(config, document).await;
     let texts = am_type_one_each(&mut peers, document, Duration::from_millis(20)).await;
     assert_eq!(texts[0].len(), 4);
     assert!(texts.iter().all(|t| *t == texts[0]), "the peers converge");

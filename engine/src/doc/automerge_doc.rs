@@ -463,9 +463,7 @@ impl AutomergeDoc {
         if !message.changes.is_empty() {
             self.astral = true;
         }
-        for bytes in message.changes.iter() {
-            automerge_sync::keep_changes(&mut self.recent, bytes);
-        }
+        automerge_sync::keep_carried(&mut self.recent, &message);
         automerge_sync::receive(&mut self.doc, state, message, &mut self.graph)
             .map_err(|e| DocError::malformed("automerge sync message", e))?;
         Ok(self.changes_since(&before))
@@ -500,7 +498,7 @@ impl AutomergeDoc {
             let Ok(message) = automerge::sync::Message::decode(bytes) else {
                 return one_by_one(self, states);
             };
-            let Some(hashes) = automerge_sync::carried_hashes(&message) else {
+            let Some(hashes) = automerge_sync::keep_carried(&mut self.recent, &message) else {
                 return one_by_one(self, states);
             };
             messages.push(message);
@@ -511,9 +509,6 @@ impl AutomergeDoc {
         }
         self.fresh.clear();
         self.astral = true;
-        for bytes in messages.iter().flat_map(|m| m.changes.iter()) {
-            automerge_sync::keep_changes(&mut self.recent, bytes);
-        }
         let before = self.doc.get_heads();
         let mut results: Vec<Result<Vec<Change>, DocError>> = match automerge_sync::receive_batch(
             &mut self.doc,

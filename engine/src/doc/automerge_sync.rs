@@ -212,55 +212,52 @@ fn finish(
     state.their_need = Some(need);
 }
 
-/// The hashes of the changes a sync message carries, or `None` when it carries anything but
-/// change chunks (a whole document) or they do not parse.
-pub(crate) fn carried_hashes(message: &Message) -> Option<ChangeHashSet<ChangeHash>> {
+/// Keeps the changes a sync message carries in `recent` (see [`keep_changes`]) and returns
+/// their hashes, or `None` when it carries anything but change chunks (a whole document) or
+/// they do not parse.
+pub(crate) fn keep_carried(
+    recent: &mut RecentChanges,
+    message: &Message,
+) -> Option<ChangeHashSet<ChangeHash>> {
     let mut hashes = ChangeHashSet::default();
     for bytes in message.changes.iter() {
-        hashes.extend(change_chunks(bytes)?.into_iter().map(|(hash, _)| hash));
+        hashes.extend(keep_changes(recent, bytes)?);
     }
     Some(hashes)
 }
 
-/// A change found in a run of chunks: its hash, and its bytes when they can be kept.
-pub(crate) type CarriedChange<'a> = (ChangeHash, Option<&'a [u8]>);
-
-/// The changes in `bytes` (change chunks one after the other, as a sync message or
-/// `load_incremental` carries them): each one's hash, with its chunk when it is uncompressed and
-/// its checksum matches (the bytes Automerge itself would produce for that hash). `None` when
-/// `bytes` hold anything but change chunks (a whole document) or do not parse. An uncompressed
-/// change's hash is the SHA-256 of its chunk after the magic bytes and checksum (type, length,
-/// body), as automerge computes it; a compressed one is decoded to find it.
-pub(crate) fn change_chunks(mut bytes: &[u8]) -> Option<Vec<CarriedChange<'_>>> {
+/// Keeps the changes in `bytes` (change chunks one after the other, as a sync message or
+/// `load_incremental` carries them) in `recent`, each uncompressed one whose checksum matches
+/// (the bytes Automerge itself would produce for its hash), and returns the hashes of all of
+/// them; `None` when `bytes` hold anything but change chunks (a whole document) or do not
+/// parse. An uncompressed change's hash is the SHA-256 of its chunk after the magic bytes and
+/// checksum (type, length, body), as automerge computes it; a compressed one is decoded to find
+/// it.
+pub(crate) fn keep_changes(
+    recent: &mut RecentChanges,
+    mut bytes: &[u8],
+) -> Option<ChangeHashSet<ChangeHash>> {
     use sha2::Digest;
     const CHANGE: u8 = 1;
     const COMPRESSED_CHANGE: u8 = 2;
-    let mut chunks = Vec::new();
+    let mut hashes = ChangeHashSet::default();
     while !bytes.is_empty() {
         let (kind, chunk, after) = super::automerge_doc::next_chunk(bytes)?;
-        match kind {
+        let hash = match kind {
             CHANGE => {
                 let hash = ChangeHash(sha2::Sha256::digest(chunk.get(8..)?).into());
-                let intact = chunk.get(4..8) == Some(&hash.0[..4]);
-                chunks.push((hash, intact.then_some(chunk)));
+                if chunk.get(4..8) == Some(&hash.0[..4]) {
+                    recent.insert(hash, chunk);
+                }
+                hash
             }
-            COMPRESSED_CHANGE => {
-                chunks.push((automerge::Change::try_from(chunk).ok()?.hash(), None));
-            }
+            COMPRESSED_CHANGE => automerge::Change::try_from(chunk).ok()?.hash(),
             _ => return None,
-        }
+        };
+        hashes.insert(hash);
         bytes = after;
     }
-    Some(chunks)
-}
-
-/// Keeps the uncompressed changes in `bytes` (see [`change_chunks`]) in `recent`.
-pub(crate) fn keep_changes(recent: &mut RecentChanges, bytes: &[u8]) {
-    for (hash, chunk) in change_chunks(bytes).into_iter().flatten() {
-        if let Some(chunk) = chunk {
-            recent.insert(hash, chunk);
-        }
-    }
+    Some(hashes)
 }
 
 /// At most this many changes missing from [`RecentChanges`] are rebuilt one by one for a
@@ -651,9 +648,7 @@ mod tests {
                 return;
             }
             let m = self.inbox[spoke].remove(0);
-            for bytes in m.changes.iter() {
-                keep_changes(&mut self.hub.recent, bytes);
-            }
+            keep_carried(&mut self.hub.recent, &m);
             receive(
                 &mut self.hub.fast,
                 &mut self.hub_fast[spoke],

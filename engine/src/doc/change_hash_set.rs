@@ -11,11 +11,11 @@
 use std::collections::{HashMap, HashSet};
 
 /// Builds the hashers: foldhash, randomly seeded per process.
-pub(crate) type DigestState = foldhash::fast::RandomState;
+pub(crate) type HashState = foldhash::fast::RandomState;
 /// A set of change hashes.
-pub(crate) type ChangeHashSet<T> = HashSet<T, DigestState>;
+pub(crate) type ChangeHashSet<T> = HashSet<T, HashState>;
 /// A map keyed by change hashes.
-pub(crate) type ChangeHashMap<K, V> = HashMap<K, V, DigestState>;
+pub(crate) type ChangeHashMap<K, V> = HashMap<K, V, HashState>;
 
 #[cfg(test)]
 mod tests {
@@ -41,7 +41,7 @@ mod tests {
         // 50,000 "hashes" alike but for their last bytes (what a peer can send as its heads):
         // hashed by a prefix they would all fall in one bucket, and every set operation on them
         // would compare against all the others.
-        let state = DigestState::default();
+        let state = HashState::default();
         let hashes: HashSet<u64> = (0..50_000u32)
             .map(|i| {
                 let mut h = [7u8; 32];
