@@ -1190,6 +1190,24 @@ impl Actor {
                     change: c.change,
                 })
                 .collect();
+            // Yrs changes reach the writable subscribers before their commit, not after it: the
+            // commit (an fsync) is most of a relay's latency. Nothing is acknowledged before it
+            // is durable, and a relayed change the server then loses is not lost: its author
+            // resends it until acknowledged, and every writable subscriber that holds it gives
+            // it back on its next sync (both sides of a Yrs or Automerge sync send what the
+            // other lacks). A read-only subscriber could not give it back (its writes are
+            // refused), so it hears of changes only once they are durable.
+            let mut merged = None;
+            if state.kind == DocKind::Yrs {
+                relay_yrs(&pending.changes, &mut self.subscribers, false, &mut merged);
+                for (id, subscriber) in self.subscribers.iter_mut() {
+                    if !subscriber.read_only
+                        && send_due(subscriber, &mut state.doc, document) == Due::Gone
+                    {
+                        dead.push(*id);
+                    }
+                }
+            }
             let started = Instant::now();
             self.storage
                 .commit(document, head, commits, snapshot)
@@ -1229,7 +1247,7 @@ impl Actor {
                 }
             }
             if state.kind == DocKind::Yrs {
-                relay_yrs(&pending.changes, &mut self.subscribers);
+                relay_yrs(&pending.changes, &mut self.subscribers, true, &mut merged);
             }
             dirty.extend(self.subscribers.keys().copied());
         }
@@ -1292,16 +1310,10 @@ impl Actor {
             let Some(subscriber) = self.subscribers.get_mut(&connection) else {
                 continue;
             };
-            let payloads = subscriber.sync.poll(&mut state.doc);
-            if !payloads.is_empty() {
-                subscriber.synced = true;
-                sent = true;
-            }
-            for payload in payloads {
-                if !subscriber.out.send(Message::Sync { document, payload }) {
-                    dead.push(connection);
-                    break;
-                }
+            match send_due(subscriber, &mut state.doc, document) {
+                Due::Nothing => {}
+                Due::Sent => sent = true,
+                Due::Gone => dead.push(connection),
             }
         }
         if sent && rounds {
@@ -1353,7 +1365,16 @@ fn compaction_due(changes: u64, bytes: u64, snapshot_bytes: u64, compact_every: 
 /// the merge (Yjs and the engine skip what they have, as with the y-websocket server, which
 /// echoes every update to its author): a merge per author would cost as much as all the rest of
 /// the relay (`yrs` merges in time quadratic in the number of updates).
-fn relay_yrs(changes: &[PendingChange], subscribers: &mut BTreeMap<u64, Box<Subscriber>>) {
+///
+/// Only to the subscribers whose `read_only` is as given (the writable ones hear of changes
+/// before their commit, the read-only ones after it); `merged` keeps the merge for the other
+/// call.
+fn relay_yrs(
+    changes: &[PendingChange],
+    subscribers: &mut BTreeMap<u64, Box<Subscriber>>,
+    read_only: bool,
+    merged: &mut Option<Option<Vec<u8>>>,
+) {
     let Some(first) = changes.first() else {
         return;
     };
@@ -1362,8 +1383,10 @@ fn relay_yrs(changes: &[PendingChange], subscribers: &mut BTreeMap<u64, Box<Subs
         .iter()
         .all(|c| c.connection == first.connection)
         .then_some(first.connection);
-    let mut merged: Option<Option<Vec<u8>>> = None;
     for (id, subscriber) in subscribers.iter_mut() {
+        if subscriber.read_only != read_only {
+            continue;
+        }
         if !subscriber.sync.is_live() || sole_author == Some(*id) {
             // Not told what it has yet (its step 2 will carry everything), or nothing is new to
             // it.
@@ -1379,6 +1402,32 @@ fn relay_yrs(changes: &[PendingChange], subscribers: &mut BTreeMap<u64, Box<Subs
             }
         }
     }
+}
+
+/// What [`send_due`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Due {
+    /// Nothing was due.
+    Nothing,
+    /// Sync payloads went out.
+    Sent,
+    /// The subscriber's outbox is gone (closed, or closed now for not keeping up).
+    Gone,
+}
+
+/// Sends `subscriber` the sync payloads its state has due (marking it synced if any).
+fn send_due(subscriber: &mut Subscriber, doc: &mut Document, document: DocumentId) -> Due {
+    let payloads = subscriber.sync.poll(doc);
+    if payloads.is_empty() {
+        return Due::Nothing;
+    }
+    subscriber.synced = true;
+    for payload in payloads {
+        if !subscriber.out.send(Message::Sync { document, payload }) {
+            return Due::Gone;
+        }
+    }
+    Due::Sent
 }
 
 /// The changes' Yrs updates as one; `None` when the merge failed.

@@ -223,6 +223,11 @@ async fn accord_and_yjs_clients_edit_the_same_document() {
         yjs.json(),
         "both sides hold the same state"
     );
+    // Relayed before their commits: the commits follow.
+    let deadline = Instant::now() + WAIT;
+    while server.committed() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(server.committed() >= 4, "{} commits", server.committed());
     server.stop().await;
 }
@@ -404,6 +409,74 @@ async fn yjs_tokens_travel_in_the_query_string() {
     assert!(late.pump_until(WAIT, |y| y.json()["w2"] == 3).await);
     assert_eq!(late.json(), json!({"w": 1, "w2": 3}));
     assert!(!reader.closed, "a refused write does not close the reader");
+    server.stop().await;
+}
+
+/// A Yrs change reaches the writable subscribers while its commit still waits on the disk; it
+/// is acknowledged to its author, and sent to read-only subscribers, only once it is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yjs_changes_reach_writers_before_their_commit_and_are_acknowledged_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), true)).await;
+    let document = DocumentId::from_bytes([0x18; 16]);
+    let room = document.to_string();
+    let token = |rights| {
+        mint(
+            SECRET,
+            &Claims {
+                scope: Scope::Document(document),
+                rights,
+                exp: unix_now() + 600,
+            },
+        )
+    };
+    let put = |key: &str, value: i64| Op::Put {
+        path: Path::keys(["root", key]),
+        value: json!(value),
+    };
+    let mut author = Client::new(MemoryStorage::new(), 1, replica_config(1 << 20));
+    author.replica.create(document, DocKind::Yrs).unwrap();
+    author
+        .connect(server.addr, Some(token(Rights::Write)))
+        .await;
+    author.subscribe(document).await;
+    author.replica.change(document, &[put("a", 1)]).unwrap();
+    assert!(author.pump_until(WAIT, |c| c.outbox_len() == 0).await);
+    let mut writer = YClient::connect(server.addr, &room, Some(&token(Rights::Write))).await;
+    let mut reader = YClient::connect(server.addr, &room, Some(&token(Rights::Read))).await;
+    assert!(writer.pump_until(WAIT, |y| y.json()["a"] == 1).await);
+    assert!(reader.pump_until(WAIT, |y| y.json()["a"] == 1).await);
+
+    // Another connection holds SQLite's write lock: the server's commits wait for it.
+    let lock = rusqlite::Connection::open(dir.path().join("accord.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let committed = server.committed();
+    author.replica.change(document, &[put("b", 2)]).unwrap();
+    author.flush().await;
+    assert!(
+        writer.pump_until(WAIT, |y| y.json()["b"] == 2).await,
+        "a writable subscriber hears of the change before its commit: {}",
+        writer.json()
+    );
+    author.pump_for(Duration::from_millis(300)).await;
+    assert_eq!(
+        author.outbox_len(),
+        1,
+        "not acknowledged before it is durable"
+    );
+    assert_eq!(server.committed(), committed, "the commit is still waiting");
+    assert!(
+        !reader
+            .pump_until(Duration::from_millis(300), |y| y.json()["b"] == 2)
+            .await,
+        "a read-only subscriber hears of it only once it is durable"
+    );
+
+    lock.execute_batch("ROLLBACK").unwrap();
+    assert!(author.pump_until(WAIT, |c| c.outbox_len() == 0).await);
+    assert_eq!(server.committed(), committed + 1);
+    assert!(reader.pump_until(WAIT, |y| y.json()["b"] == 2).await);
+    assert_eq!(reader.json(), writer.json());
     server.stop().await;
 }
 
