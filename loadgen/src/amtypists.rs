@@ -422,10 +422,14 @@ async fn typist(
     mut stop_rx: watch::Receiver<bool>,
 ) -> Result<()> {
     let name = format!("typist-{i}");
-    let (mut ws, _) = timeout(HANDSHAKE, tokio_tungstenite::connect_async(url))
-        .await
-        .map_err(|_| format!("{url}: connect timed out"))?
-        .map_err(|e| format!("{url}: {e}"))?;
+    // TCP_NODELAY, as automerge-repo's WebSocket clients (browsers, Node's `ws`) have.
+    let (mut ws, _) = timeout(
+        HANDSHAKE,
+        tokio_tungstenite::connect_async_with_config(url, None, true),
+    )
+    .await
+    .map_err(|_| format!("{url}: connect timed out"))?
+    .map_err(|e| format!("{url}: {e}"))?;
     let join = cbor(vec![
         ("type", Value::Text("join".into())),
         ("senderId", Value::Text(name.clone())),
