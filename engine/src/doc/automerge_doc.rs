@@ -463,9 +463,15 @@ impl AutomergeDoc {
         if !message.changes.is_empty() {
             self.astral = true;
         }
-        automerge_sync::keep_carried(&mut self.recent, &message);
-        automerge_sync::receive(&mut self.doc, state, message, &mut self.graph)
-            .map_err(|e| DocError::malformed("automerge sync message", e))?;
+        let carried = automerge_sync::keep_carried(&mut self.recent, &message).unwrap_or_default();
+        automerge_sync::receive(
+            &mut self.doc,
+            state,
+            message,
+            &carried.changes,
+            &mut self.graph,
+        )
+        .map_err(|e| DocError::malformed("automerge sync message", e))?;
         Ok(self.changes_since(&before))
     }
 
@@ -498,11 +504,11 @@ impl AutomergeDoc {
             let Ok(message) = automerge::sync::Message::decode(bytes) else {
                 return one_by_one(self, states);
             };
-            let Some(hashes) = automerge_sync::keep_carried(&mut self.recent, &message) else {
+            let Some(changes) = automerge_sync::keep_carried(&mut self.recent, &message) else {
                 return one_by_one(self, states);
             };
             messages.push(message);
-            carried.push(hashes);
+            carried.push(changes);
         }
         if messages.iter().filter(|m| !m.changes.is_empty()).count() < 2 {
             return one_by_one(self, states);
@@ -522,24 +528,31 @@ impl AutomergeDoc {
             Err(_) => states
                 .iter_mut()
                 .zip(messages)
-                .map(|(state, message)| {
-                    automerge_sync::receive(&mut self.doc, state, message, &mut self.graph)
-                        .map(|()| Vec::new())
-                        .map_err(|e| DocError::malformed("automerge sync message", e))
+                .zip(&carried)
+                .map(|((state, message), carried)| {
+                    automerge_sync::receive(
+                        &mut self.doc,
+                        state,
+                        message,
+                        &carried.changes,
+                        &mut self.graph,
+                    )
+                    .map(|()| Vec::new())
+                    .map_err(|e| DocError::malformed("automerge sync message", e))
                 })
                 .collect(),
         };
         let last = results
             .iter()
             .zip(&carried)
-            .rposition(|(r, c)| r.is_ok() && !c.is_empty())
+            .rposition(|(r, c)| r.is_ok() && !c.hashes.is_empty())
             .unwrap_or(0);
         for change in self.changes_since(&before) {
             let hash = ChangeHash(change.id.0);
             let carrier = carried
                 .iter()
                 .zip(&results)
-                .position(|(c, r)| r.is_ok() && c.contains(&hash))
+                .position(|(c, r)| r.is_ok() && c.hashes.contains(&hash))
                 .unwrap_or(last);
             match &mut results[carrier] {
                 Ok(changes) => changes.push(change),
@@ -589,14 +602,20 @@ fn is_one_document(bytes: &[u8]) -> bool {
 pub(super) fn next_chunk(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
     let (&kind, mut rest) = bytes.strip_prefix(&MAGIC[..])?.get(4..)?.split_first()?;
-    let mut length: u64 = 0;
+    let length = read_uleb(&mut rest)?;
+    let end = (bytes.len() - rest.len()).checked_add(usize::try_from(length).ok()?)?;
+    Some((kind, bytes.get(..end)?, bytes.get(end..)?))
+}
+
+/// Reads an unsigned LEB128 number (at most 64 bits) off the front of `bytes`.
+pub(super) fn read_uleb(bytes: &mut &[u8]) -> Option<u64> {
+    let mut value: u64 = 0;
     for shift in (0..64).step_by(7) {
-        let (&byte, tail) = rest.split_first()?;
-        rest = tail;
-        length |= u64::from(byte & 0x7f) << shift;
+        let (&byte, tail) = bytes.split_first()?;
+        *bytes = tail;
+        value |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
-            let end = (bytes.len() - rest.len()).checked_add(usize::try_from(length).ok()?)?;
-            return Some((kind, bytes.get(..end)?, bytes.get(end..)?));
+            return Some(value);
         }
     }
     None

@@ -30,14 +30,16 @@ use automerge::{AutoCommit, AutomergeError, ChangeHash, ReadDoc};
 
 use super::change_hash_set::{ChangeHashMap, ChangeHashSet};
 use super::recent_changes::RecentChanges;
-use super::recent_graph::RecentGraph;
+use super::recent_graph::{ChangeMeta, RecentGraph};
 
 /// Applies a decoded sync `message` from a peer to `doc` and its `state`, exactly as
-/// `doc.sync().receive_sync_message(state, message)` would.
+/// `doc.sync().receive_sync_message(state, message)` would. `carried` are the changes it
+/// carries, read from their bytes (see [`keep_carried`]; none: the graph asks Automerge).
 pub(crate) fn receive(
     doc: &mut AutoCommit,
     state: &mut State,
     message: Message,
+    carried: &[ChangeMeta],
     graph: &mut RecentGraph,
 ) -> Result<(), AutomergeError> {
     graph.catch_up(doc);
@@ -46,7 +48,7 @@ pub(crate) fn receive(
     let changes_is_empty = message.changes.is_empty();
     if !changes_is_empty && !state.read_only {
         doc.load_incremental(&joined_changes(&[&message]))?;
-        graph.catch_up(doc);
+        graph.catch_up_with(doc, carried);
         let after_heads = doc.get_heads();
         state.shared_heads = advance_heads(&before_heads, &after_heads, &state.shared_heads);
     }
@@ -79,20 +81,21 @@ pub(crate) fn receive_batch(
     doc: &mut AutoCommit,
     states: &mut [&mut State],
     messages: &[Message],
-    carried: &[ChangeHashSet<ChangeHash>],
+    carried: &[Carried],
     graph: &mut RecentGraph,
 ) -> Result<(), AutomergeError> {
     graph.catch_up(doc);
     let before_heads = doc.get_heads();
-    let applied: Vec<&Message> = messages
+    let (applied, metas): (Vec<&Message>, Vec<&[ChangeMeta]>) = messages
         .iter()
         .zip(states.iter())
-        .filter(|(m, s)| !m.changes.is_empty() && !s.read_only)
-        .map(|(m, _)| m)
-        .collect();
+        .zip(carried)
+        .filter(|((m, s), _)| !m.changes.is_empty() && !s.read_only)
+        .map(|((m, _), c)| (m, c.changes.as_slice()))
+        .unzip();
     if !applied.is_empty() {
         doc.load_incremental(&joined_changes(&applied))?;
-        graph.catch_up(doc);
+        graph.catch_up_with(doc, &metas.concat());
     }
     let after_heads = doc.get_heads();
     for ((state, message), carried) in states.iter_mut().zip(messages).zip(carried) {
@@ -103,7 +106,7 @@ pub(crate) fn receive_batch(
             state.shared_heads = after_heads
                 .iter()
                 .filter(|h| {
-                    (carried.contains(h) && !before_heads.contains(h))
+                    (carried.hashes.contains(h) && !before_heads.contains(h))
                         || state.shared_heads.contains(h)
                 })
                 .copied()
@@ -215,15 +218,20 @@ fn finish(
 /// Keeps the changes a sync message carries in `recent` (see [`keep_changes`]) and returns
 /// their hashes, or `None` when it carries anything but change chunks (a whole document) or
 /// they do not parse.
-pub(crate) fn keep_carried(
-    recent: &mut RecentChanges,
-    message: &Message,
-) -> Option<ChangeHashSet<ChangeHash>> {
-    let mut hashes = ChangeHashSet::default();
+pub(crate) fn keep_carried(recent: &mut RecentChanges, message: &Message) -> Option<Carried> {
+    let mut carried = Carried::default();
     for bytes in message.changes.iter() {
-        hashes.extend(keep_changes(recent, bytes)?);
+        keep_changes_into(recent, bytes, &mut carried)?;
     }
-    Some(hashes)
+    Some(carried)
+}
+
+/// The changes a sync message carries: their hashes, and each with its dependencies in the
+/// message's order (what [`RecentGraph::catch_up_with`] takes).
+#[derive(Debug, Default)]
+pub(crate) struct Carried {
+    pub(crate) hashes: ChangeHashSet<ChangeHash>,
+    pub(crate) changes: Vec<ChangeMeta>,
 }
 
 /// Keeps the changes in `bytes` (change chunks one after the other, as a sync message or
@@ -235,29 +243,57 @@ pub(crate) fn keep_carried(
 /// it.
 pub(crate) fn keep_changes(
     recent: &mut RecentChanges,
-    mut bytes: &[u8],
+    bytes: &[u8],
 ) -> Option<ChangeHashSet<ChangeHash>> {
+    let mut carried = Carried::default();
+    keep_changes_into(recent, bytes, &mut carried)?;
+    Some(carried.hashes)
+}
+
+/// [`keep_changes`], adding the changes to `carried` (with their dependencies, read from the
+/// chunk's header) instead.
+fn keep_changes_into(
+    recent: &mut RecentChanges,
+    mut bytes: &[u8],
+    carried: &mut Carried,
+) -> Option<()> {
     use sha2::Digest;
     const CHANGE: u8 = 1;
     const COMPRESSED_CHANGE: u8 = 2;
-    let mut hashes = ChangeHashSet::default();
     while !bytes.is_empty() {
         let (kind, chunk, after) = super::automerge_doc::next_chunk(bytes)?;
-        let hash = match kind {
+        let (hash, deps) = match kind {
             CHANGE => {
                 let hash = ChangeHash(sha2::Sha256::digest(chunk.get(8..)?).into());
                 if chunk.get(4..8) == Some(&hash.0[..4]) {
                     recent.insert(hash, chunk);
                 }
-                hash
+                (hash, change_deps(chunk)?)
             }
-            COMPRESSED_CHANGE => automerge::Change::try_from(chunk).ok()?.hash(),
+            COMPRESSED_CHANGE => {
+                let change = automerge::Change::try_from(chunk).ok()?;
+                (change.hash(), change.deps().to_vec())
+            }
             _ => return None,
         };
-        hashes.insert(hash);
+        carried.hashes.insert(hash);
+        carried.changes.push((hash, deps));
         bytes = after;
     }
-    Some(hashes)
+    Some(())
+}
+
+/// The dependencies an uncompressed change chunk names: the body (after the magic bytes,
+/// checksum, type and length) starts with their count and the 32-byte hashes.
+fn change_deps(chunk: &[u8]) -> Option<Vec<ChangeHash>> {
+    let mut rest = chunk.get(9..)?;
+    super::automerge_doc::read_uleb(&mut rest)?;
+    let count = usize::try_from(super::automerge_doc::read_uleb(&mut rest)?).ok()?;
+    let hashes = rest.get(..count.checked_mul(32)?)?;
+    hashes
+        .chunks_exact(32)
+        .map(|h| <[u8; 32]>::try_from(h).ok().map(ChangeHash))
+        .collect()
 }
 
 /// At most this many changes missing from [`RecentChanges`] are rebuilt one by one for a
@@ -648,11 +684,12 @@ mod tests {
                 return;
             }
             let m = self.inbox[spoke].remove(0);
-            keep_carried(&mut self.hub.recent, &m);
+            let carried = keep_carried(&mut self.hub.recent, &m).unwrap_or_default();
             receive(
                 &mut self.hub.fast,
                 &mut self.hub_fast[spoke],
                 m.clone(),
+                &carried.changes,
                 &mut self.hub.graph,
             )
             .expect("fast");
@@ -839,6 +876,46 @@ mod tests {
         session.hub_answers(1);
         assert_eq!(session.generated, before + 1, "one change rebuilt here");
         assert_eq!(session.spokes[1].get_heads(), session.hub.fast.get_heads());
+    }
+
+    #[test]
+    fn a_change_chunk_names_its_dependencies_as_automerge_reads_them() {
+        let mut a = AutoCommit::new().with_actor(automerge::ActorId::from([1; 16]));
+        let mut b = AutoCommit::new().with_actor(automerge::ActorId::from([2; 16]));
+        a.put(ROOT, "a", 1).expect("put");
+        a.commit();
+        b.put(ROOT, "b", 2).expect("put");
+        b.commit();
+        a.merge(&mut b).expect("merge");
+        a.put(ROOT, "c", 3).expect("put");
+        a.commit();
+        for change in a.get_changes(&[]) {
+            let bytes = change.raw_bytes();
+            assert_eq!(change_deps(bytes), Some(change.deps().to_vec()));
+            let mut recent = RecentChanges::default();
+            let carried = keep_carried(
+                &mut recent,
+                &Message {
+                    heads: Vec::new(),
+                    need: Vec::new(),
+                    have: Vec::new(),
+                    changes: vec![bytes.to_vec()].into(),
+                    flags: None,
+                    version: MessageVersion::V1,
+                },
+            )
+            .expect("change chunks");
+            assert_eq!(
+                carried.changes,
+                vec![(change.hash(), change.deps().to_vec())]
+            );
+        }
+        let merged = a.get_last_local_change().expect("a change");
+        assert_eq!(merged.deps().len(), 2, "the last change depends on both");
+        // Cut short inside the dependencies: no answer, no panic.
+        let bytes = merged.raw_bytes();
+        assert_eq!(change_deps(&bytes[..bytes.len().min(40)]), None);
+        assert_eq!(change_deps(&[]), None);
     }
 
     #[test]
