@@ -28,7 +28,7 @@ use automerge::sync::{
 };
 use automerge::{AutoCommit, AutomergeError, ChangeHash, ReadDoc};
 
-use super::change_hash_set::{ChangeHashMap, ChangeHashSet};
+use super::change_hash_set::ChangeHashSet;
 use super::recent_changes::RecentChanges;
 use super::recent_graph::{ChangeMeta, RecentGraph};
 
@@ -182,6 +182,8 @@ fn finish(
         sorted.sort();
         if sorted == doc.get_heads() || graph.covers(&known_heads, &state.last_sent_heads) {
             state.sent_hashes.clear();
+        } else if let Some(seen) = graph.ancestors_among(&known_heads, &state.sent_hashes) {
+            state.sent_hashes.retain(|h| !seen.contains(h));
         } else {
             let unseen: ChangeHashSet<ChangeHash> =
                 hashes_since(doc, graph, &known_heads).into_iter().collect();
@@ -526,22 +528,17 @@ fn hashes_to_send(
         .into_iter()
         .collect();
     let since = changes_since(doc, graph, &last_sync);
-    let mut dependents: ChangeHashMap<ChangeHash, Vec<ChangeHash>> = ChangeHashMap::default();
+    // What their Bloom filters lack, and everything that depends on it. Automerge indexes every
+    // change's dependents and walks them from each change to send; `since` is in causal order
+    // (each change after its dependencies), so one pass in it finds the same set, looking at
+    // dependencies only for the few changes the filters hold. With many typists a change names
+    // dozens of dependencies: the index was most of the cost of a relay's messages.
     let mut to_send: ChangeHashSet<ChangeHash> = ChangeHashSet::default();
     for (hash, deps) in &since {
-        for dep in deps {
-            dependents.entry(*dep).or_default().push(*hash);
-        }
-        if have.iter().all(|h| !h.bloom.contains_hash(hash)) {
+        if have.iter().all(|h| !h.bloom.contains_hash(hash))
+            || deps.iter().any(|d| to_send.contains(d))
+        {
             to_send.insert(*hash);
-        }
-    }
-    let mut stack: Vec<ChangeHash> = to_send.iter().copied().collect();
-    while let Some(hash) = stack.pop() {
-        for dependent in dependents.get(&hash).into_iter().flatten() {
-            if to_send.insert(*dependent) {
-                stack.push(*dependent);
-            }
         }
     }
     let mut hashes: Vec<ChangeHash> = need.into_iter().filter(|h| !to_send.contains(h)).collect();

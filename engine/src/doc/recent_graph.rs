@@ -15,7 +15,7 @@
 //! path between two of them stays inside); when it would have to leave (an old change not
 //! known to be theirs), it says so and the caller asks Automerge.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 use automerge::{AutoCommit, ChangeHash};
 
@@ -207,6 +207,49 @@ impl RecentGraph {
             })
     }
 
+    /// Which of `candidates` (changes the document holds) are ancestors of `heads` or among
+    /// them: a walk back from `heads` that goes no further back than the oldest candidate.
+    /// `None` when a candidate is not kept. (Which sent changes a peer's heads acknowledge: the
+    /// changes sent in the last round or two, so the walk is short, where walking everything
+    /// since `heads` from the document's heads takes in all that came after.)
+    pub(crate) fn ancestors_among(
+        &self,
+        heads: &[ChangeHash],
+        candidates: &BTreeSet<ChangeHash>,
+    ) -> Option<ChangeHashSet<ChangeHash>> {
+        let mut floor = u64::MAX;
+        for candidate in candidates {
+            floor = floor.min(*self.by_hash.get(candidate)?);
+        }
+        let mut found = ChangeHashSet::default();
+        let end = self.first + self.nodes.len() as u64;
+        let mut visited = vec![false; usize::try_from(end.checked_sub(floor)?).ok()?];
+        // A head older than every candidate (or than the graph) has none of them as ancestor:
+        // a change comes after its dependencies.
+        let mut stack: Vec<u64> = heads
+            .iter()
+            .filter_map(|h| self.by_hash.get(h).copied())
+            .filter(|p| *p >= floor)
+            .collect();
+        while let Some(position) = stack.pop() {
+            let slot = usize::try_from(position - floor).ok()?;
+            if std::mem::replace(visited.get_mut(slot)?, true) {
+                continue;
+            }
+            let node = self
+                .nodes
+                .get(usize::try_from(position - self.first).ok()?)?;
+            if candidates.contains(&node.hash) {
+                found.insert(node.hash);
+                if found.len() == candidates.len() {
+                    break;
+                }
+            }
+            stack.extend(node.dep_positions.iter().flatten().filter(|p| **p >= floor));
+        }
+        Some(found)
+    }
+
     /// Where the change `hash` is in `nodes`, if kept.
     fn index_of(&self, hash: &ChangeHash) -> Option<usize> {
         let position = self.by_hash.get(hash)?;
@@ -354,6 +397,19 @@ mod tests {
                 .into_iter()
                 .map(|m| (m.hash, m.deps))
                 .collect();
+            // Which of the last few changes are ancestors of `theirs`: those automerge does
+            // not list.
+            let candidates: BTreeSet<ChangeHash> =
+                graph.nodes.iter().rev().take(6).map(|n| n.hash).collect();
+            if let Some(seen) = graph.ancestors_among(theirs, &candidates) {
+                let unseen: Vec<ChangeHash> = expected.iter().map(|(h, _)| *h).collect();
+                let want: ChangeHashSet<ChangeHash> = candidates
+                    .iter()
+                    .filter(|c| !unseen.contains(c))
+                    .copied()
+                    .collect();
+                assert_eq!(seen, want, "ancestors of {theirs:?} among {candidates:?}");
+            }
             if let Some(got) = graph.since(&heads, theirs) {
                 let got: Vec<(ChangeHash, Vec<ChangeHash>)> =
                     got.into_iter().map(|(h, d)| (h, d.to_vec())).collect();
