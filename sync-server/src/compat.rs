@@ -4,8 +4,8 @@
 //! An adapter connection speaks the foreign wire format to its client and, on the other side,
 //! subscribes to document actors exactly as a native connection does: with an [`Outbox`] (made
 //! with [`Outbox::detached`]) whose messages it reads and translates instead of encoding them.
-//! Its changes therefore get commit numbers, are durable before they are relayed, and go through
-//! the invariant layer like any other; Accord clients of the same document see them.
+//! Its changes therefore get commit numbers, are durable before they are acknowledged, and go
+//! through the invariant layer like any other; Accord clients of the same document see them.
 //!
 //! One task per connection ([`serve`]) takes what the documents and the presence relay queued,
 //! writes what that step produced, then waits for the socket, a wake-up (something queued, or a

@@ -1,7 +1,8 @@
 //! Accord's sync server: a WebSocket relay where each document is a scope of commit order.
 //!
 //! Every change the server accepts gets its document's next sequence number, is written to
-//! SQLite and committed before the acknowledgement goes back and before it is relayed. The server
+//! SQLite and committed before the acknowledgement goes back (a Yrs change is relayed to the
+//! writable subscribers while its commit is under way, to read-only ones after it). The server
 //! drives the engine's own [`accord_engine::sync::DocSync`]: there is no second implementation of
 //! the protocol.
 //!
