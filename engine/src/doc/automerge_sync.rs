@@ -48,7 +48,7 @@ pub(crate) fn receive(
     let changes_is_empty = message.changes.is_empty();
     if !changes_is_empty && !state.read_only {
         doc.load_incremental(&joined_changes(&[&message]))?;
-        graph.catch_up_with(doc, carried);
+        graph.catch_up_with(doc, &carried.iter().collect::<Vec<_>>());
         let after_heads = doc.get_heads();
         state.shared_heads = advance_heads(&before_heads, &after_heads, &state.shared_heads);
     }
@@ -95,7 +95,10 @@ pub(crate) fn receive_batch(
         .unzip();
     if !applied.is_empty() {
         doc.load_incremental(&joined_changes(&applied))?;
-        graph.catch_up_with(doc, &metas.concat());
+        graph.catch_up_with(
+            doc,
+            &metas.iter().flat_map(|m| m.iter()).collect::<Vec<_>>(),
+        );
     }
     let after_heads = doc.get_heads();
     for ((state, message), carried) in states.iter_mut().zip(messages).zip(carried) {
