@@ -46,6 +46,10 @@ pub(crate) struct RecentGraph {
     /// The document's heads after the last change kept (sorted); `None` before the graph has
     /// seen the document.
     heads: Option<Vec<ChangeHash>>,
+    /// Whether Automerge held changes waiting for their dependencies at the last
+    /// [`RecentGraph::catch_up`]: an apply may then add some of them, in Automerge's own
+    /// order, which [`RecentGraph::catch_up_with`] does not reproduce.
+    queued: bool,
 }
 
 const OURS: u8 = 1;
@@ -56,6 +60,7 @@ impl RecentGraph {
     /// in its order (one Automerge query for those few). A graph that has not seen the document
     /// starts from its current heads, holding no change yet.
     pub(crate) fn catch_up(&mut self, doc: &mut AutoCommit) {
+        self.queued = !doc.get_missing_deps(&[]).is_empty();
         let now = doc.get_heads();
         let Some(heads) = &self.heads else {
             self.heads = Some(now);
@@ -81,8 +86,10 @@ impl RecentGraph {
     }
 
     /// [`RecentGraph::catch_up`] after `applied` (changes read from their bytes) went into
-    /// `doc`: when they account exactly for the document's new heads, they are added in the
-    /// order Automerge added them, without asking Automerge; otherwise Automerge is asked. Returns whether `applied` sufficed
+    /// `doc`, called with the graph caught up just before the apply: when they account exactly
+    /// for the document's new heads, they are added in the order Automerge added them, without
+    /// asking Automerge; otherwise (or when Automerge had changes waiting before the apply)
+    /// Automerge is asked. Returns whether `applied` sufficed
     /// (also when nothing changed).
     ///
     /// Automerge answers with a vector-clock computation over the history (6% of the relay's
@@ -96,7 +103,7 @@ impl RecentGraph {
         if *heads == now {
             return true;
         }
-        let Some(order) = self.explain(heads, &now, applied) else {
+        let Some(order) = self.explain(heads, &now, applied).filter(|_| !self.queued) else {
             self.catch_up(doc);
             return false;
         };
@@ -134,6 +141,14 @@ impl RecentGraph {
         let mut unsatisfied = vec![0usize; new.len()];
         let mut waiting_on: ChangeHashMap<ChangeHash, Vec<usize>> = ChangeHashMap::default();
         for (k, &i) in new.iter().enumerate() {
+            // A change the graph does not keep may still be an old one sent again, which
+            // Automerge skipped. Not when it depends on a kept change, a head or a new change
+            // (the graph is a suffix of the document's order, and nothing depends on a head):
+            // a change with no dependencies at all (a document's first) could be; so is a
+            // chain of them sent again on top of it. Those are left to Automerge.
+            if applied[i].1.is_empty() {
+                return None;
+            }
             for dep in &applied[i].1 {
                 if self.by_hash.contains_key(dep) || heads.contains(dep) {
                     continue;
@@ -469,7 +484,7 @@ mod tests {
         /// applies a round of messages together): caught up from those changes as they came,
         /// the graph lists exactly what caught up from Automerge lists, in the same order,
         /// whenever it says the changes sufficed; and they suffice when every dependency is
-        /// kept or among them.
+        /// kept or among them (and every change has one).
         #[test]
         fn catching_up_from_applied_changes_matches_automerge(
             steps in proptest::collection::vec((1..4usize, 0..4u8, 0..8u8), 1..60),
@@ -509,8 +524,10 @@ mod tests {
                                 applied.push((change.hash(), change.deps().to_vec()));
                             }
                         }
+                        // (A change with no dependencies could be an old one sent again:
+                        // always left to Automerge.)
                         let causal = applied.iter().all(|(_, deps)| {
-                            deps.iter().all(|d| {
+                            !deps.is_empty() && deps.iter().all(|d| {
                                 docs[0].get_change_meta_by_hash(d).is_some()
                                     || applied.iter().any(|(h, _)| h == d)
                             })
@@ -529,6 +546,83 @@ mod tests {
                 prop_assert_eq!(order(&fast), order(&reference));
             }
         }
+    }
+
+    fn order(g: &RecentGraph) -> Vec<ChangeHash> {
+        g.nodes.iter().map(|n| n.hash).collect()
+    }
+
+    /// A peer sends the document's first change again with a new one on top: Automerge skips
+    /// the old one, and the graph must not add it (found in review).
+    #[test]
+    fn an_old_change_sent_again_is_not_taken_for_a_new_one() {
+        let mut hub = AutoCommit::new().with_actor(automerge::ActorId::from([1; 16]));
+        hub.put(ROOT, "a", 1).expect("put");
+        hub.commit();
+        let root = hub.get_last_local_change().expect("a change").clone();
+        let mut peer = hub.fork().with_actor(automerge::ActorId::from([2; 16]));
+        let (mut fast, mut reference) = (RecentGraph::default(), RecentGraph::default());
+        fast.catch_up(&mut hub);
+        reference.catch_up(&mut hub);
+        hub.put(ROOT, "c1", 1).expect("put");
+        hub.commit();
+        fast.catch_up(&mut hub);
+        reference.catch_up(&mut hub);
+        peer.put(ROOT, "n", 2).expect("put");
+        peer.commit();
+        let new = peer.get_last_local_change().expect("a change").clone();
+        let mut bytes = root.raw_bytes().to_vec();
+        bytes.extend_from_slice(new.raw_bytes());
+        hub.load_incremental(&bytes).expect("load");
+        let applied = [
+            (root.hash(), root.deps().to_vec()),
+            (new.hash(), new.deps().to_vec()),
+        ];
+        let refs: Vec<&ChangeMeta> = applied.iter().collect();
+        assert!(!fast.catch_up_with(&mut hub, &refs), "left to Automerge");
+        reference.catch_up(&mut hub);
+        assert_eq!(order(&fast), order(&reference));
+    }
+
+    /// A change Automerge queued (its dependency missing) arrives again with that dependency
+    /// and another change: Automerge applies the queued one first, so the graph asks it.
+    #[test]
+    fn changes_waiting_in_automerge_are_left_to_automerge() {
+        let mut hub = AutoCommit::new().with_actor(automerge::ActorId::from([1; 16]));
+        hub.put(ROOT, "a", 1).expect("put");
+        hub.commit();
+        let mut p = hub.fork().with_actor(automerge::ActorId::from([2; 16]));
+        let mut q = hub.fork().with_actor(automerge::ActorId::from([3; 16]));
+        p.put(ROOT, "d", 1).expect("put");
+        p.commit();
+        let d = p.get_last_local_change().expect("a change").clone();
+        q.merge(&mut p).expect("merge");
+        p.put(ROOT, "q", 1).expect("put");
+        p.commit();
+        let waits = p.get_last_local_change().expect("a change").clone();
+        q.put(ROOT, "r", 1).expect("put");
+        q.commit();
+        let r = q.get_last_local_change().expect("a change").clone();
+        let (mut fast, mut reference) = (RecentGraph::default(), RecentGraph::default());
+        fast.catch_up(&mut hub);
+        reference.catch_up(&mut hub);
+        hub.load_incremental(waits.raw_bytes()).expect("load");
+        let first = [(waits.hash(), waits.deps().to_vec())];
+        fast.catch_up_with(&mut hub, &first.iter().collect::<Vec<_>>());
+        reference.catch_up(&mut hub);
+        fast.catch_up(&mut hub);
+        let mut bytes = r.raw_bytes().to_vec();
+        bytes.extend_from_slice(d.raw_bytes());
+        bytes.extend_from_slice(waits.raw_bytes());
+        hub.load_incremental(&bytes).expect("load");
+        let applied = [
+            (r.hash(), r.deps().to_vec()),
+            (d.hash(), d.deps().to_vec()),
+            (waits.hash(), waits.deps().to_vec()),
+        ];
+        assert!(!fast.catch_up_with(&mut hub, &applied.iter().collect::<Vec<_>>()));
+        reference.catch_up(&mut hub);
+        assert_eq!(order(&fast), order(&reference));
     }
 
     #[test]
