@@ -89,8 +89,7 @@ impl RecentGraph {
     /// `doc`, called with the graph caught up just before the apply: when they account exactly
     /// for the document's new heads, they are added in the order Automerge added them, without
     /// asking Automerge; otherwise (or when Automerge had changes waiting before the apply)
-    /// Automerge is asked. Returns whether `applied` sufficed
-    /// (also when nothing changed).
+    /// Automerge is asked. Returns whether `applied` sufficed (also when nothing changed).
     ///
     /// Automerge answers with a vector-clock computation over the history (6% of the relay's
     /// CPU at 128 typists); the changes just applied already say everything needed.
