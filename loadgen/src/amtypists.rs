@@ -238,19 +238,19 @@ impl Graph {
             author: None,
         };
         let change = automerge::Change::from(expanded);
-        let deps = self.sorted_heads();
-        self.add(change.hash(), &deps, start_op);
+        self.add(change.hash(), change.deps(), start_op);
         self.previous = Some(OpId(start_op, self.actor.clone()));
         Ok(change.raw_bytes().to_vec())
     }
 
     /// A V1 sync message with our heads ("we have everything up to them") and `changes`.
     fn message(&self, changes: Vec<Vec<u8>>) -> Vec<u8> {
+        let heads = self.sorted_heads();
         Message {
-            heads: self.sorted_heads(),
+            heads: heads.clone(),
             need: Vec::new(),
             have: vec![Have {
-                last_sync: self.sorted_heads(),
+                last_sync: heads,
                 bloom: BloomFilter::default(),
             }],
             changes: changes.into(),

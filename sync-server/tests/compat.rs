@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use accord_engine::storage::MemoryStorage;
 use accord_engine::{DocKind, DocumentId, Op, Path};
-use accord_server::auth::{mint, unix_now, Claims, Rights, Scope};
+use accord_server::auth::{Rights, Scope};
 use ciborium::Value;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -357,16 +357,7 @@ async fn yjs_tokens_travel_in_the_query_string() {
     let server = Server::start(config(dir.path(), true)).await;
     let document = DocumentId::from_bytes([0x17; 16]);
     let room = document.to_string();
-    let token = |rights| {
-        mint(
-            SECRET,
-            &Claims {
-                scope: Scope::Document(document),
-                rights,
-                exp: unix_now() + 600,
-            },
-        )
-    };
+    let doc_token = |rights| token(Scope::Document(document), rights, 600);
     // No token: permission denied, then closed with 4004 (Unauthorized).
     let mut anonymous = connect(format!("ws://{}/yjs/{room}", server.addr)).await;
     let received = read_until_closed(&mut anonymous, WAIT).await;
@@ -379,7 +370,7 @@ async fn yjs_tokens_travel_in_the_query_string() {
     let mut elsewhere = connect(format!(
         "ws://{}/yjs/other-room?token={}",
         server.addr,
-        token(Rights::Write)
+        doc_token(Rights::Write)
     ))
     .await;
     let received = read_until_closed(&mut elsewhere, WAIT).await;
@@ -388,16 +379,16 @@ async fn yjs_tokens_travel_in_the_query_string() {
     let mut early = connect(format!(
         "ws://{}/yjs/{room}?token={}",
         server.addr,
-        token(Rights::Read)
+        doc_token(Rights::Read)
     ))
     .await;
     let received = read_until_closed(&mut early, WAIT).await;
     assert_eq!(received.close.map(|c| c.0), Some(4007));
     // A write token creates and writes.
-    let write = token(Rights::Write);
+    let write = doc_token(Rights::Write);
     let mut writer = YClient::connect(server.addr, &room, Some(&write)).await;
     writer.set("w", 1).await;
-    let read = token(Rights::Read);
+    let read = doc_token(Rights::Read);
     let mut reader = YClient::connect(server.addr, &room, Some(&read)).await;
     assert!(reader.pump_until(WAIT, |y| y.json()["w"] == 1).await);
     // The reader's writes are refused (once told) and never reach anyone.
@@ -420,16 +411,7 @@ async fn yjs_changes_reach_writers_before_their_commit_and_are_acknowledged_afte
     let server = Server::start(config(dir.path(), true)).await;
     let document = DocumentId::from_bytes([0x18; 16]);
     let room = document.to_string();
-    let token = |rights| {
-        mint(
-            SECRET,
-            &Claims {
-                scope: Scope::Document(document),
-                rights,
-                exp: unix_now() + 600,
-            },
-        )
-    };
+    let doc_token = |rights| token(Scope::Document(document), rights, 600);
     let put = |key: &str, value: i64| Op::Put {
         path: Path::keys(["root", key]),
         value: json!(value),
@@ -437,13 +419,13 @@ async fn yjs_changes_reach_writers_before_their_commit_and_are_acknowledged_afte
     let mut author = Client::new(MemoryStorage::new(), 1, replica_config(1 << 20));
     author.replica.create(document, DocKind::Yrs).unwrap();
     author
-        .connect(server.addr, Some(token(Rights::Write)))
+        .connect(server.addr, Some(doc_token(Rights::Write)))
         .await;
     author.subscribe(document).await;
     author.replica.change(document, &[put("a", 1)]).unwrap();
     assert!(author.pump_until(WAIT, |c| c.outbox_len() == 0).await);
-    let mut writer = YClient::connect(server.addr, &room, Some(&token(Rights::Write))).await;
-    let mut reader = YClient::connect(server.addr, &room, Some(&token(Rights::Read))).await;
+    let mut writer = YClient::connect(server.addr, &room, Some(&doc_token(Rights::Write))).await;
+    let mut reader = YClient::connect(server.addr, &room, Some(&doc_token(Rights::Read))).await;
     assert!(writer.pump_until(WAIT, |y| y.json()["a"] == 1).await);
     assert!(reader.pump_until(WAIT, |y| y.json()["a"] == 1).await);
 
@@ -803,16 +785,7 @@ async fn automerge_repo_tokens_and_read_only() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(config(dir.path(), true)).await;
     let document = DocumentId::from_bytes([0x61; 16]);
-    let token = |rights| {
-        mint(
-            SECRET,
-            &Claims {
-                scope: Scope::Document(document),
-                rights,
-                exp: unix_now() + 600,
-            },
-        )
-    };
+    let doc_token = |rights| token(Scope::Document(document), rights, 600);
     let url = |token: &str| format!("ws://{}/automerge?token={token}", server.addr);
     // No token: an error message and 4004 (Unauthorized).
     let mut anonymous = connect(format!("ws://{}/automerge", server.addr)).await;
@@ -822,7 +795,7 @@ async fn automerge_repo_tokens_and_read_only() {
     assert_eq!(kind(&error), "error");
 
     // Read-only on a missing document: unavailable (it cannot create it).
-    let mut reader = am_joined(url(&token(Rights::Read)), "reader").await;
+    let mut reader = am_joined(url(&doc_token(Rights::Read)), "reader").await;
     let mut theirs = automerge::Automerge::new();
     theirs
         .transact::<_, _, automerge::AutomergeError>(|tx| {
@@ -843,7 +816,7 @@ async fn automerge_repo_tokens_and_read_only() {
     assert_eq!(server.committed(), 0);
 
     // A writer creates it.
-    let mut writer = am_joined(url(&token(Rights::Write)), "writer").await;
+    let mut writer = am_joined(url(&doc_token(Rights::Write)), "writer").await;
     let mut ours = automerge::Automerge::new();
     ours.transact::<_, _, automerge::AutomergeError>(|tx| {
         tx.put(automerge::ROOT, "by", "writer")?;

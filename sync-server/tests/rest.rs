@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use accord_engine::storage::MemoryStorage;
 use accord_engine::{ChangeId, DocKind, DocumentId, Op, Path};
-use accord_server::auth::{admin_token, mint, unix_now, AdminToken, Claims, Rights, Scope};
+use accord_server::auth::{admin_token, AdminToken, Rights, Scope};
 use base64::Engine;
 use common::*;
 use serde_json::json;
@@ -23,15 +23,6 @@ type Case<'a> = (
     u16,
     &'a str,
 );
-
-fn token(scope: Scope, rights: Rights) -> String {
-    let claims = Claims {
-        scope,
-        rights,
-        exp: unix_now() + 600,
-    };
-    mint(SECRET, &claims)
-}
 
 async fn post_json(
     addr: std::net::SocketAddr,
@@ -224,10 +215,11 @@ async fn rest_api_creates_applies_reads_feeds_and_mints() {
     assert_eq!(unchanged.json()["head_seq"], 2);
 
     // Errors: JSON bodies with stable codes, never a panic.
-    let reader = token(Scope::Prefix(String::new()), Rights::Read);
+    let reader = token(Scope::Prefix(String::new()), Rights::Read, 600);
     let other_doc = token(
         Scope::Document(DocumentId::from_bytes([9; 16])),
         Rights::Write,
+        600,
     );
     let missing = DocumentId::from_bytes([8; 16]);
     let one_op = json!([{"op": "put", "path": ["x"], "value": 1}]);

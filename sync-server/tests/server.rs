@@ -39,17 +39,6 @@ fn doc(n: u8) -> DocumentId {
     DocumentId::from_random_bytes([n; 16])
 }
 
-fn token(scope: Scope, rights: Rights, ttl: u64) -> String {
-    mint(
-        SECRET,
-        &Claims {
-            scope,
-            rights,
-            exp: unix_now() + ttl,
-        },
-    )
-}
-
 async fn concurrent_clients_converge(kind: DocKind) {
     const CLIENTS: usize = 10;
     const EDITS: usize = 5;

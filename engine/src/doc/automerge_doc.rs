@@ -464,6 +464,18 @@ impl AutomergeDoc {
             self.astral = true;
         }
         let carried = automerge_sync::keep_carried(&mut self.recent, &message).unwrap_or_default();
+        self.receive_decoded(state, message, &carried)?;
+        Ok(self.changes_since(&before))
+    }
+
+    /// Applies a decoded sync message that carries `carried` (see
+    /// [`automerge_sync::receive`]).
+    fn receive_decoded(
+        &mut self,
+        state: &mut automerge::sync::State,
+        message: automerge::sync::Message,
+        carried: &automerge_sync::Carried,
+    ) -> Result<(), DocError> {
         automerge_sync::receive(
             &mut self.doc,
             state,
@@ -471,8 +483,7 @@ impl AutomergeDoc {
             &carried.changes,
             &mut self.graph,
         )
-        .map_err(|e| DocError::malformed("automerge sync message", e))?;
-        Ok(self.changes_since(&before))
+        .map_err(|e| DocError::malformed("automerge sync message", e))
     }
 
     /// Applies sync messages from several peers (`states[i]` is the state of the peer that sent
@@ -530,15 +541,8 @@ impl AutomergeDoc {
                 .zip(messages)
                 .zip(&carried)
                 .map(|((state, message), carried)| {
-                    automerge_sync::receive(
-                        &mut self.doc,
-                        state,
-                        message,
-                        &carried.changes,
-                        &mut self.graph,
-                    )
-                    .map(|()| Vec::new())
-                    .map_err(|e| DocError::malformed("automerge sync message", e))
+                    self.receive_decoded(state, message, carried)
+                        .map(|()| Vec::new())
                 })
                 .collect(),
         };

@@ -220,9 +220,9 @@ fn finish(
     state.their_need = Some(need);
 }
 
-/// Keeps the changes a sync message carries in `recent` (see [`keep_changes`]) and returns
-/// their hashes, or `None` when it carries anything but change chunks (a whole document) or
-/// they do not parse.
+/// Keeps the changes a sync message carries in `recent` (see [`keep_changes_into`]) and returns
+/// them, or `None` when it carries anything but change chunks (a whole document) or they do
+/// not parse.
 pub(crate) fn keep_carried(recent: &mut RecentChanges, message: &Message) -> Option<Carried> {
     let mut carried = Carried::default();
     for bytes in message.changes.iter() {
@@ -239,24 +239,19 @@ pub(crate) struct Carried {
     pub(crate) changes: Vec<ChangeMeta>,
 }
 
-/// Keeps the changes in `bytes` (change chunks one after the other, as a sync message or
-/// `load_incremental` carries them) in `recent`, each uncompressed one whose checksum matches
-/// (the bytes Automerge itself would produce for its hash), and returns the hashes of all of
-/// them; `None` when `bytes` hold anything but change chunks (a whole document) or do not
-/// parse. An uncompressed change's hash is the SHA-256 of its chunk after the magic bytes and
-/// checksum (type, length, body), as automerge computes it; a compressed one is decoded to find
-/// it.
-pub(crate) fn keep_changes(
-    recent: &mut RecentChanges,
-    bytes: &[u8],
-) -> Option<ChangeHashSet<ChangeHash>> {
-    let mut carried = Carried::default();
-    keep_changes_into(recent, bytes, &mut carried)?;
-    Some(carried.hashes)
+/// Keeps the uncompressed changes in `bytes` in `recent` (see [`keep_changes_into`]); bytes
+/// that are not change chunks (a whole document) keep nothing.
+pub(crate) fn keep_changes(recent: &mut RecentChanges, bytes: &[u8]) {
+    let _ = keep_changes_into(recent, bytes, &mut Carried::default());
 }
 
-/// [`keep_changes`], adding the changes to `carried` (with their dependencies, read from the
-/// chunk's header) instead.
+/// Keeps the changes in `bytes` (change chunks one after the other, as a sync message or
+/// `load_incremental` carries them) in `recent`, each uncompressed one whose checksum matches
+/// (the bytes Automerge itself would produce for its hash), and adds every one of them to
+/// `carried`, with the dependencies its header names; `None` when `bytes` hold anything but
+/// change chunks (a whole document) or do not parse. An uncompressed change's hash is the
+/// SHA-256 of its chunk after the magic bytes and checksum (type, length, body), as automerge
+/// computes it; a compressed one is decoded to find it.
 fn keep_changes_into(
     recent: &mut RecentChanges,
     mut bytes: &[u8],

@@ -400,6 +400,11 @@ mod tests {
     use automerge::ROOT;
     use proptest::prelude::*;
 
+    /// The kept changes' hashes, in the graph's order.
+    fn order(g: &RecentGraph) -> Vec<ChangeHash> {
+        g.nodes.iter().map(|n| n.hash).collect()
+    }
+
     /// Documents on `n` actors editing and merging at random; after each step the graph's
     /// answers for every change's and every head set's "since" match automerge's.
     fn check_all(doc: &mut AutoCommit, graph: &RecentGraph, probes: &[Vec<ChangeHash>]) -> usize {
@@ -539,16 +544,9 @@ mod tests {
                 }
                 reference.catch_up(&mut docs[0]);
                 fast.catch_up(&mut docs[0]);
-                let order = |g: &RecentGraph| -> Vec<ChangeHash> {
-                    g.nodes.iter().map(|n| n.hash).collect()
-                };
                 prop_assert_eq!(order(&fast), order(&reference));
             }
         }
-    }
-
-    fn order(g: &RecentGraph) -> Vec<ChangeHash> {
-        g.nodes.iter().map(|n| n.hash).collect()
     }
 
     /// A peer sends the document's first change again with a new one on top: Automerge skips

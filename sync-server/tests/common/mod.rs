@@ -14,7 +14,7 @@ use accord_engine::protocol::{
 use accord_engine::replica::{Event, Replica, ReplicaConfig};
 use accord_engine::storage::Storage;
 use accord_engine::{ChangeId, DocKind, DocumentId, PeerId, ReplicaId};
-use accord_server::auth::AuthMode;
+use accord_server::auth::{mint, unix_now, AuthMode, Claims, Rights, Scope};
 use accord_server::metrics::Metrics;
 use accord_server::Config;
 use futures_util::{SinkExt, StreamExt};
@@ -46,6 +46,18 @@ pub fn config(dir: &Path, auth: bool) -> Config {
     let mut config = Config::new(dir, auth);
     config.shutdown_grace = Duration::from_secs(5);
     config
+}
+
+/// A token signed with [`SECRET`] for `scope` with `rights`, expiring `ttl` seconds from now.
+pub fn token(scope: Scope, rights: Rights, ttl: u64) -> String {
+    mint(
+        SECRET,
+        &Claims {
+            scope,
+            rights,
+            exp: unix_now() + ttl,
+        },
+    )
 }
 
 impl Server {
