@@ -150,7 +150,14 @@ impl DocSync {
                 // Queued updates go before the step 2: towards a server they are the unconfirmed
                 // changes resent one by one (each acknowledged by its id), and the step 2 after
                 // them then carries only what nothing else covers.
-                out.extend(state.queued.drain(..).map(SyncPayload::YrsUpdate));
+                // Taken, buffer and all: a relay's peer holds a queue only while it has
+                // something to send (a drained `VecDeque` would keep its slots in every
+                // subscriber of every idle document).
+                out.extend(
+                    std::mem::take(&mut state.queued)
+                        .into_iter()
+                        .map(SyncPayload::YrsUpdate),
+                );
                 if let Some(their_sv) = state.step2_due.take() {
                     // A state vector that was valid on receipt stays valid.
                     if let Ok(update) = d.changes_after(&their_sv) {

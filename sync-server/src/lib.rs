@@ -34,6 +34,7 @@
 
 #![deny(missing_docs)]
 
+mod actor_inbox;
 mod amrepo;
 pub mod auth;
 mod compat;
