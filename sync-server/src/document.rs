@@ -352,130 +352,140 @@ enum Found {
 }
 
 impl Actor {
-    async fn run(
+    /// The actor's life: commands in, commits, acknowledgements and relays out, until it is
+    /// evicted, shut down or its storage fails.
+    ///
+    /// Not an `async fn`: one moves its arguments into locals when it starts, so the actor
+    /// (~440 bytes) would be stored twice in every loaded document's task; the block keeps it
+    /// where it was captured (as `compat::serve` does with its socket).
+    #[allow(clippy::manual_async_fn)]
+    fn run(
         mut self,
         inbox: Arc<CommandInbox>,
         mut shutdown: watch::Receiver<bool>,
-        _alive: mpsc::Sender<()>,
-    ) {
-        loop {
-            let idle = self.subscribers.is_empty();
-            let linger = if self.state.is_some() {
-                self.config.idle_evict
-            } else {
-                self.config.idle_evict.min(UNLOADED_LINGER)
-            };
-            // One timer for the reconciliation period, the sync throttle and the eviction of an
-            // idle document (each timer is ~0.1 KB in every actor's task).
-            let now = Instant::now();
-            let reconcile_at = (!idle && self.reconciling()).then(|| now + self.tick);
-            let evict_at = idle.then(|| now + linger);
-            let wake = reconcile_at
-                .into_iter()
-                .chain(self.sync_due)
-                .chain(evict_at)
-                .min();
-            let command = tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|stop| *stop) => break,
-                command = inbox.recv() => Some(command),
-                _ = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() => None,
-            };
-            let first = match command {
-                Some(command) => command,
-                None if self.sync_due.is_some_and(|due| due <= Instant::now()) => {
-                    // A round of sync messages is due: what came meanwhile goes in first.
-                    self.drain_stash();
-                    if let Err(error) = Box::pin(self.flush()).await {
-                        self.fail(&error);
-                        break;
-                    }
-                    continue;
-                }
-                None if evict_at.is_some_and(|at| at <= Instant::now()) => {
-                    if self.documents.try_evict(self.document, &inbox) {
-                        tracing::debug!(document = %self.document, "evicted");
-                        break;
-                    }
-                    continue;
-                }
-                None => {
-                    // Level-triggered: look again even though nothing was committed.
-                    self.drain_stash();
-                    let open = self.reconcile(Vec::new());
-                    let base = self.config.reconcile_interval;
-                    self.tick = if open {
-                        (self.tick * 2).min(base * 16)
-                    } else {
-                        base
-                    };
-                    if let Err(error) = Box::pin(self.flush()).await {
-                        self.fail(&error);
-                        break;
-                    }
-                    continue;
-                }
-            };
-            let mut batch = vec![first];
-            while batch.len() < self.config.max_batch {
-                match inbox.try_recv() {
-                    Some(command) => batch.push(command),
-                    None => break,
-                }
-            }
-            let mut result = Ok(());
-            let mut commands = batch.into_iter().peekable();
-            while let Some(command) = commands.next() {
-                // Automerge sync messages queued back to back from different connections are
-                // received together: one apply for all their changes (see `receive_together`).
-                if let Command::Sync {
-                    connection,
-                    payload: payload @ SyncPayload::Automerge(_),
-                } = *command
-                {
-                    let mut run = vec![(connection, payload)];
-                    while let Some(next) = commands.next_if(|next| {
-                        matches!(&**next, Command::Sync {
-                            connection,
-                            payload: SyncPayload::Automerge(_),
-                        } if run.iter().all(|(c, _)| c != connection))
-                    }) {
-                        if let Command::Sync {
-                            connection,
-                            payload,
-                        } = *next
-                        {
-                            run.push((connection, payload));
-                        }
-                    }
-                    if !self.stash(&mut run) {
+        alive: mpsc::Sender<()>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let _alive = alive;
+            loop {
+                let idle = self.subscribers.is_empty();
+                let linger = if self.state.is_some() {
+                    self.config.idle_evict
+                } else {
+                    self.config.idle_evict.min(UNLOADED_LINGER)
+                };
+                // One timer for the reconciliation period, the sync throttle and the eviction of an
+                // idle document (each timer is ~0.1 KB in every actor's task).
+                let now = Instant::now();
+                let reconcile_at = (!idle && self.reconciling()).then(|| now + self.tick);
+                let evict_at = idle.then(|| now + linger);
+                let wake = reconcile_at
+                    .into_iter()
+                    .chain(self.sync_due)
+                    .chain(evict_at)
+                    .min();
+                let command = tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                    command = inbox.recv() => Some(command),
+                    _ = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() => None,
+                };
+                let first = match command {
+                    Some(command) => command,
+                    None if self.sync_due.is_some_and(|due| due <= Instant::now()) => {
+                        // A round of sync messages is due: what came meanwhile goes in first.
                         self.drain_stash();
-                        self.receive_together(run);
+                        if let Err(error) = Box::pin(self.flush()).await {
+                            self.fail(&error);
+                            break;
+                        }
+                        continue;
                     }
-                    continue;
+                    None if evict_at.is_some_and(|at| at <= Instant::now()) => {
+                        if self.documents.try_evict(self.document, &inbox) {
+                            tracing::debug!(document = %self.document, "evicted");
+                            break;
+                        }
+                        continue;
+                    }
+                    None => {
+                        // Level-triggered: look again even though nothing was committed.
+                        self.drain_stash();
+                        let open = self.reconcile(Vec::new());
+                        let base = self.config.reconcile_interval;
+                        self.tick = if open {
+                            (self.tick * 2).min(base * 16)
+                        } else {
+                            base
+                        };
+                        if let Err(error) = Box::pin(self.flush()).await {
+                            self.fail(&error);
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let mut batch = vec![first];
+                while batch.len() < self.config.max_batch {
+                    match inbox.try_recv() {
+                        Some(command) => batch.push(command),
+                        None => break,
+                    }
                 }
-                self.drain_stash();
-                // Boxed (like the flushes below): the futures of a command's handling are
-                // larger than the idle actor; held in place they would size every actor's task.
-                result = Box::pin(self.handle(*command)).await;
-                if result.is_err() {
+                let mut result = Ok(());
+                let mut commands = batch.into_iter().peekable();
+                while let Some(command) = commands.next() {
+                    // Automerge sync messages queued back to back from different connections are
+                    // received together: one apply for all their changes (see `receive_together`).
+                    if let Command::Sync {
+                        connection,
+                        payload: payload @ SyncPayload::Automerge(_),
+                    } = *command
+                    {
+                        let mut run = vec![(connection, payload)];
+                        while let Some(next) = commands.next_if(|next| {
+                            matches!(&**next, Command::Sync {
+                                connection,
+                                payload: SyncPayload::Automerge(_),
+                            } if run.iter().all(|(c, _)| c != connection))
+                        }) {
+                            if let Command::Sync {
+                                connection,
+                                payload,
+                            } = *next
+                            {
+                                run.push((connection, payload));
+                            }
+                        }
+                        if !self.stash(&mut run) {
+                            self.drain_stash();
+                            self.receive_together(run);
+                        }
+                        continue;
+                    }
+                    self.drain_stash();
+                    // Boxed (like the flushes below): the futures of a command's handling are
+                    // larger than the idle actor; held in place they would size every actor's task.
+                    result = Box::pin(self.handle(*command)).await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                if result.is_ok() {
+                    result = Box::pin(self.flush()).await;
+                }
+                if let Err(error) = result {
+                    self.fail(&error);
                     break;
                 }
             }
-            if result.is_ok() {
-                result = Box::pin(self.flush()).await;
+            self.documents.remove(self.document, &inbox);
+            inbox.close();
+            if self.state.take().is_some() {
+                self.metrics
+                    .documents_loaded
+                    .fetch_sub(1, Ordering::Relaxed);
             }
-            if let Err(error) = result {
-                self.fail(&error);
-                break;
-            }
-        }
-        self.documents.remove(self.document, &inbox);
-        inbox.close();
-        if self.state.take().is_some() {
-            self.metrics
-                .documents_loaded
-                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 
