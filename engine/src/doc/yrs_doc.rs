@@ -287,10 +287,11 @@ pub struct YrsDoc {
 /// document costs milliseconds each time. A transaction observer counts commits, so a change
 /// made any way (through [`YrsDoc::native`] too) makes the kept encoding stale. Only encodings
 /// of [`FullState::KEEP_FROM`] bytes or more are kept: smaller ones are cheap to redo and not
-/// worth the memory.
+/// worth the memory. The observer is registered with the first encoding that large: in a small
+/// document (most of a server's) it would cost ~0.6 KB for nothing.
 struct FullState {
-    /// Transactions committed so far (bumped by the observer).
-    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Transactions committed since the observer was registered (bumped by it).
+    commits: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// The encoding and the commit count it was made at.
     kept: std::sync::Mutex<Option<(u64, std::sync::Arc<[u8]>)>>,
 }
@@ -298,28 +299,38 @@ struct FullState {
 impl FullState {
     const KEEP_FROM: usize = 16 * 1024;
 
-    fn observe(doc: &Doc) -> Self {
+    fn new() -> Self {
+        Self {
+            commits: std::sync::OnceLock::new(),
+            kept: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Counts `doc`'s commits from now on.
+    fn observe(doc: &Doc) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
         let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = commits.clone();
         // Fails only if the key is taken, and this is the only observer under this key.
         let _ = doc.observe_after_transaction("accord-full-state", move |_| {
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         });
-        Self {
-            commits,
-            kept: std::sync::Mutex::new(None),
-        }
+        commits
     }
 
     /// The whole of `doc` as one V1 update, from the kept encoding when nothing committed since.
     fn get(&self, doc: &Doc) -> Vec<u8> {
-        let now = self.commits.load(std::sync::atomic::Ordering::Relaxed);
+        // Read before encoding: a commit in between makes the kept encoding look older than it
+        // is (encoded again next time), never newer.
+        let now = self
+            .commits
+            .get()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
         let Ok(mut kept) = self.kept.lock() else {
             return doc
                 .transact()
                 .encode_state_as_update_v1(&StateVector::default());
         };
-        if let Some((at, bytes)) = kept.as_ref() {
+        if let (Some(now), Some((at, bytes))) = (now, kept.as_ref()) {
             if *at == now {
                 return bytes.to_vec();
             }
@@ -327,7 +338,16 @@ impl FullState {
         let bytes = doc
             .transact()
             .encode_state_as_update_v1(&StateVector::default());
-        *kept = (bytes.len() >= Self::KEEP_FROM).then(|| (now, bytes.as_slice().into()));
+        *kept = match now {
+            Some(now) if bytes.len() >= Self::KEEP_FROM => Some((now, bytes.as_slice().into())),
+            None if bytes.len() >= Self::KEEP_FROM => {
+                // The first encoding this large: count commits from here and keep the next
+                // one (a commit between this encoding and the observer would go unseen).
+                self.commits.get_or_init(|| Self::observe(doc));
+                None
+            }
+            _ => None,
+        };
         bytes
     }
 }
@@ -355,7 +375,7 @@ impl YrsDoc {
         };
         let doc = Doc::with_options(options);
         Self {
-            full: FullState::observe(&doc),
+            full: FullState::new(),
             doc,
             tracked: std::collections::BTreeSet::new(),
             touched: std::sync::Arc::default(),
@@ -1116,7 +1136,9 @@ mod full_state_tests {
             first.len() >= FullState::KEEP_FROM,
             "large enough to be kept"
         );
+        // (`check` encodes twice: the first registers the observer, the second is kept.)
         assert!(doc.full.kept.lock().expect("lock").is_some());
+        assert!(doc.full.commits.get().is_some());
         // A deletion moves no state vector, yet the kept encoding must go.
         {
             let mut txn = doc.native().transact_mut();
@@ -1159,5 +1181,6 @@ mod full_state_tests {
         doc.apply_ops(&[put]).1.expect("op applies");
         check(&doc);
         assert!(doc.full.kept.lock().expect("lock").is_none());
+        assert!(doc.full.commits.get().is_none(), "no observer either");
     }
 }
