@@ -93,6 +93,10 @@ struct Serve {
     /// meanwhile travel together in the next one (0: send after every commit).
     #[arg(long, default_value_t = 50)]
     automerge_sync_interval_ms: u64,
+    /// Microseconds the store's writer may linger to commit the writes of several documents in
+    /// one transaction (one fsync) while writes of many documents keep coming (0: never).
+    #[arg(long, default_value_t = 2_000)]
+    commit_window_us: u64,
     /// A directory of static files served at `/` (the demo app: `demo-web/dist`).
     #[arg(long, value_name = "DIR")]
     demo_dir: Option<PathBuf>,
@@ -185,6 +189,7 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
     config.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
     config.idle_evict = Duration::from_secs(args.idle_evict_secs);
     config.compact_every = args.compact_every.max(1);
+    config.storage.commit_window = Duration::from_micros(args.commit_window_us);
     config.max_rest_body_bytes = args.max_rest_body_bytes.max(1);
     config.max_rest_in_flight = args.max_rest_in_flight.max(1);
     config.admin_token = args

@@ -29,6 +29,9 @@ pub struct Metrics {
     /// SQLite write transactions since start: one fsync each, holding the commits of every
     /// document that was queued for the store's writer at the time.
     pub store_transactions: AtomicU64,
+    /// Transactions whose writer lingered for the commit window to gather other documents'
+    /// writes (see `storage::write_loop`).
+    pub store_lingers: AtomicU64,
     /// Bytes received in WebSocket frames.
     pub bytes_in: AtomicU64,
     /// Bytes sent in WebSocket frames.
@@ -114,7 +117,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let scalars: [(&str, &str, &str, String); 7] = [
+        let scalars: [(&str, &str, &str, String); 8] = [
             (
                 "accord_connections",
                 "gauge",
@@ -138,6 +141,12 @@ impl Metrics {
                 "counter",
                 "SQLite write transactions (one fsync each; a group commit across documents).",
                 self.store_transactions.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "accord_store_lingers_total",
+                "counter",
+                "Write transactions that waited the commit window to gather other documents' writes.",
+                self.store_lingers.load(Ordering::Relaxed).to_string(),
             ),
             (
                 "accord_bytes_in_total",

@@ -132,6 +132,15 @@ pub enum Write {
     },
 }
 
+impl Write {
+    /// The document written.
+    pub fn document(&self) -> DocumentId {
+        match self {
+            Write::Commit { document, .. } | Write::Create { document, .. } => *document,
+        }
+    }
+}
+
 /// What a [`Write`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Written {
