@@ -9,7 +9,7 @@
 //! dropped command.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -29,6 +29,8 @@ pub(crate) struct ActorInbox<T> {
     room: Notify,
     /// Leases held on the actor (see `document::Lease`).
     leases: AtomicUsize,
+    /// The actor is asked to stop (shutdown): [`ActorInbox::recv`] answers `None` from now on.
+    stopping: AtomicBool,
 }
 
 struct Queue<T> {
@@ -48,6 +50,7 @@ impl<T> ActorInbox<T> {
             arrived: Notify::new(),
             room: Notify::new(),
             leases: AtomicUsize::new(leases),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -100,15 +103,26 @@ impl<T> ActorInbox<T> {
         Some(item)
     }
 
-    /// The oldest queued item, waiting for one. Cancel-safe: the queue, not the wake-up, holds
-    /// the items, so dropping this future loses nothing.
-    pub(crate) async fn recv(&self) -> T {
+    /// The oldest queued item, waiting for one; `None` once [`stop`](Self::stop) was called
+    /// (before what is still queued). Cancel-safe: the queue, not the wake-up, holds the items,
+    /// so dropping this future loses nothing.
+    pub(crate) async fn recv(&self) -> Option<T> {
         loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return None;
+            }
             if let Some(item) = self.try_recv() {
-                return item;
+                return Some(item);
             }
             self.arrived.notified().await;
         }
+    }
+
+    /// Asks the actor to stop: its [`recv`](Self::recv) answers `None` (senders are not
+    /// refused until the actor [`close`](Self::close)s).
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.arrived.notify_one();
     }
 
     /// Refuses every later send (and wakes the senders waiting, who get `false`); drops what is
@@ -162,7 +176,7 @@ mod tests {
         let mailbox = Arc::new(ActorInbox::new(8, 0));
         assert!(mailbox.send(1).await);
         assert!(mailbox.send(2).await);
-        assert_eq!(mailbox.recv().await, 1);
+        assert_eq!(mailbox.recv().await, Some(1));
         assert_eq!(mailbox.try_recv(), Some(2));
         assert_eq!(mailbox.try_recv(), None);
         let receiver = {
@@ -173,7 +187,30 @@ mod tests {
         assert!(!receiver.is_finished(), "nothing queued yet");
         assert!(mailbox.send(3).await);
         let got = tokio::time::timeout(Duration::from_secs(5), receiver).await;
-        assert_eq!(got.ok().and_then(|r| r.ok()), Some(3));
+        assert_eq!(got.ok().and_then(|r| r.ok()), Some(Some(3)));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_inbox_wakes_its_actor_with_none() {
+        let mailbox = Arc::new(ActorInbox::new(8, 0));
+        let receiver = {
+            let mailbox = mailbox.clone();
+            tokio::spawn(async move { mailbox.recv().await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!receiver.is_finished());
+        mailbox.stop();
+        let got = tokio::time::timeout(Duration::from_secs(5), receiver).await;
+        assert_eq!(got.ok().and_then(|r| r.ok()), Some(None::<u8>));
+        assert!(
+            mailbox.send(1).await,
+            "senders are refused only once it is closed"
+        );
+        assert_eq!(
+            mailbox.recv().await,
+            None,
+            "stopping goes before what is queued"
+        );
     }
 
     #[tokio::test]
@@ -194,7 +231,7 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < 5 {
             let item = tokio::time::timeout(Duration::from_secs(5), mailbox.recv()).await;
-            got.push(item.expect("an item arrives"));
+            got.push(item.expect("an item arrives").expect("not stopped"));
             assert!(mailbox.len() <= 2, "never over the bound");
         }
         for sender in senders {

@@ -207,8 +207,9 @@ impl std::fmt::Debug for AdminToken {
 pub enum Grant {
     /// Everything (auth disabled).
     All,
-    /// What the token's claims allow, until they expire.
-    Token(Claims),
+    /// What the token's claims allow, until they expire. Boxed: every connection holds its
+    /// grant for its whole life, in place in its task (8 bytes instead of ~40).
+    Token(Box<Claims>),
 }
 
 impl Grant {
@@ -218,7 +219,7 @@ impl Grant {
             AuthMode::Disabled => Ok(Grant::All),
             AuthMode::Secret(secret) => {
                 let token = token.ok_or(AuthError::Missing)?;
-                verify(secret, token, now).map(Grant::Token)
+                verify(secret, token, now).map(|claims| Grant::Token(Box::new(claims)))
             }
         }
     }

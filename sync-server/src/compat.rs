@@ -328,9 +328,9 @@ async fn finish<P: Protocol>(socket: &mut WebSocket, mut session: Session<P>, st
 
 /// The timers of one connection, served by one `Sleep`: pings at a third of the idle timeout,
 /// the idle timeout since the last frame heard, and the token's expiry.
+/// (The idle timeout is read from the config each time: a copy would be 16 more bytes in
+/// every connection's task.)
 struct Deadlines {
-    /// The idle timeout (a copy of the config's: 16 bytes either way, and no borrow).
-    idle: Duration,
     next_ping: Instant,
     heard: Instant,
     expires: Option<Instant>,
@@ -340,7 +340,7 @@ impl Deadlines {
     /// The timer fired: stops on the token's expiry or the idle timeout, queues a ping when
     /// one is due.
     fn fired(&mut self, conn: &mut Conn) -> Result<(), Stop> {
-        let idle = self.idle;
+        let idle = conn.shared.config.idle_timeout;
         let now = Instant::now();
         if self.expires.is_some_and(|expires| now >= expires) {
             return Err(Stop::error(ErrorCode::TokenExpired, "the token expired"));
@@ -356,9 +356,9 @@ impl Deadlines {
         Ok(())
     }
 
-    /// The earliest deadline.
-    fn next(&self) -> Instant {
-        let mut next = self.next_ping.min(self.heard + self.idle);
+    /// The earliest deadline, for the idle timeout `idle`.
+    fn next(&self, idle: Duration) -> Instant {
+        let mut next = self.next_ping.min(self.heard + idle);
         if let Some(expires) = self.expires {
             next = next.min(expires);
         }
@@ -380,7 +380,6 @@ async fn run<P: Protocol>(socket: &mut WebSocket, session: &mut Session<P>) -> S
     let idle = session.conn.shared.config.idle_timeout;
     let now = Instant::now();
     let mut deadlines = Deadlines {
-        idle,
         next_ping: now + ping_every(idle),
         heard: now,
         expires: session
@@ -389,7 +388,7 @@ async fn run<P: Protocol>(socket: &mut WebSocket, session: &mut Session<P>) -> S
             .expires_at()
             .and_then(|exp| crate::connection::expiry(exp, unix_now())),
     };
-    let timer = tokio::time::sleep_until(deadlines.next());
+    let timer = tokio::time::sleep_until(deadlines.next(idle));
     let mut timer = std::pin::pin!(timer);
     loop {
         let more = match take_queued(session) {
@@ -409,7 +408,9 @@ async fn run<P: Protocol>(socket: &mut WebSocket, session: &mut Session<P>) -> S
                 if let Err(stop) = deadlines.fired(&mut session.conn) {
                     return stop;
                 }
-                timer.as_mut().reset(deadlines.next());
+                timer
+                    .as_mut()
+                    .reset(deadlines.next(session.conn.shared.config.idle_timeout));
                 None
             }
             next = socket.next() => {

@@ -21,7 +21,7 @@ use accord_engine::invariant::{self, Conflict, Reconciler};
 use accord_engine::protocol::{Commit, ErrorCode, Message, SyncPayload};
 use accord_engine::sync::{DocSync, SyncRole};
 use accord_engine::{Change, ChangeId, DocKind, Document, DocumentId, Op, ReplicaId};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::actor_inbox::ActorInbox;
 use crate::connection::{CloseReason, Outbox};
@@ -138,7 +138,6 @@ pub(crate) struct Documents {
     config: Arc<Config>,
     storage: Storage,
     metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
     alive: Mutex<Option<mpsc::Sender<()>>>,
     /// Each running actor's inbox (which counts its leases).
     entries: Mutex<HashMap<DocumentId, Arc<CommandInbox>>>,
@@ -173,14 +172,12 @@ impl Documents {
         config: Config,
         storage: Storage,
         metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
         alive: mpsc::Sender<()>,
     ) -> Arc<Self> {
         Arc::new(Self {
             config: Arc::new(config),
             storage,
             metrics,
-            shutdown,
             alive: Mutex::new(Some(alive)),
             entries: Mutex::new(HashMap::new()),
         })
@@ -202,26 +199,28 @@ impl Documents {
         entries.insert(document, inbox.clone());
         let actor = Actor {
             document,
-            config: self.config.clone(),
-            storage: self.storage.clone(),
-            metrics: self.metrics.clone(),
             documents: self.clone(),
             state: None,
             subscribers: BTreeMap::new(),
             pending: Pending::default(),
-            tick: self.config.reconcile_interval,
+            backoff: 0,
             held: BTreeSet::new(),
             sync_due: None,
             last_round: None,
             stash: Vec::new(),
         };
-        tokio::spawn(actor.run(inbox.clone(), self.shutdown.clone(), alive));
+        tokio::spawn(actor.run(inbox.clone(), alive));
         Some(Lease { inbox })
     }
 
-    /// Stops starting actors (shutdown).
+    /// Stops starting actors and tells every running one to stop (shutdown). Through their
+    /// inboxes, not a `watch` channel: its receiver and `wait_for` future would be ~0.1 KB more
+    /// in every loaded document's task.
     pub(crate) fn close(&self) {
         lock(&self.alive).take();
+        for inbox in lock(&self.entries).values() {
+            inbox.stop();
+        }
     }
 
     /// Removes the actor of `document` if nobody holds a lease; true when removed.
@@ -322,18 +321,18 @@ impl Pending {
     }
 }
 
+/// (The config, the store and the metrics are reached through `documents`, which holds them:
+/// three more pointers in every loaded document's task would cost a task cell size class.)
 struct Actor {
     document: DocumentId,
-    config: Arc<Config>,
-    storage: Storage,
-    metrics: Arc<Metrics>,
     documents: Arc<Documents>,
     state: Option<Loaded>,
     /// Boxed: a B-tree node holds 11 entries, so one or two subscribers in place cost 1.4 KB.
     subscribers: BTreeMap<u64, Box<Subscriber>>,
     pending: Pending,
-    /// The level-triggered reconciliation period; doubled while violations stay open.
-    tick: Duration,
+    /// The level-triggered reconciliation period is the config's doubled this many times (at
+    /// most 4) while violations stay open.
+    backoff: u8,
     /// Subscribers whose Automerge sync message waits for the next round (see
     /// [`Config::automerge_sync_interval`]), and when it is due.
     held: BTreeSet<u64>,
@@ -362,7 +361,6 @@ impl Actor {
     fn run(
         mut self,
         inbox: Arc<CommandInbox>,
-        mut shutdown: watch::Receiver<bool>,
         alive: mpsc::Sender<()>,
     ) -> impl std::future::Future<Output = ()> + Send {
         async move {
@@ -370,14 +368,15 @@ impl Actor {
             loop {
                 let idle = self.subscribers.is_empty();
                 let linger = if self.state.is_some() {
-                    self.config.idle_evict
+                    self.documents.config.idle_evict
                 } else {
-                    self.config.idle_evict.min(UNLOADED_LINGER)
+                    self.documents.config.idle_evict.min(UNLOADED_LINGER)
                 };
                 // One timer for the reconciliation period, the sync throttle and the eviction of an
                 // idle document (each timer is ~0.1 KB in every actor's task).
                 let now = Instant::now();
-                let reconcile_at = (!idle && self.reconciling()).then(|| now + self.tick);
+                let tick = self.documents.config.reconcile_interval * (1u32 << self.backoff);
+                let reconcile_at = (!idle && self.reconciling()).then(|| now + tick);
                 let evict_at = idle.then(|| now + linger);
                 let wake = reconcile_at
                     .into_iter()
@@ -386,8 +385,11 @@ impl Actor {
                     .min();
                 let command = tokio::select! {
                     biased;
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                    command = inbox.recv() => Some(command),
+                    command = inbox.recv() => match command {
+                        Some(command) => Some(command),
+                        // Shutdown.
+                        None => break,
+                    },
                     _ = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() => None,
                 };
                 let first = match command {
@@ -412,12 +414,7 @@ impl Actor {
                         // Level-triggered: look again even though nothing was committed.
                         self.drain_stash();
                         let open = self.reconcile(Vec::new());
-                        let base = self.config.reconcile_interval;
-                        self.tick = if open {
-                            (self.tick * 2).min(base * 16)
-                        } else {
-                            base
-                        };
+                        self.backoff = if open { (self.backoff + 1).min(4) } else { 0 };
                         if let Err(error) = Box::pin(self.flush()).await {
                             self.fail(&error);
                             break;
@@ -426,7 +423,7 @@ impl Actor {
                     }
                 };
                 let mut batch = vec![first];
-                while batch.len() < self.config.max_batch {
+                while batch.len() < self.documents.config.max_batch {
                     match inbox.try_recv() {
                         Some(command) => batch.push(command),
                         None => break,
@@ -482,7 +479,8 @@ impl Actor {
             self.documents.remove(self.document, &inbox);
             inbox.close();
             if self.state.take().is_some() {
-                self.metrics
+                self.documents
+                    .metrics
                     .documents_loaded
                     .fetch_sub(1, Ordering::Relaxed);
             }
@@ -591,16 +589,26 @@ impl Actor {
     /// Loads the document, creating it as `create` when it is missing and that is given.
     async fn load(&mut self, create: Option<DocKind>) -> Result<Option<Loaded>, StoreError> {
         let document = self.document;
-        let mut found = match self.storage.read(move |store| store.load(document)).await? {
+        let mut found = match self
+            .documents
+            .storage
+            .read(move |store| store.load(document))
+            .await?
+        {
             Some(stored) => Found::Stored(stored),
             None => Found::Missing,
         };
         if let (Found::Missing, Some(kind)) = (&found, create) {
-            found = if self.storage.create(document, kind).await? {
+            found = if self.documents.storage.create(document, kind).await? {
                 Found::Created(kind)
             } else {
                 // Created meanwhile (over REST): load what is stored.
-                match self.storage.read(move |store| store.load(document)).await? {
+                match self
+                    .documents
+                    .storage
+                    .read(move |store| store.load(document))
+                    .await?
+                {
                     Some(stored) => Found::Stored(stored),
                     None => Found::Missing,
                 }
@@ -644,7 +652,8 @@ impl Actor {
                 }
             }
         };
-        self.metrics
+        self.documents
+            .metrics
             .documents_loaded
             .fetch_add(1, Ordering::Relaxed);
         Ok(Some(loaded))
@@ -724,7 +733,8 @@ impl Actor {
                 if partial.change.is_some() {
                     // Memory never runs ahead of storage: drop the half-applied document.
                     self.state = None;
-                    self.metrics
+                    self.documents
+                        .metrics
                         .documents_loaded
                         .fetch_sub(1, Ordering::Relaxed);
                     let Some(loaded) = self.load(None).await? else {
@@ -781,9 +791,10 @@ impl Actor {
         }
         let (head_seq, head_change) = (state.head_seq, state.head_change);
         let document = self.document;
-        let limit = self.config.max_catchup_acks;
+        let limit = self.documents.config.max_catchup_acks;
         let own = if since_seq < head_seq {
             match self
+                .documents
                 .storage
                 .read(move |store| store.commits_by(document, since_seq, replica, limit))
                 .await
@@ -946,7 +957,7 @@ impl Actor {
             return false;
         };
         // At most a batch's worth waits; beyond, everything is received at once.
-        if self.stash.len() + run.len() > self.config.max_batch {
+        if self.stash.len() + run.len() > self.documents.config.max_batch {
             return false;
         }
         self.stash.append(run);
@@ -957,7 +968,10 @@ impl Actor {
     /// The earliest time the next round of Automerge sync messages may go out (`None`: any
     /// time).
     fn next_round(&self) -> Option<Instant> {
-        next_round(self.last_round, self.config.automerge_sync_interval)
+        next_round(
+            self.last_round,
+            self.documents.config.automerge_sync_interval,
+        )
     }
 
     /// Receives the stashed Automerge sync messages, in order: together in runs of distinct
@@ -1015,7 +1029,8 @@ impl Actor {
             .filter(|r| r.as_ref().is_ok_and(|r| !r.changes.is_empty()))
             .count();
         if with_changes > 1 {
-            self.metrics
+            self.documents
+                .metrics
                 .automerge_applied_together
                 .fetch_add(with_changes as u64, Ordering::Relaxed);
         }
@@ -1071,6 +1086,7 @@ impl Actor {
             if let Some(document_type) = invariant::read_type(&state.doc) {
                 state.typed = true;
                 if let Some(schema) = self
+                    .documents
                     .config
                     .schemas
                     .iter()
@@ -1101,7 +1117,8 @@ impl Actor {
             let ops = reconciler.act(&violations, Some(seq));
             let after = reconciler.stats();
             for v in &violations {
-                self.metrics
+                self.documents
+                    .metrics
                     .count_invariant(v.kind, v.policy.name(), "found");
             }
             for (outcome, now, then) in [
@@ -1110,7 +1127,9 @@ impl Actor {
             ] {
                 for ((kind, policy), n) in now {
                     for _ in then.get(&(*kind, *policy)).copied().unwrap_or(0)..*n {
-                        self.metrics.count_invariant(kind, policy, outcome);
+                        self.documents
+                            .metrics
+                            .count_invariant(kind, policy, outcome);
                     }
                 }
             }
@@ -1181,7 +1200,7 @@ impl Actor {
                 since_snapshot,
                 bytes_since,
                 state.snapshot_bytes,
-                self.config.compact_every,
+                self.documents.config.compact_every,
             )
             .then(|| state.doc.save());
             let snapshot_len = snapshot.as_ref().map(|s| s.len() as u64);
@@ -1212,17 +1231,22 @@ impl Actor {
                 }
             }
             let started = Instant::now();
-            self.storage
+            self.documents
+                .storage
                 .commit(document, head, commits, snapshot)
                 .await?;
-            self.metrics.observe_commit(started.elapsed());
+            self.documents.metrics.observe_commit(started.elapsed());
             for change in &pending.changes {
                 if let Some(detected) = change.detected {
-                    self.metrics.observe_repair(detected.elapsed());
+                    self.documents.metrics.observe_repair(detected.elapsed());
                 }
             }
-            self.metrics.commits.fetch_add(1, Ordering::Relaxed);
-            self.metrics
+            self.documents
+                .metrics
+                .commits
+                .fetch_add(1, Ordering::Relaxed);
+            self.documents
+                .metrics
                 .changes_committed
                 .fetch_add(count, Ordering::Relaxed);
             state.head_seq = head + count;
@@ -1259,6 +1283,7 @@ impl Actor {
         } else {
             let ids: Vec<ChangeId> = pending.duplicates.iter().map(|(_, id)| *id).collect();
             let found = self
+                .documents
                 .storage
                 .read(move |store| store.seqs_of(document, &ids))
                 .await;
@@ -1290,7 +1315,7 @@ impl Actor {
         // is lost by waiting: a sync state computes its message from the document and what
         // the peer has, not from a queue. One round for all peers (not one interval per peer)
         // so that what arrives between rounds is applied together (see `stash`).
-        let interval = self.config.automerge_sync_interval;
+        let interval = self.documents.config.automerge_sync_interval;
         let rounds = state.kind == DocKind::Automerge && !interval.is_zero();
         let now = Instant::now();
         dirty.append(&mut self.held);

@@ -214,6 +214,48 @@ async fn shutdown_closes_every_connection_with_shutting_down() {
     stopping.await.unwrap();
 }
 
+/// Shutdown reaches every loaded document's actor (through its inbox) without waiting out the
+/// grace period: the server stops at once and nothing stays loaded.
+#[tokio::test]
+async fn shutdown_stops_every_loaded_document_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.shutdown_grace = Duration::from_secs(60);
+    config.idle_evict = Duration::from_secs(60);
+    let server = Server::start(config).await;
+    let mut client = Client::new(MemoryStorage::new(), 1, replica_config(1 << 20));
+    client.connect(server.addr, None).await;
+    for n in 1..=3u8 {
+        let document = DocumentId::from_bytes([n; 16]);
+        client.replica.create(document, DocKind::Yrs).unwrap();
+        client.subscribe(document).await;
+        assert!(client.pump_until(WAIT, |c| c.is_subscribed(document)).await);
+    }
+    assert_eq!(server.loaded(), 3);
+    // Idle documents, no subscribers: each actor only waits in its inbox.
+    client.drop_connection();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        server.loaded(),
+        3,
+        "still loaded (eviction is a minute away)"
+    );
+    let metrics = server.metrics.clone();
+    let started = Instant::now();
+    server.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped without waiting out the grace period ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(
+        metrics
+            .documents_loaded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
 #[tokio::test]
 async fn a_close_after_the_queue_leaves_no_hole_in_a_stalled_stream() {
     // A subscriber that does not read while ~6.5 MB of commits are relayed to it: its
