@@ -355,7 +355,7 @@ impl Actor {
     /// evicted, shut down or its storage fails.
     ///
     /// Not an `async fn`: one moves its arguments into locals when it starts, so the actor
-    /// (~440 bytes) would be stored twice in every loaded document's task; the block keeps it
+    /// (~400 bytes) would be stored twice in every loaded document's task; the block keeps it
     /// where it was captured (as `compat::serve` does with its socket).
     #[allow(clippy::manual_async_fn)]
     fn run(
