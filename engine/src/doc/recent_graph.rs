@@ -21,6 +21,9 @@ use automerge::{AutoCommit, ChangeHash};
 
 use super::change_hash_set::{ChangeHashMap, ChangeHashSet};
 
+/// The position of a dependency older than the graph.
+const OLDER: u64 = u64::MAX;
+
 /// A change's hash and the hashes of the changes it depends on.
 pub(crate) type ChangeMeta = (ChangeHash, Vec<ChangeHash>);
 
@@ -32,7 +35,10 @@ pub(crate) const MAX_NODES: usize = 8_192;
 struct Node {
     hash: ChangeHash,
     deps: Vec<ChangeHash>,
-    dep_positions: Vec<Option<u64>>,
+    /// Position of each dependency, [`OLDER`] for one older than the graph (8 bytes each, not
+    /// the 16 of an `Option<u64>`: at 128 typists a change has ~40 dependencies, and the graph
+    /// keeps up to [`MAX_NODES`] changes).
+    dep_positions: Box<[u64]>,
 }
 
 /// The last changes of a document in its order (each after its dependencies).
@@ -75,7 +81,10 @@ impl RecentGraph {
             .map(|m| (m.hash, m.deps))
             .collect();
         for (hash, deps) in new {
-            let dep_positions = deps.iter().map(|d| self.by_hash.get(d).copied()).collect();
+            let dep_positions = deps
+                .iter()
+                .map(|d| self.by_hash.get(d).copied().unwrap_or(OLDER))
+                .collect();
             self.push(Node {
                 hash,
                 deps,
@@ -110,7 +119,10 @@ impl RecentGraph {
             let Some(&(hash, deps)) = applied.get(index) else {
                 continue;
             };
-            let dep_positions = deps.iter().map(|d| self.by_hash.get(d).copied()).collect();
+            let dep_positions = deps
+                .iter()
+                .map(|d| self.by_hash.get(d).copied().unwrap_or(OLDER))
+                .collect();
             self.push(Node {
                 hash: *hash,
                 deps: deps.clone(),
@@ -259,7 +271,11 @@ impl RecentGraph {
                     break;
                 }
             }
-            stack.extend(node.dep_positions.iter().flatten().filter(|p| **p >= floor));
+            stack.extend(
+                node.dep_positions
+                    .iter()
+                    .filter(|p| **p != OLDER && **p >= floor),
+            );
         }
         Some(found)
     }
@@ -320,7 +336,8 @@ impl RecentGraph {
             };
             let node = self.nodes.get(current)?;
             for (dep, position) in node.deps.iter().zip(&node.dep_positions) {
-                let index = position
+                let index = Some(*position)
+                    .filter(|p| *p != OLDER)
                     .and_then(|p| p.checked_sub(self.first))
                     .and_then(|i| usize::try_from(i).ok());
                 walk.reach(index, dep, flag);
