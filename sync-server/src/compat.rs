@@ -356,9 +356,11 @@ impl Deadlines {
         Ok(())
     }
 
-    /// The earliest deadline, for the idle timeout `idle`.
-    fn next(&self, idle: Duration) -> Instant {
-        let mut next = self.next_ping.min(self.heard + idle);
+    /// The earliest deadline of `conn`.
+    fn next(&self, conn: &Conn) -> Instant {
+        let mut next = self
+            .next_ping
+            .min(self.heard + conn.shared.config.idle_timeout);
         if let Some(expires) = self.expires {
             next = next.min(expires);
         }
@@ -388,7 +390,7 @@ async fn run<P: Protocol>(socket: &mut WebSocket, session: &mut Session<P>) -> S
             .expires_at()
             .and_then(|exp| crate::connection::expiry(exp, unix_now())),
     };
-    let timer = tokio::time::sleep_until(deadlines.next(idle));
+    let timer = tokio::time::sleep_until(deadlines.next(&session.conn));
     let mut timer = std::pin::pin!(timer);
     loop {
         let more = match take_queued(session) {
@@ -408,9 +410,7 @@ async fn run<P: Protocol>(socket: &mut WebSocket, session: &mut Session<P>) -> S
                 if let Err(stop) = deadlines.fired(&mut session.conn) {
                     return stop;
                 }
-                timer
-                    .as_mut()
-                    .reset(deadlines.next(session.conn.shared.config.idle_timeout));
+                timer.as_mut().reset(deadlines.next(&session.conn));
                 None
             }
             next = socket.next() => {

@@ -46,6 +46,9 @@ const RECONCILER_CONNECTION: u64 = u64::MAX;
 /// acted on, so a second round is rare and a third means a rule keeps breaking.
 const MAX_RECONCILE_ROUNDS: usize = 4;
 
+/// The reconciliation period doubles at most this many times while violations stay open.
+const MAX_BACKOFF: u8 = 4;
+
 /// How long an actor whose document is not loaded (unknown, or refused) lingers.
 const UNLOADED_LINGER: Duration = Duration::from_millis(100);
 
@@ -331,7 +334,7 @@ struct Actor {
     subscribers: BTreeMap<u64, Box<Subscriber>>,
     pending: Pending,
     /// The level-triggered reconciliation period is the config's doubled this many times (at
-    /// most 4) while violations stay open.
+    /// most [`MAX_BACKOFF`]) while violations stay open.
     backoff: u8,
     /// Subscribers whose Automerge sync message waits for the next round (see
     /// [`Config::automerge_sync_interval`]), and when it is due.
@@ -390,7 +393,8 @@ impl Actor {
                         // Shutdown.
                         None => break,
                     },
-                    _ = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() => None,
+                    _ = tokio::time::sleep_until(wake.unwrap_or(now).into()),
+                        if wake.is_some() => None,
                 };
                 let first = match command {
                     Some(command) => command,
@@ -414,7 +418,11 @@ impl Actor {
                         // Level-triggered: look again even though nothing was committed.
                         self.drain_stash();
                         let open = self.reconcile(Vec::new());
-                        self.backoff = if open { (self.backoff + 1).min(4) } else { 0 };
+                        self.backoff = if open {
+                            (self.backoff + 1).min(MAX_BACKOFF)
+                        } else {
+                            0
+                        };
                         if let Err(error) = Box::pin(self.flush()).await {
                             self.fail(&error);
                             break;

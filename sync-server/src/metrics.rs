@@ -145,7 +145,7 @@ impl Metrics {
             (
                 "accord_store_lingers_total",
                 "counter",
-                "Write transactions that waited the commit window to gather other documents' writes.",
+                "Write transactions that waited the commit window for other documents' writes.",
                 self.store_lingers.load(Ordering::Relaxed).to_string(),
             ),
             (

@@ -6,9 +6,9 @@
 //!   `synchronous=FULL`: one fsync for the writes of many documents (cross-document group
 //!   commit); while writes of other documents keep coming it first lingers up to
 //!   [`StorageConfig::commit_window`] for more. Each write runs in its own savepoint, so one
-//!   document's failure (a head mismatch)
-//!   does not fail the others. A write's reply is sent only after `COMMIT` returned, and the
-//!   document actors acknowledge only after the reply: nothing acknowledged can be lost.
+//!   document's failure (a head mismatch) does not fail the others. A write's reply is sent
+//!   only after `COMMIT` returned, and the document actors acknowledge only after the reply:
+//!   nothing acknowledged can be lost.
 //! - Reads ([`Storage::read`]: load, catch-up, the change feed) go over one bounded queue to
 //!   [`StorageConfig::readers`] threads, each owning a read-only connection; in WAL mode they see
 //!   the last commit and neither wait for the writer nor block it.
@@ -127,8 +127,7 @@ impl Storage {
             .collect::<Result<Vec<_>, _>>()?;
         let (writes, write_rx) = mpsc::channel(config.write_queue.max(1));
         let (reads, read_rx) = mpsc::channel::<ReadJob>(config.read_queue.max(1));
-        let max_group = config.max_group.max(1);
-        let window = config.commit_window;
+        let (max_group, window) = (config.max_group.max(1), config.commit_window);
         // One slot: a commit made while a checkpoint is already due adds nothing to wait for.
         let (committed, commits) = std::sync::mpsc::sync_channel(1);
         let restart = Arc::new(AtomicBool::new(false));
@@ -143,10 +142,7 @@ impl Storage {
             .map_err(|e| StoreError::Task(format!("no checkpoint thread: {e}")))?;
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || {
-                let grouping = Grouping { max_group, window };
-                write_loop(writer, write_rx, grouping, &metrics, &checkpoints)
-            })
+            .spawn(move || write_loop(writer, write_rx, max_group, window, &metrics, &checkpoints))
             .map_err(|e| StoreError::Task(format!("no writer thread: {e}")))?;
         let read_rx = Arc::new(Mutex::new(read_rx));
         for (index, reader) in readers.into_iter().enumerate() {
@@ -216,13 +212,6 @@ impl Storage {
     }
 }
 
-/// How the writer forms its groups.
-#[derive(Clone, Copy)]
-struct Grouping {
-    max_group: usize,
-    window: Duration,
-}
-
 /// The documents of the last group (to tell many documents writing from one writing often).
 #[derive(Default)]
 struct LastGroup {
@@ -241,6 +230,8 @@ impl LastGroup {
             && self
                 .ended
                 .is_some_and(|ended| began.saturating_duration_since(ended) < window)
+            // (The first few writes tell: a look at each of a thousand would cost more than
+            // it saves.)
             && group
                 .iter()
                 .take(8)
@@ -250,7 +241,6 @@ impl LastGroup {
     fn record(&mut self, writes: &[Write], ended: Instant) {
         self.documents.clear();
         self.documents.extend(writes.iter().map(Write::document));
-        self.documents.dedup();
         self.ended = Some(ended);
     }
 }
@@ -277,19 +267,19 @@ fn take_queued(rx: &mut mpsc::Receiver<WriteRequest>, group: &mut Vec<WriteReque
 fn write_loop(
     mut store: Store,
     mut rx: mpsc::Receiver<WriteRequest>,
-    grouping: Grouping,
+    max_group: usize,
+    window: Duration,
     metrics: &Metrics,
     checkpoints: &Checkpoints,
 ) {
-    let max_group = grouping.max_group;
     let mut group = Vec::with_capacity(max_group.min(64));
     let mut last = LastGroup::default();
     while let Some(first) = rx.blocking_recv() {
         let began = Instant::now();
         group.push(first);
         take_queued(&mut rx, &mut group, max_group);
-        if group.len() < max_group && last.expects_others(&group, began, grouping.window) {
-            std::thread::sleep(grouping.window);
+        if group.len() < max_group && last.expects_others(&group, began, window) {
+            std::thread::sleep(window);
             take_queued(&mut rx, &mut group, max_group);
             metrics.store_lingers.fetch_add(1, Ordering::Relaxed);
         }
