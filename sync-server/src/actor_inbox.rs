@@ -118,6 +118,26 @@ impl<T> ActorInbox<T> {
         }
     }
 
+    /// The oldest queued item if `wanted` accepts it, without waiting; one it does not accept
+    /// stays first (for [`recv`](Self::recv)). `None` as well once [`stop`](Self::stop) was
+    /// called.
+    pub(crate) fn try_recv_if(&self, wanted: impl Fn(&T) -> bool) -> Option<T> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut queue = self.lock();
+        if !queue.items.front().is_some_and(wanted) {
+            return None;
+        }
+        let item = queue.items.pop_front()?;
+        if queue.items.is_empty() && queue.items.capacity() > KEEP_SLOTS {
+            queue.items = VecDeque::new();
+        }
+        drop(queue);
+        self.room.notify_one();
+        Some(item)
+    }
+
     /// Asks the actor to stop: its [`recv`](Self::recv) answers `None` (senders are not
     /// refused until the actor [`close`](Self::close)s).
     pub(crate) fn stop(&self) {
@@ -188,6 +208,26 @@ mod tests {
         assert!(mailbox.send(3).await);
         let got = tokio::time::timeout(Duration::from_secs(5), receiver).await;
         assert_eq!(got.ok().and_then(|r| r.ok()), Some(Some(3)));
+    }
+
+    #[tokio::test]
+    async fn try_recv_if_takes_only_a_wanted_oldest_item_and_frees_its_slot() {
+        let mailbox = Arc::new(ActorInbox::new(2, 0));
+        assert!(mailbox.send(2).await);
+        assert!(mailbox.send(3).await);
+        let even = |n: &i32| n % 2 == 0;
+        assert_eq!(mailbox.try_recv_if(even), Some(2));
+        // The oldest is odd: it stays first, and nothing behind it is taken.
+        assert!(mailbox.send(4).await, "the slot was given back");
+        assert_eq!(mailbox.try_recv_if(even), None);
+        assert_eq!(mailbox.len(), 2);
+        assert_eq!(mailbox.recv().await, Some(3));
+        mailbox.stop();
+        assert_eq!(
+            mailbox.try_recv_if(even),
+            None,
+            "a stopped inbox gives nothing"
+        );
     }
 
     #[tokio::test]

@@ -39,6 +39,8 @@ pub struct Metrics {
     /// Automerge sync messages with changes that a document received together with others
     /// (queued back to back from different connections: one apply for all their changes).
     pub automerge_applied_together: AtomicU64,
+    /// Yrs changes relayed to the other writers while the commit before them was in flight.
+    pub yrs_relayed_during_commit: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -117,7 +119,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let scalars: [(&str, &str, &str, String); 8] = [
+        let scalars: [(&str, &str, &str, String); 9] = [
             (
                 "accord_connections",
                 "gauge",
@@ -165,6 +167,14 @@ impl Metrics {
                 "counter",
                 "Automerge sync messages whose changes were applied together with others'.",
                 self.automerge_applied_together
+                    .load(Ordering::Relaxed)
+                    .to_string(),
+            ),
+            (
+                "accord_yrs_relayed_during_commit_total",
+                "counter",
+                "Yrs changes relayed to the other writers while the commit before them was in flight.",
+                self.yrs_relayed_during_commit
                     .load(Ordering::Relaxed)
                     .to_string(),
             ),

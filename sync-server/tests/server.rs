@@ -615,3 +615,68 @@ async fn limits_slow_consumer_connections_and_documents() {
     drop(slow);
     server.stop().await;
 }
+
+/// A commit that stalls (here: another connection holds SQLite's write lock) does not hold
+/// back the Yrs updates writers send meanwhile: they reach the other writers while it is
+/// stalled, and nothing is acknowledged before it is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yrs_updates_reach_writers_while_a_commit_stalls() {
+    let kind = DocKind::Yrs;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), false)).await;
+    let document = doc(40);
+    let mut a = Client::new(MemoryStorage::new(), 1, replica_config(1 << 20));
+    let mut b = Client::new(MemoryStorage::new(), 2, replica_config(1 << 20));
+    a.replica.create(document, kind).unwrap();
+    b.replica.create(document, kind).unwrap();
+    for client in [&mut a, &mut b] {
+        client.connect(server.addr, None).await;
+        client.subscribe(document).await;
+        assert!(client.pump_until(WAIT, |c| c.is_subscribed(document)).await);
+    }
+    a.replica.change(document, &edit(kind, "first", 1)).unwrap();
+    assert!(a.pump_until(WAIT, |c| c.acks.len() == 1).await);
+    assert!(
+        b.pump_until(WAIT, |c| keys(kind, &c.replica.json(document).unwrap())
+            == 1)
+            .await
+    );
+
+    // Stall the writer: its next transaction waits for this lock.
+    let lock = rusqlite::Connection::open(dir.path().join("accord.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // The first update goes out before its commit (as always), which then stalls.
+    a.replica
+        .change(document, &edit(kind, "second", 2))
+        .unwrap();
+    a.pump_for(Duration::from_millis(100)).await;
+    // The second comes while that commit is stalled.
+    a.replica.change(document, &edit(kind, "third", 3)).unwrap();
+    a.pump_for(Duration::from_millis(20)).await;
+    assert!(
+        b.pump_until(Duration::from_secs(2), |c| {
+            keys(kind, &c.replica.json(document).unwrap()) == 3
+        })
+        .await,
+        "an update sent during a stalled commit waited for it"
+    );
+    assert!(
+        server
+            .metrics
+            .yrs_relayed_during_commit
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    a.pump_for(Duration::from_millis(50)).await;
+    assert_eq!(a.acks.len(), 1, "acknowledged before it was durable");
+
+    lock.execute_batch("ROLLBACK").unwrap();
+    assert!(
+        a.pump_until(WAIT, |c| c.acks.len() == 3 && c.outbox_len() == 0)
+            .await,
+        "the stalled changes were not committed after the stall"
+    );
+    assert_eq!(a.acks.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(server.committed(), 3);
+    server.stop().await;
+}
