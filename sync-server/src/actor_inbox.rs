@@ -91,7 +91,15 @@ impl<T> ActorInbox<T> {
 
     /// The oldest queued item, if any, without waiting.
     pub(crate) fn try_recv(&self) -> Option<T> {
+        self.pop_if(|_| true)
+    }
+
+    /// The oldest queued item if `wanted` accepts it.
+    fn pop_if(&self, wanted: impl Fn(&T) -> bool) -> Option<T> {
         let mut queue = self.lock();
+        if !queue.items.front().is_some_and(wanted) {
+            return None;
+        }
         let item = queue.items.pop_front()?;
         if queue.items.is_empty() && queue.items.capacity() > KEEP_SLOTS {
             queue.items = VecDeque::new();
@@ -125,17 +133,7 @@ impl<T> ActorInbox<T> {
         if self.stopping.load(Ordering::SeqCst) {
             return None;
         }
-        let mut queue = self.lock();
-        if !queue.items.front().is_some_and(wanted) {
-            return None;
-        }
-        let item = queue.items.pop_front()?;
-        if queue.items.is_empty() && queue.items.capacity() > KEEP_SLOTS {
-            queue.items = VecDeque::new();
-        }
-        drop(queue);
-        self.room.notify_one();
-        Some(item)
+        self.pop_if(wanted)
     }
 
     /// Asks the actor to stop: its [`recv`](Self::recv) answers `None` (senders are not
