@@ -618,12 +618,14 @@ async fn limits_slow_consumer_connections_and_documents() {
 
 /// A commit that stalls (here: another connection holds SQLite's write lock) does not hold
 /// back the Yrs updates writers send meanwhile: they reach the other writers while it is
-/// stalled, and nothing is acknowledged before it is durable.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn yrs_updates_reach_writers_while_a_commit_stalls() {
+/// stalled, at most `max_batch` of them (then the inbox holds the writers back again), and
+/// nothing is acknowledged before it is durable. `during` updates are sent during the stall.
+async fn updates_during_a_stalled_commit(max_batch: usize, during: usize) {
     let kind = DocKind::Yrs;
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path(), false)).await;
+    let mut config = config(dir.path(), false);
+    config.max_batch = max_batch;
+    let server = Server::start(config).await;
     let document = doc(40);
     let mut a = Client::new(MemoryStorage::new(), 1, replica_config(1 << 20));
     let mut b = Client::new(MemoryStorage::new(), 2, replica_config(1 << 20));
@@ -634,49 +636,71 @@ async fn yrs_updates_reach_writers_while_a_commit_stalls() {
         client.subscribe(document).await;
         assert!(client.pump_until(WAIT, |c| c.is_subscribed(document)).await);
     }
+    let b_keys = |c: &mut Client<MemoryStorage>| keys(kind, &c.replica.json(document).unwrap());
     a.replica.change(document, &edit(kind, "first", 1)).unwrap();
     assert!(a.pump_until(WAIT, |c| c.acks.len() == 1).await);
-    assert!(
-        b.pump_until(WAIT, |c| keys(kind, &c.replica.json(document).unwrap())
-            == 1)
-            .await
-    );
+    assert!(b.pump_until(WAIT, |c| b_keys(c) == 1).await);
 
     // Stall the writer: its next transaction waits for this lock.
     let lock = rusqlite::Connection::open(dir.path().join("accord.db")).unwrap();
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
     // The first update goes out before its commit (as always), which then stalls.
     a.replica
-        .change(document, &edit(kind, "second", 2))
+        .change(document, &edit(kind, "stalled", 2))
         .unwrap();
     a.pump_for(Duration::from_millis(100)).await;
-    // The second comes while that commit is stalled.
-    a.replica.change(document, &edit(kind, "third", 3)).unwrap();
-    a.pump_for(Duration::from_millis(20)).await;
+    // The others come while that commit is stalled.
+    for n in 0..during {
+        a.replica
+            .change(document, &edit(kind, &format!("during{n}"), 3))
+            .unwrap();
+        a.pump_for(Duration::from_millis(20)).await;
+    }
+    let relayed = 2 + during.min(max_batch);
     assert!(
-        b.pump_until(Duration::from_secs(2), |c| {
-            keys(kind, &c.replica.json(document).unwrap()) == 3
-        })
-        .await,
-        "an update sent during a stalled commit waited for it"
+        b.pump_until(Duration::from_secs(2), |c| b_keys(c) == relayed)
+            .await,
+        "updates sent during a stalled commit waited for it: {} of {relayed}",
+        b_keys(&mut b)
     );
-    assert!(
+    b.pump_for(Duration::from_millis(100)).await;
+    assert_eq!(
+        b_keys(&mut b),
+        relayed,
+        "more than a batch taken during the stall"
+    );
+    assert_eq!(
         server
             .metrics
             .yrs_relayed_during_commit
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 1
+            .load(std::sync::atomic::Ordering::Relaxed),
+        during.min(max_batch) as u64
     );
     a.pump_for(Duration::from_millis(50)).await;
     assert_eq!(a.acks.len(), 1, "acknowledged before it was durable");
 
     lock.execute_batch("ROLLBACK").unwrap();
+    let total = 2 + during;
     assert!(
-        a.pump_until(WAIT, |c| c.acks.len() == 3 && c.outbox_len() == 0)
+        a.pump_until(WAIT, |c| c.acks.len() == total && c.outbox_len() == 0)
             .await,
         "the stalled changes were not committed after the stall"
     );
-    assert_eq!(a.acks.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
-    assert_eq!(server.committed(), 3);
+    assert_eq!(
+        a.acks.keys().copied().collect::<Vec<_>>(),
+        (1..=total as u64).collect::<Vec<_>>()
+    );
+    assert!(b.pump_until(WAIT, |c| b_keys(c) == total).await);
+    assert_eq!(server.committed(), total as u64);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yrs_updates_reach_writers_while_a_commit_stalls() {
+    updates_during_a_stalled_commit(4_096, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_a_batch_of_updates_is_taken_while_a_commit_stalls() {
+    updates_during_a_stalled_commit(2, 5).await;
 }
