@@ -49,6 +49,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// The tests of this file measure the one heap of the process: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const DOCUMENT_BYTES: usize = 1 << 20;
 const JOINERS: usize = 16;
 
@@ -101,6 +104,7 @@ async fn settled_live() -> isize {
 /// each joined connection kept ~1 MiB for its read buffer and as much for its write buffer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_does_not_keep_the_largest_message_it_read_or_wrote() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(config(dir.path(), false)).await;
     let url = format!("ws://{}/yjs/large", server.addr);
@@ -187,4 +191,47 @@ async fn a_connection_does_not_keep_the_largest_message_it_read_or_wrote() {
     assert_eq!(text.get_string(&check.transact()).len(), DOCUMENT_BYTES);
     drop((first, joined, uploader));
     server.stop().await;
+}
+
+/// A WebSocket waiting for its next frame holds no read buffer (the server's idle connections,
+/// most of them): with a 64 KiB `read_buffer_size`, a hundred sockets that each read a frame and
+/// then found nothing more hold far less than one such buffer each. Unpatched, each held its
+/// buffer from the moment it was made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_websocket_holds_no_read_buffer() {
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+    use tokio_tungstenite::WebSocketStream;
+    const SOCKETS: usize = 100;
+    const READ_BUFFER: usize = 64 * 1024;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER);
+    let before = settled_live().await;
+    let mut pairs = Vec::new();
+    for _ in 0..SOCKETS {
+        let (client_io, server_io) = tokio::io::duplex(4096);
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let mut server =
+            WebSocketStream::from_raw_socket(server_io, Role::Server, Some(config)).await;
+        client
+            .send(WsMessage::Binary(vec![7u8; 100].into()))
+            .await
+            .unwrap();
+        let got = timeout(Duration::from_secs(5), server.next()).await;
+        assert!(
+            matches!(got, Ok(Some(Ok(WsMessage::Binary(ref b)))) if b.len() == 100),
+            "the frame did not arrive"
+        );
+        // Nothing more to read: the read ends in `WouldBlock` (pending).
+        assert!(timeout(Duration::from_millis(1), server.next())
+            .await
+            .is_err());
+        pairs.push((client, server));
+    }
+    let after = settled_live().await;
+    let per_socket = (after - before) / SOCKETS as isize;
+    assert!(
+        per_socket < (READ_BUFFER / 4) as isize,
+        "each waiting socket holds {per_socket} bytes (its read buffer is {READ_BUFFER})"
+    );
+    drop(pairs);
 }

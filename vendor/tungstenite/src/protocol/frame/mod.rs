@@ -99,9 +99,6 @@ where
     }
 }
 
-/// Accord's patch: the most write buffer capacity a connection keeps once its frames are written.
-const OUT_BUFFER_KEPT: usize = 16 * 1024;
-
 /// A codec for WebSocket frames.
 #[derive(Debug)]
 pub(super) struct FrameCodec {
@@ -126,7 +123,8 @@ impl FrameCodec {
     /// Create a new frame codec.
     pub(super) fn new(in_buf_len: usize) -> Self {
         Self {
-            in_buffer: BytesMut::with_capacity(in_buf_len),
+            // Accord's patch: allocated by the first read, not up front.
+            in_buffer: BytesMut::new(),
             in_buf_max_read: in_buf_len.max(FrameHeader::MAX_SIZE),
             out_buffer: <_>::default(),
             max_out_buffer_len: usize::MAX,
@@ -191,6 +189,10 @@ impl FrameCodec {
                     // Reserve full message length only once, even for multiple
                     // loops or if WouldBlock errors cause multiple fn calls.
                     self.in_buffer.reserve(len);
+                } else if self.in_buffer.capacity() == 0 {
+                    // Accord's patch: a connection waiting for its next frame holds no read
+                    // buffer (see below); the read that comes takes one of the configured size.
+                    self.in_buffer.reserve(self.in_buf_max_read);
                 } else {
                     self.in_buffer.reserve(FrameHeader::MAX_SIZE);
                 }
@@ -217,7 +219,13 @@ impl FrameCodec {
             }
 
             // Not enough data in buffer.
-            if self.read_in(stream)? == 0 {
+            let read = self.read_in(stream);
+            // Accord's patch: between frames with nothing to read (`WouldBlock`: an idle
+            // connection, most of a server's), the read buffer is let go rather than held.
+            if read.is_err() && self.header.is_none() && self.in_buffer.is_empty() {
+                self.in_buffer = BytesMut::new();
+            }
+            if read? == 0 {
                 trace!("no frame received");
                 return Ok(None);
             }
@@ -303,10 +311,9 @@ impl FrameCodec {
         }
         // Accord's patch (see ACCORD.md at the crate's root): a `Vec` keeps its capacity, so a
         // connection kept the size of the largest batch of frames it ever sent (a whole document
-        // sent to a client that joined) for life. Once written, a buffer above this is let go.
-        if self.out_buffer.capacity() > OUT_BUFFER_KEPT {
-            self.out_buffer = Vec::new();
-        }
+        // sent to a client that joined) for life, and an idle one its last batch's. Once
+        // everything is written the buffer is let go; the next frame allocates what it needs.
+        self.out_buffer = Vec::new();
 
         Ok(())
     }
