@@ -21,6 +21,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::{Backoff, ClientConfig, ClientError, ClientEvent, Command, Status};
 
+/// The WebSocket read buffer: one read's worth (a larger frame is read in several).
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// What a command asked of the loop.
@@ -93,9 +96,12 @@ impl<S: Storage> Driver<S> {
         let mut attempt: u32 = 0;
         let reply = 'outer: loop {
             self.set_status(Status::Connecting { attempt });
+            // A 16 KiB read buffer, not tungstenite's 128 KiB: the patched tungstenite
+            // (vendor/tungstenite) takes it for each burst of frames and lets it go between.
             let ws_config = WebSocketConfig::default()
                 .max_frame_size(Some(self.frame_limit()))
-                .max_message_size(Some(self.frame_limit()));
+                .max_message_size(Some(self.frame_limit()))
+                .read_buffer_size(READ_BUFFER_BYTES);
             let url = self.config.url.clone();
             let connect = timeout(
                 self.config.connect_timeout,
