@@ -1266,19 +1266,20 @@ impl Actor {
         else {
             return;
         };
-        relay_yrs(fresh, &mut self.subscribers, false, &mut None);
+        let gone = relay_to_writers(
+            fresh,
+            &mut self.subscribers,
+            &mut state.doc,
+            document,
+            &mut None,
+        );
         self.documents
             .metrics
             .yrs_relayed_during_commit
             .fetch_add(fresh.len() as u64, Ordering::Relaxed);
         self.pending.relayed = self.pending.changes.len();
-        for (id, subscriber) in self.subscribers.iter_mut() {
-            if !subscriber.read_only && send_due(subscriber, &mut state.doc, document) == Due::Gone
-            {
-                // The next flush finds it gone and drops it.
-                self.pending.dirty.insert(*id);
-            }
-        }
+        // The next flush finds them gone and drops them.
+        self.pending.dirty.extend(gone);
     }
 
     /// [`Actor::flush`]; with `inbox`, Yrs updates are taken from it while a slow commit is in
@@ -1339,19 +1340,22 @@ impl Actor {
             // `relay_while_committing`.)
             let mut merged = None;
             if state.kind == DocKind::Yrs {
-                let mut rest = None;
-                let (unrelayed, merged) = match pending.changes.get(pending.relayed..) {
-                    Some(rest_of) if pending.relayed > 0 => (rest_of, &mut rest),
-                    _ => (pending.changes.as_slice(), &mut merged),
+                // The merge is kept for the read-only subscribers only if it covers everything.
+                let mut merged_rest = None;
+                let (unrelayed, merge) = match pending.relayed {
+                    0 => (pending.changes.as_slice(), &mut merged),
+                    relayed => (
+                        pending.changes.get(relayed..).unwrap_or_default(),
+                        &mut merged_rest,
+                    ),
                 };
-                relay_yrs(unrelayed, &mut self.subscribers, false, merged);
-                for (id, subscriber) in self.subscribers.iter_mut() {
-                    if !subscriber.read_only
-                        && send_due(subscriber, &mut state.doc, document) == Due::Gone
-                    {
-                        dead.push(*id);
-                    }
-                }
+                dead.extend(relay_to_writers(
+                    unrelayed,
+                    &mut self.subscribers,
+                    &mut state.doc,
+                    document,
+                    merge,
+                ));
             }
             let relaying = state.kind == DocKind::Yrs
                 && state.reconciler.is_none()
@@ -1582,6 +1586,25 @@ fn relay_yrs(
             }
         }
     }
+}
+
+/// Relays Yrs `changes` to the writable subscribers (see [`relay_yrs`]) and sends each what is
+/// due; returns the ones whose outbox is gone.
+fn relay_to_writers(
+    changes: &[PendingChange],
+    subscribers: &mut BTreeMap<u64, Box<Subscriber>>,
+    doc: &mut Document,
+    document: DocumentId,
+    merged: &mut Option<Option<Vec<u8>>>,
+) -> Vec<u64> {
+    relay_yrs(changes, subscribers, false, merged);
+    let mut gone = Vec::new();
+    for (id, subscriber) in subscribers.iter_mut() {
+        if !subscriber.read_only && send_due(subscriber, doc, document) == Due::Gone {
+            gone.push(*id);
+        }
+    }
+    gone
 }
 
 /// What [`send_due`] did.

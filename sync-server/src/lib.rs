@@ -388,14 +388,14 @@ where
     std::future::ready(())
 }
 
-/// The read buffer of one WebSocket. tungstenite's default (128 KiB) is allocated per connection
-/// and zero-filled on every read: it made an idle connection cost 144 KB and was 19% of the
-/// fan-out profile (BENCHMARKS.md, "Cause 1"). Every idle connection holds this much, so it is
-/// small: 512 bytes, the largest single allocation of an idle y-websocket connection after its
-/// task (~3.2 KB of RSS per connection in all; 1 KiB cost ~0.5 KB more, 4 KiB ~3.5 KB). Larger
-/// frames still arrive: the buffer grows to the frame, read at most this much per `read` call,
-/// so a large incoming message costs one `read` per 512 bytes (a 1 MB upload ~2,000 calls);
-/// large messages mostly go out (cold loads), and writes are not limited by this.
+/// The read buffer of one WebSocket. tungstenite's default (128 KiB) is zero-filled on every
+/// read: it made an idle connection cost 144 KB and was 19% of the fan-out profile
+/// (BENCHMARKS.md, "Cause 1"). The patched tungstenite (vendor/tungstenite/ACCORD.md) takes it
+/// for a burst of frames and lets it go while the connection waits, so it is one allocation per
+/// burst; small, because it is one `read` call's worth: 512 bytes. Larger frames still arrive:
+/// the buffer grows to the frame, read at most this much per `read` call, so a large incoming
+/// message costs one `read` per 512 bytes (a 1 MB upload ~2,000 calls); large messages mostly
+/// go out (cold loads), and writes are not limited by this.
 const READ_BUFFER_BYTES: usize = 512;
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
