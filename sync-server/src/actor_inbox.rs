@@ -4,15 +4,19 @@
 //! Written by hand instead of a tokio `mpsc` channel: a channel allocates its shared state
 //! (cache-padded, ~0.5 KB) and a first block of 32 slots when it is made, and a second block
 //! once 32 commands have passed: ~1.1 KB in every loaded document, against ~0.2 KB here (a
-//! lock, two [`Notify`]s and a queue buffer sized to what is actually queued). Senders wait for
-//! room as with a bounded channel: a full inbox is backpressure on the connections, never a
-//! dropped command.
+//! lock, a [`Notify`] for the senders, a [`WakeOne`] for the actor and a queue buffer sized to
+//! what is actually queued). Senders wait for room as with a bounded channel: a full inbox is
+//! backpressure on the connections, never a dropped command.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::task::Poll;
 
 use tokio::sync::Notify;
+
+use crate::wake::WakeOne;
 
 /// Queue buffers above this many slots are given back once the queue drains (a burst should
 /// not pin its buffer in an idle document).
@@ -24,7 +28,7 @@ pub(crate) struct ActorInbox<T> {
     /// Commands it holds at most.
     bound: usize,
     /// Wakes the actor when a command arrives (a permit is kept when it is not waiting).
-    arrived: Notify,
+    arrived: WakeOne,
     /// Wakes senders waiting for room (or for the close).
     room: Notify,
     /// Leases held on the actor (see `document::Lease`).
@@ -47,7 +51,7 @@ impl<T> ActorInbox<T> {
                 closed: false,
             }),
             bound: bound.max(1),
-            arrived: Notify::new(),
+            arrived: WakeOne::default(),
             room: Notify::new(),
             leases: AtomicUsize::new(leases),
             stopping: AtomicBool::new(false),
@@ -81,7 +85,7 @@ impl<T> ActorInbox<T> {
                         queue.items.push_back(item);
                     }
                     drop(queue);
-                    self.arrived.notify_one();
+                    self.arrived.notify();
                     return true;
                 }
             }
@@ -114,16 +118,22 @@ impl<T> ActorInbox<T> {
     /// The oldest queued item, waiting for one; `None` once [`stop`](Self::stop) was called
     /// (before what is still queued). Cancel-safe: the queue, not the wake-up, holds the items,
     /// so dropping this future loses nothing.
-    pub(crate) async fn recv(&self) -> Option<T> {
-        loop {
+    ///
+    /// A `poll_fn` rather than an `async fn`: its future (one pointer) is stored in the actor's
+    /// task for as long as the document waits, which is most of its life.
+    pub(crate) fn recv(&self) -> impl Future<Output = Option<T>> + '_ {
+        std::future::poll_fn(move |cx| loop {
             if self.stopping.load(Ordering::SeqCst) {
-                return None;
+                return Poll::Ready(None);
             }
             if let Some(item) = self.try_recv() {
-                return Some(item);
+                return Poll::Ready(Some(item));
             }
-            self.arrived.notified().await;
-        }
+            // Completes at once when a command arrived since the last look: look again.
+            if std::pin::pin!(self.arrived.wait()).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        })
     }
 
     /// The oldest queued item if `wanted` accepts it, without waiting; one it does not accept
@@ -140,7 +150,7 @@ impl<T> ActorInbox<T> {
     /// refused until the actor [`close`](Self::close)s).
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.arrived.notify_one();
+        self.arrived.notify();
     }
 
     /// Refuses every later send (and wakes the senders waiting, who get `false`); drops what is

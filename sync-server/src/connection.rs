@@ -23,6 +23,8 @@ use axum::extract::ws::{Message as WsMessage, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{oneshot, Notify};
+
+use crate::wake::{Wait, WakeOne};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::{unix_now, Grant};
@@ -86,8 +88,8 @@ struct Mailbox {
     /// Messages the queue holds at most.
     bound: usize,
     state: Mutex<MailboxState>,
-    /// Wakes the one task that drains the queue (`notify_one` keeps a permit when it is busy).
-    wake: Notify,
+    /// Wakes the one task that drains the queue (a permit is kept when it is busy).
+    wake: WakeOne,
     /// Wakes every task waiting for the close (`notify_waiters`; waiters check `state` after
     /// registering, so none misses it).
     closing: Notify,
@@ -145,7 +147,7 @@ impl Outbox {
                 close: None,
                 gone: false,
             }),
-            wake: Notify::new(),
+            wake: WakeOne::default(),
             closing: Notify::new(),
         });
         (Outbox(mailbox.clone()), Inbox(mailbox))
@@ -174,7 +176,7 @@ impl Outbox {
         }
         state.queue.push_back(message);
         drop(state);
-        self.0.wake.notify_one();
+        self.0.wake.notify();
         true
     }
 
@@ -186,13 +188,13 @@ impl Outbox {
         }
         state.close = Some(Box::new(reason));
         drop(state);
-        self.0.wake.notify_one();
+        self.0.wake.notify();
         self.0.closing.notify_waiters();
     }
 
     /// Wakes the connection's task (e.g. a presence relay queued something for it).
     pub(crate) fn wake(&self) {
-        self.0.wake.notify_one();
+        self.0.wake.notify();
     }
 
     /// Whether a close was asked for.
@@ -239,9 +241,9 @@ impl Inbox {
 
     /// Completes when something was queued or a close was asked for since the last call (or
     /// spuriously: callers check [`Inbox::take`] and [`Inbox::close_reason`] after it).
-    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        // (Not an `async fn`: its future would be 16 bytes larger, in every idle connection.)
-        self.0.wake.notified()
+    pub(crate) fn notified(&self) -> Wait<'_> {
+        // (Not an `async fn`: its future would be larger, in every idle connection.)
+        self.0.wake.wait()
     }
 }
 

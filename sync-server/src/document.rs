@@ -362,7 +362,10 @@ impl Actor {
     ///
     /// Not an `async fn`: one moves its arguments into locals when it starts, so the actor
     /// (~400 bytes) would be stored twice in every loaded document's task; the block keeps it
-    /// where it was captured (as `compat::serve` does with its socket).
+    /// where it was captured (as `compat::serve` does with its socket). The future is 784 bytes
+    /// in release builds (920 in session 12), which fits tokio's task cell of 896 bytes (792 at
+    /// most): the wait for a command is one pointer ([`crate::wake::WakeOne`]) and the next
+    /// wake-up is computed outside it ([`Actor::next_wake`]).
     #[allow(clippy::manual_async_fn)]
     fn run(
         mut self,
@@ -370,25 +373,12 @@ impl Actor {
         alive: mpsc::Sender<()>,
     ) -> impl std::future::Future<Output = ()> + Send {
         async move {
-            let _alive = alive;
+            // (Held by this future without a local of its own: a local would be a second copy.)
+            let _ = &alive;
             loop {
-                let idle = self.subscribers.is_empty();
-                let linger = if self.state.is_some() {
-                    self.documents.config.idle_evict
-                } else {
-                    self.documents.config.idle_evict.min(UNLOADED_LINGER)
-                };
-                // One timer for the reconciliation period, the sync throttle and the eviction of an
-                // idle document (each timer is ~0.1 KB in every actor's task).
-                let now = Instant::now();
-                let tick = self.documents.config.reconcile_interval * (1u32 << self.backoff);
-                let reconcile_at = (!idle && self.reconciling()).then(|| now + tick);
-                let evict_at = idle.then(|| now + linger);
-                let wake = reconcile_at
-                    .into_iter()
-                    .chain(self.sync_due)
-                    .chain(evict_at)
-                    .min();
+                // Computed outside this future: the locals of the computation would be stored
+                // in it while it waits.
+                let (wake, evict_at) = self.next_wake();
                 let command = tokio::select! {
                     biased;
                     command = inbox.recv() => match command {
@@ -396,7 +386,7 @@ impl Actor {
                         // Shutdown.
                         None => break,
                     },
-                    _ = tokio::time::sleep_until(wake.unwrap_or(now).into()),
+                    _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()),
                         if wake.is_some() => None,
                 };
                 let first = match command {
@@ -1073,6 +1063,28 @@ impl Actor {
         if !ids.is_empty() {
             self.reconcile(ids);
         }
+    }
+
+    /// When the actor wakes up if no command comes first, and when that is to evict the idle
+    /// document: one timer for the reconciliation period, the sync throttle and the eviction
+    /// (each timer is ~0.1 KB in every actor's task).
+    fn next_wake(&self) -> (Option<Instant>, Option<Instant>) {
+        let idle = self.subscribers.is_empty();
+        let linger = if self.state.is_some() {
+            self.documents.config.idle_evict
+        } else {
+            self.documents.config.idle_evict.min(UNLOADED_LINGER)
+        };
+        let now = Instant::now();
+        let tick = self.documents.config.reconcile_interval * (1u32 << self.backoff);
+        let reconcile_at = (!idle && self.reconciling()).then(|| now + tick);
+        let evict_at = idle.then(|| now + linger);
+        let wake = reconcile_at
+            .into_iter()
+            .chain(self.sync_due)
+            .chain(evict_at)
+            .min();
+        (wake, evict_at)
     }
 
     fn reconciling(&self) -> bool {

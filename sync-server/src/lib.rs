@@ -45,6 +45,7 @@ mod rest;
 mod static_files;
 pub mod storage;
 pub mod store;
+mod wake;
 mod yws;
 
 use std::future::Future;
