@@ -64,12 +64,20 @@ pub(crate) struct Ephemeral {
 
 /// One automerge-repo connection.
 pub(crate) struct AmRepo {
-    server_peer: String,
+    server_peer: Arc<str>,
     relay: RelayQueue<Arc<Ephemeral>>,
-    /// The client's peer id, once it joined.
-    peer: Option<String>,
-    replica: Option<ReplicaId>,
+    /// Who the client is, once it joined. Boxed: this struct is stored in the connection's task
+    /// for its whole life, and 40 bytes less put that task in a cell of 896 bytes, not 1,024.
+    joined: Option<Box<Joined>>,
     documents: HashMap<DocumentId, Subscribed>,
+}
+
+/// A client that joined.
+struct Joined {
+    /// Its peer id.
+    peer: String,
+    /// The replica its changes are attributed to (derived from the peer id).
+    replica: ReplicaId,
 }
 
 struct Subscribed {
@@ -210,18 +218,22 @@ fn id_field(value: Option<String>, name: &str) -> Result<String, Stop> {
 }
 
 impl AmRepo {
-    pub(crate) fn new(server_peer: String, relay: RelayQueue<Arc<Ephemeral>>) -> Self {
+    pub(crate) fn new(server_peer: Arc<str>, relay: RelayQueue<Arc<Ephemeral>>) -> Self {
         Self {
             server_peer,
             relay,
-            peer: None,
-            replica: None,
+            joined: None,
             documents: HashMap::new(),
         }
     }
 
+    /// The client's peer id, once it joined.
+    fn peer(&self) -> Option<&String> {
+        self.joined.as_ref().map(|joined| &joined.peer)
+    }
+
     fn unavailable(&self, conn: &mut Conn, encoded: &str) {
-        let Some(peer) = &self.peer else { return };
+        let Some(peer) = self.peer() else { return };
         conn.send(encode(vec![
             ("type", text("doc-unavailable")),
             ("senderId", text(&self.server_peer)),
@@ -232,7 +244,7 @@ impl AmRepo {
 
     fn join(&mut self, conn: &mut Conn, message: Incoming) -> Result<(), Stop> {
         let sender = id_field(message.sender_id, "senderId")?;
-        if let Some(peer) = &self.peer {
+        if let Some(peer) = self.peer() {
             if *peer != sender {
                 return Err(Stop::error(
                     ErrorCode::ProtocolViolation,
@@ -246,9 +258,7 @@ impl AmRepo {
                 "unsupported protocol version",
             ));
         }
-        self.replica = Some(derived_replica(&format!(
-            "accord:automerge-repo-peer:{sender}"
-        )));
+        let replica = derived_replica(&format!("accord:automerge-repo-peer:{sender}"));
         conn.send(encode(vec![
             ("type", text("peer")),
             ("senderId", text(&self.server_peer)),
@@ -259,7 +269,10 @@ impl AmRepo {
                 Value::Map(vec![(text("isEphemeral"), Value::Bool(false))]),
             ),
         ]));
-        self.peer = Some(sender);
+        self.joined = Some(Box::new(Joined {
+            peer: sender,
+            replica,
+        }));
         Ok(())
     }
 
@@ -300,7 +313,10 @@ impl AmRepo {
             let command = Command::Subscribe {
                 request: SubscribeRequest {
                     out: conn.outbox.clone(),
-                    replica: self.replica.unwrap_or_else(crate::compat::random_replica),
+                    replica: self
+                        .joined
+                        .as_ref()
+                        .map_or_else(crate::compat::random_replica, |joined| joined.replica),
                     kind: DocKind::Automerge,
                     since_seq: u64::MAX,
                     read_only: !can_write,
@@ -409,7 +425,7 @@ impl Protocol for AmRepo {
     async fn frame(&mut self, conn: &mut Conn, bytes: Bytes) -> Result<(), Stop> {
         let message: Incoming = ciborium::de::from_reader_with_recursion_limit(&bytes[..], 64)
             .map_err(|e| bad(format!("not an automerge-repo message: {e}")))?;
-        if self.peer.is_none() && message.kind != "join" {
+        if self.joined.is_none() && message.kind != "join" {
             return Err(Stop::error(
                 ErrorCode::ProtocolViolation,
                 format!("the first message must be join, not {:?}", message.kind),
@@ -435,7 +451,7 @@ impl Protocol for AmRepo {
                 document,
                 payload: SyncPayload::Automerge(data),
             } => {
-                let (Some(peer), Some(subscribed)) = (&self.peer, self.documents.get(&document))
+                let (Some(peer), Some(subscribed)) = (self.peer(), self.documents.get(&document))
                 else {
                     return Ok(());
                 };
@@ -482,7 +498,7 @@ impl Protocol for AmRepo {
     }
 
     fn relayed(&mut self, conn: &mut Conn, item: Arc<Ephemeral>) -> Result<(), Stop> {
-        let Some(peer) = &self.peer else {
+        let Some(peer) = self.peer() else {
             return Ok(());
         };
         conn.send(encode(vec![
@@ -506,7 +522,7 @@ impl Protocol for AmRepo {
             ("senderId", text(&self.server_peer)),
             ("message", text(&stop.reason)),
         ];
-        if let Some(peer) = &self.peer {
+        if let Some(peer) = self.peer() {
             fields.push(("targetId", text(peer)));
         }
         vec![encode(fields)]

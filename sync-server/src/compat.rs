@@ -47,7 +47,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the foreign endpoints share across connections.
 pub(crate) struct Compat {
     /// The automerge-repo peer id of this server process.
-    pub(crate) server_peer: String,
+    pub(crate) server_peer: Arc<str>,
     /// y-websocket awareness by room.
     pub(crate) awareness: crate::yws::AwarenessHub,
     /// automerge-repo ephemeral messages by document.
@@ -60,7 +60,7 @@ impl Compat {
         let _ = getrandom::fill(&mut nonce);
         let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
         Self {
-            server_peer: format!("accord-server-{hex}"),
+            server_peer: format!("accord-server-{hex}").into(),
             awareness: Hub::default(),
             ephemeral: Hub::default(),
         }
