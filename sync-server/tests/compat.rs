@@ -400,6 +400,18 @@ async fn yjs_tokens_travel_in_the_query_string() {
     assert!(late.pump_until(WAIT, |y| y.json()["w2"] == 3).await);
     assert_eq!(late.json(), json!({"w": 1, "w2": 3}));
     assert!(!reader.closed, "a refused write does not close the reader");
+    // A token that expires during the connection ends it: 4005 (TokenExpired), at its expiry
+    // (tokens count whole seconds: 1 to 2 seconds after it opened), not before.
+    let brief = token(Scope::Document(document), Rights::Write, 2);
+    let mut expiring = connect(format!("ws://{}/yjs/{room}?token={brief}", server.addr)).await;
+    let opened = std::time::Instant::now();
+    let received = read_until_closed(&mut expiring, Duration::from_secs(5)).await;
+    assert_eq!(received.close.map(|c| c.0), Some(4005));
+    assert!(
+        opened.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        opened.elapsed()
+    );
     server.stop().await;
 }
 
