@@ -396,7 +396,7 @@ impl Deadlines {
 
 /// A time in milliseconds since the process first read this clock: a deadline in 8 bytes,
 /// where an `Instant` takes 16 (three of them are stored in every connection's task).
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Millis(u64);
 
 impl Millis {
@@ -412,14 +412,11 @@ impl Millis {
         Self::at(Instant::now())
     }
 
-    /// `instant`, rounded down to the millisecond.
+    /// `instant`, rounded down to the millisecond (an instant before the clock's first
+    /// reading is its start).
     fn at(instant: Instant) -> Self {
         let since = instant.saturating_duration_since(Self::epoch()).as_millis();
-        Millis(
-            u64::try_from(since)
-                .unwrap_or(u64::MAX - 1)
-                .min(u64::MAX - 1),
-        )
+        Millis(u64::try_from(since).map_or(u64::MAX - 1, |m| m.min(u64::MAX - 1)))
     }
 
     fn after(self, duration: Duration) -> Self {
@@ -883,6 +880,21 @@ impl<T: Clone, S> Room<T, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_in_milliseconds_keep_the_order_and_distance_of_instants() {
+        // (Instants before the clock's first reading count as its start.)
+        let _ = Millis::now();
+        let earlier = Instant::now();
+        let later = earlier + Duration::from_millis(1500);
+        let (a, b) = (Millis::at(earlier), Millis::at(later));
+        assert_eq!(b.0 - a.0, 1500);
+        assert_eq!(a.after(Duration::from_millis(1500)), b);
+        assert!(b < Millis::NEVER);
+        assert_eq!(Millis::NEVER.after(Duration::from_secs(1)), Millis::NEVER);
+        // Back to an instant: the same millisecond, never later than the deadline.
+        assert!(b.instant() <= later && later - b.instant() < Duration::from_millis(1));
+    }
 
     #[test]
     fn room_names_map_stably() {

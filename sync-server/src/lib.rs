@@ -380,7 +380,8 @@ async fn amrepo_handler(
 /// Runs a connection in a task of its own and lets axum's upgrade task end at once. axum's
 /// task wraps the connection's future with what it captured for the upgrade (the WebSocket
 /// config, the callback, the protocol header), and a task keeps its captures for its whole
-/// life: every connection held them, in a task cell of 1,280 bytes instead of 1,152.
+/// life: every connection held them (when measured, in session 10: a task cell of 1,280 bytes
+/// instead of 1,152).
 fn own_task<F>(connection: F) -> impl std::future::Future<Output = ()>
 where
     F: std::future::Future<Output = ()> + Send + 'static,
