@@ -116,6 +116,13 @@ pub struct Config {
     /// instead of one per keystroke, and Automerge walks the document once per round instead of
     /// once per keystroke. A document quiet for this long answers at once. The automerge-repo
     /// client and its sync server throttle the same way, at 100 ms.
+    ///
+    /// The default, 75 ms, is the trade between latency and CPU: most of a round's cost is per
+    /// round (one walk of the text, one fsync, one message each way per peer), so the CPU per
+    /// typist follows the rounds per second. At 8 typists it puts the median writer-to-peer
+    /// latency level with automerge-repo's sync server and its p99 below it, at about 1/10 of
+    /// its CPU per typist (BENCHMARKS.md, session 14); 50 ms cuts the wait by a third for about a
+    /// third more CPU.
     pub automerge_sync_interval: Duration,
     /// An admin token for `POST /v1/tokens`, besides the one derived from the secret
     /// ([`auth::admin_token`]).
@@ -151,7 +158,7 @@ impl Config {
             demo_dir: None,
             schemas: Vec::new(),
             reconcile_interval: Duration::from_secs(5),
-            automerge_sync_interval: Duration::from_millis(50),
+            automerge_sync_interval: Duration::from_millis(75),
             storage: storage::StorageConfig::default(),
         }
     }

@@ -91,7 +91,7 @@ struct Serve {
     reconcile_interval_ms: u64,
     /// Milliseconds between two Automerge sync messages to one peer of one document; changes
     /// meanwhile travel together in the next one (0: send after every commit).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 75)]
     automerge_sync_interval_ms: u64,
     /// Microseconds the store's writer may linger to commit the writes of several documents in
     /// one transaction (one fsync) while writes of many documents keep coming (0: never).
