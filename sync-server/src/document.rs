@@ -975,17 +975,10 @@ impl Actor {
         )
     }
 
-    /// Receives the stashed Automerge sync messages, in order: together in runs of distinct
-    /// connections (a peer's second message is received after its first).
+    /// Receives the stashed Automerge sync messages together, in as few runs as one peer has
+    /// messages ([`runs_by_rank`]): a peer's second message is received after its first.
     fn drain_stash(&mut self) {
-        let mut run: Vec<(u64, SyncPayload)> = Vec::new();
-        for (connection, payload) in std::mem::take(&mut self.stash) {
-            if run.iter().any(|(c, _)| *c == connection) {
-                self.receive_together(std::mem::take(&mut run));
-            }
-            run.push((connection, payload));
-        }
-        if !run.is_empty() {
+        for run in runs_by_rank(std::mem::take(&mut self.stash)) {
             self.receive_together(run);
         }
     }
@@ -1519,6 +1512,28 @@ impl Actor {
     }
 }
 
+/// Splits `messages` (connection, message) into runs of distinct connections: each
+/// connection's first message in the first run, its second in the second, and so on, in arrival
+/// order within a run. Each connection's messages keep their order, and there are only as many
+/// runs (applies, walks of the text) as one connection has messages. Cutting the arrival order
+/// wherever a connection came again made a run per repeat instead: with 128 typists a round's
+/// stash holds each typist's keystroke and its reply to the last round, and the walks per round
+/// grew with the typists. Messages of different connections commute (a change whose
+/// dependencies have not arrived waits inside Automerge until they do).
+fn runs_by_rank<T>(messages: Vec<(u64, T)>) -> Vec<Vec<(u64, T)>> {
+    let mut ranks: HashMap<u64, usize> = HashMap::new();
+    let mut runs: Vec<Vec<(u64, T)>> = Vec::new();
+    for (connection, message) in messages {
+        let rank = ranks.entry(connection).or_insert(0);
+        match runs.get_mut(*rank) {
+            Some(run) => run.push((connection, message)),
+            None => runs.push(vec![(connection, message)]),
+        }
+        *rank += 1;
+    }
+    runs
+}
+
 /// Whether `command` is a Yrs update from one of `writable` (sorted connection ids).
 fn is_update_from(command: &Command, writable: &[u64]) -> bool {
     matches!(command, Command::Sync {
@@ -1728,9 +1743,32 @@ pub(crate) fn merge_yrs_updates<'a>(
 
 #[cfg(test)]
 mod tests {
-    use super::{compaction_due, merge_yrs_updates};
+    use super::{compaction_due, merge_yrs_updates, runs_by_rank};
     use yrs::updates::decoder::Decode;
     use yrs::{Doc, GetString, ReadTxn, Text, Transact, Update};
+
+    #[test]
+    fn stashed_messages_go_in_runs_by_their_rank_per_connection() {
+        // Typists 1 and 2 each sent a keystroke and a reply; 3 a keystroke only.
+        let stash = vec![(1, "1a"), (2, "2a"), (1, "1b"), (3, "3a"), (2, "2b")];
+        let runs = runs_by_rank(stash);
+        // Two runs (as many as one connection's messages), not three (a cut at each repeat).
+        assert_eq!(
+            runs,
+            vec![
+                vec![(1, "1a"), (2, "2a"), (3, "3a")],
+                vec![(1, "1b"), (2, "2b")]
+            ]
+        );
+        // Each connection's messages keep their order, and no connection is twice in a run.
+        for run in &runs {
+            let mut connections: Vec<u64> = run.iter().map(|(c, _)| *c).collect();
+            connections.sort_unstable();
+            connections.dedup();
+            assert_eq!(connections.len(), run.len());
+        }
+        assert!(runs_by_rank(Vec::<(u64, ())>::new()).is_empty());
+    }
 
     #[test]
     fn compaction_follows_the_bytes_since_the_last_snapshot() {
