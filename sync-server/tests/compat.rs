@@ -1238,6 +1238,70 @@ async fn automerge_repo_changes_arriving_between_rounds_are_applied_together() {
     server.stop().await;
 }
 
+/// Types `ch` at the start of the peer's text and sends the peer's sync message.
+async fn am_type(
+    peer: &mut (String, Ws, automerge::Automerge, automerge::sync::State),
+    document: DocumentId,
+    ch: &str,
+) {
+    use automerge::transaction::Transactable;
+    use automerge::ReadDoc;
+    let (name, ws, doc, state) = peer;
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        let (_, text) = tx.get(automerge::ROOT, "text")?.expect("text");
+        tx.splice_text(&text, 0, 0, ch)
+    })
+    .unwrap();
+    am_send(ws, name, document, doc, state).await;
+}
+
+#[tokio::test]
+async fn automerge_stashed_messages_are_applied_in_runs_by_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), false);
+    config.automerge_sync_interval = Duration::from_millis(400);
+    let document = DocumentId::from_bytes([0x76; 16]);
+    let (server, mut peers) = am_typists(config, document).await;
+    // Quiet for an interval: the next keystroke is answered at once, and opens an interval.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    am_type(&mut peers[3], document, "d").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Inside it, peer 0 sends two messages, then peer 1 two: both wait for the round. Cut
+    // wherever a peer came again, they were [0], [0, 1], [1] (three applies, and only two of
+    // the messages applied with another); by rank they are [0, 1], [0, 1].
+    am_type(&mut peers[0], document, "a").await;
+    am_type(&mut peers[0], document, "A").await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    am_type(&mut peers[1], document, "b").await;
+    am_type(&mut peers[1], document, "B").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let together = server
+        .metrics
+        .automerge_applied_together
+        .load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..3 {
+        for (name, ws, doc, state) in peers.iter_mut() {
+            am_sync(ws, name, document, doc, state).await;
+        }
+    }
+    let texts: Vec<String> = peers
+        .iter()
+        .map(|(_, _, doc, _)| {
+            use automerge::ReadDoc;
+            let (_, text) = doc.get(automerge::ROOT, "text").unwrap().unwrap();
+            doc.text(&text).unwrap()
+        })
+        .collect();
+    assert_eq!(texts[0].len(), 5);
+    assert!(texts.iter().all(|t| *t == texts[0]), "the peers converge");
+    assert_eq!(server.committed(), 6, "every change durable once");
+    assert_eq!(
+        together, 4,
+        "each of the four stashed keystrokes was applied with another peer's"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn automerge_messages_beyond_the_stash_limit_are_received_at_once_and_none_is_lost() {
     let dir = tempfile::tempdir().unwrap();
