@@ -120,9 +120,10 @@ pub struct Config {
     /// The default, 75 ms, is the trade between latency and CPU: most of a round's cost is per
     /// round (one walk of the text, one fsync, one message each way per peer), so the CPU per
     /// typist follows the rounds per second. At 8 typists it puts the median writer-to-peer
-    /// latency level with automerge-repo's sync server and its p99 below it, at about 1/10 of
+    /// latency level with automerge-repo's sync server and its p99 below it, at 1/11 to 1/13 of
     /// its CPU per typist (BENCHMARKS.md, session 14); 50 ms cuts the wait by a third for about a
-    /// third more CPU.
+    /// third more CPU there. With 128 typists 50 ms is the cheaper setting (measured; the cause
+    /// was not profiled).
     pub automerge_sync_interval: Duration,
     /// An admin token for `POST /v1/tokens`, besides the one derived from the secret
     /// ([`auth::admin_token`]).
