@@ -1100,8 +1100,6 @@ async fn automerge_repo_peers_get_one_sync_message_per_interval_and_every_change
 
 #[tokio::test]
 async fn automerge_repo_changes_queued_together_are_applied_together() {
-    use automerge::transaction::Transactable;
-    use automerge::ReadDoc;
     let dir = tempfile::tempdir().unwrap();
     let document = DocumentId::from_bytes([0x73; 16]);
     // Four peers hold the document: a text.
@@ -1111,32 +1109,15 @@ async fn automerge_repo_changes_queued_together_are_applied_together() {
     // The first writes a text, the others a character each, right behind it: their messages
     // queue up for the document while it applies the first (this test's runtime has one
     // thread: the server runs once they are all sent).
-    for (i, (name, ws, doc, state)) in peers.iter_mut().enumerate() {
+    for (i, peer) in peers.iter_mut().enumerate() {
         let typed = if i == 0 {
             "x".repeat(2_000)
         } else {
             format!("{i}")
         };
-        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
-            let (_, text) = tx.get(automerge::ROOT, "text")?.expect("text");
-            tx.splice_text(&text, 0, 0, &typed)
-        })
-        .unwrap();
-        am_send(ws, name, document, doc, state).await;
+        am_type(peer, document, &typed).await;
     }
-    // Everyone syncs until nobody has anything to say: the same text everywhere.
-    for _ in 0..3 {
-        for (name, ws, doc, state) in peers.iter_mut() {
-            am_sync(ws, name, document, doc, state).await;
-        }
-    }
-    let texts: Vec<String> = peers
-        .iter()
-        .map(|(_, _, doc, _)| {
-            let (_, text) = doc.get(automerge::ROOT, "text").unwrap().unwrap();
-            doc.text(&text).unwrap()
-        })
-        .collect();
+    let texts = am_settle(&mut peers, document).await;
     assert_eq!(texts[0].len(), 2_003);
     assert!(texts.iter().all(|t| *t == texts[0]), "the peers converge");
     assert_eq!(server.committed(), 5, "every change durable once");
@@ -1181,24 +1162,29 @@ async fn am_typists(
     (server, peers)
 }
 
-/// Each peer types one character, `pause` apart; then everyone syncs until quiet. Returns the
-/// texts.
-async fn am_type_one_each(
-    peers: &mut [(String, Ws, automerge::Automerge, automerge::sync::State)],
+/// Types `typed` at the start of the peer's text and sends the peer's sync message.
+async fn am_type(
+    peer: &mut (String, Ws, automerge::Automerge, automerge::sync::State),
     document: DocumentId,
-    pause: Duration,
-) -> Vec<String> {
+    typed: &str,
+) {
     use automerge::transaction::Transactable;
     use automerge::ReadDoc;
-    for (i, (name, ws, doc, state)) in peers.iter_mut().enumerate() {
-        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
-            let (_, text) = tx.get(automerge::ROOT, "text")?.expect("text");
-            tx.splice_text(&text, 0, 0, &format!("{i}"))
-        })
-        .unwrap();
-        am_send(ws, name, document, doc, state).await;
-        tokio::time::sleep(pause).await;
-    }
+    let (name, ws, doc, state) = peer;
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        let (_, text) = tx.get(automerge::ROOT, "text")?.expect("text");
+        tx.splice_text(&text, 0, 0, typed)
+    })
+    .unwrap();
+    am_send(ws, name, document, doc, state).await;
+}
+
+/// Everyone syncs until nobody has anything to say. Returns the texts.
+async fn am_settle(
+    peers: &mut [(String, Ws, automerge::Automerge, automerge::sync::State)],
+    document: DocumentId,
+) -> Vec<String> {
+    use automerge::ReadDoc;
     for _ in 0..3 {
         for (name, ws, doc, state) in peers.iter_mut() {
             am_sync(ws, name, document, doc, state).await;
@@ -1211,6 +1197,20 @@ async fn am_type_one_each(
             doc.text(&text).unwrap()
         })
         .collect()
+}
+
+/// Each peer types one character, `pause` apart; then everyone syncs until quiet. Returns the
+/// texts.
+async fn am_type_one_each(
+    peers: &mut [(String, Ws, automerge::Automerge, automerge::sync::State)],
+    document: DocumentId,
+    pause: Duration,
+) -> Vec<String> {
+    for (i, peer) in peers.iter_mut().enumerate() {
+        am_type(peer, document, &format!("{i}")).await;
+        tokio::time::sleep(pause).await;
+    }
+    am_settle(peers, document).await
 }
 
 #[tokio::test]
@@ -1238,23 +1238,6 @@ async fn automerge_repo_changes_arriving_between_rounds_are_applied_together() {
     server.stop().await;
 }
 
-/// Types `ch` at the start of the peer's text and sends the peer's sync message.
-async fn am_type(
-    peer: &mut (String, Ws, automerge::Automerge, automerge::sync::State),
-    document: DocumentId,
-    ch: &str,
-) {
-    use automerge::transaction::Transactable;
-    use automerge::ReadDoc;
-    let (name, ws, doc, state) = peer;
-    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
-        let (_, text) = tx.get(automerge::ROOT, "text")?.expect("text");
-        tx.splice_text(&text, 0, 0, ch)
-    })
-    .unwrap();
-    am_send(ws, name, document, doc, state).await;
-}
-
 #[tokio::test]
 async fn automerge_stashed_messages_are_applied_in_runs_by_rank() {
     let dir = tempfile::tempdir().unwrap();
@@ -1279,19 +1262,7 @@ async fn automerge_stashed_messages_are_applied_in_runs_by_rank() {
         .metrics
         .automerge_applied_together
         .load(std::sync::atomic::Ordering::Relaxed);
-    for _ in 0..3 {
-        for (name, ws, doc, state) in peers.iter_mut() {
-            am_sync(ws, name, document, doc, state).await;
-        }
-    }
-    let texts: Vec<String> = peers
-        .iter()
-        .map(|(_, _, doc, _)| {
-            use automerge::ReadDoc;
-            let (_, text) = doc.get(automerge::ROOT, "text").unwrap().unwrap();
-            doc.text(&text).unwrap()
-        })
-        .collect();
+    let texts = am_settle(&mut peers, document).await;
     assert_eq!(texts[0].len(), 5);
     assert!(texts.iter().all(|t| *t == texts[0]), "the peers converge");
     assert_eq!(server.committed(), 6, "every change durable once");
