@@ -130,7 +130,7 @@ impl<T> ActorInbox<T> {
                 return Poll::Ready(Some(item));
             }
             // Completes at once when a command arrived since the last look: look again.
-            if std::pin::pin!(self.arrived.wait()).poll(cx).is_pending() {
+            if self.arrived.poll_wait(cx).is_pending() {
                 return Poll::Pending;
             }
         })

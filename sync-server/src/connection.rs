@@ -23,12 +23,11 @@ use axum::extract::ws::{Message as WsMessage, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{oneshot, Notify};
-
-use crate::wake::{Wait, WakeOne};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::{unix_now, Grant};
 use crate::document::{server_replica, Command, Lease, SubscribeRequest};
+use crate::wake::{Wait, WakeOne};
 use crate::Shared;
 
 /// How long a close (last messages, then a close frame) may take.

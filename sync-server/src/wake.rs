@@ -34,6 +34,20 @@ impl WakeOne {
     pub(crate) fn wait(&self) -> Wait<'_> {
         Wait(self)
     }
+
+    /// [`wait`](Self::wait) as a poll, for a consumer that writes its own future: ready when
+    /// the permit was there (taking it), else registers `cx`'s waker.
+    pub(crate) fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.permit.swap(false, Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        // Registered before the second look: a notify between the two is not missed.
+        self.waker.register(cx.waker());
+        if self.permit.swap(false, Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
 }
 
 /// The future of [`WakeOne::wait`].
@@ -43,16 +57,7 @@ impl Future for Wait<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let wake = self.0;
-        if wake.permit.swap(false, Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        // Registered before the second look: a notify between the two is not missed.
-        wake.waker.register(cx.waker());
-        if wake.permit.swap(false, Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        Poll::Pending
+        self.0.poll_wait(cx)
     }
 }
 
