@@ -143,14 +143,14 @@ if [ "$SMOKE" = 1 ]; then
   timeout 60 "$LOADGEN" yws-idle --smoke --target "$YWS_TARGET" --server-pid "$SERVER_PID" \
     --label accord --connections 200 --duration 1 | record
   timeout 60 "$LOADGEN" yws-docs --smoke --target "$YWS_TARGET" --server-pid "$SERVER_PID" \
-    --label accord --docs 20 --type-interval-ms 200 --duration 2 | record
+    --label accord --docs 20 --type-interval-ms 200 --duration 2 --batches 2 | record
   echo "== smoke: automerge-repo protocol (thin typists) against accord-server /automerge"
   timeout 60 "$LOADGEN" am-typists --smoke --target "$AM_URL" --server-pid "$SERVER_PID" \
     --label accord --duration 2 | record
   stop_server
   grep -q "RESULT fanout accord best_updates_per_s=[1-9]" "$RESULTS" || { echo "smoke: fan-out delivered nothing" >&2; exit 1; }
   grep -q "RESULT idle accord connections=200" "$RESULTS" || { echo "smoke: idle failed" >&2; exit 1; }
-  grep -q "RESULT docs accord docs=20" "$RESULTS" || { echo "smoke: docs failed" >&2; exit 1; }
+  grep -q "RESULT docs accord docs=20 .*marginal_bytes_per_doc=" "$RESULTS" || { echo "smoke: docs failed" >&2; exit 1; }
   grep -q "RESULT am-typists accord n=4 .*caught_up=true" "$RESULTS" || { echo "smoke: am-typists failed" >&2; exit 1; }
   echo "smoke: ok"
   exit 0
@@ -224,11 +224,11 @@ fi
 if want docs; then
   for s in $YJS_SERVERS; do
     server_wanted "$s" || continue
-    echo "== 1,000 documents x 3 clients: $s"
+    echo "== 1,000 documents x 3 clients, then 1,000 more: $s"
     start_server "$s"
-    timeout 300 "$LOADGEN" yws-docs --target "$YWS_TARGET" --proto "$YWS_PROTO" \
+    timeout 400 "$LOADGEN" yws-docs --target "$YWS_TARGET" --proto "$YWS_PROTO" \
       --server-pid "$SERVER_PID" --label "$s" --docs 1000 --clients-per-doc 3 \
-      --type-interval-ms 2000 --duration 20 | record || echo "docs $s failed" >&2
+      --type-interval-ms 2000 --duration 20 --batches 2 | record || echo "docs $s failed" >&2
     stop_server
   done
 fi

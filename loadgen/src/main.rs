@@ -136,6 +136,11 @@ struct Args {
     /// yws-docs: milliseconds between one client's keystrokes.
     #[arg(long, default_value_t = 2_000)]
     type_interval_ms: u64,
+    /// yws-docs: batches of `--docs` rooms, each connected and typing for `--duration` while
+    /// the earlier ones keep typing; the last batch's RSS growth per room is printed as
+    /// `marginal_bytes_per_doc` (the cost of one more room, without the fixed costs).
+    #[arg(long, default_value_t = 1)]
+    batches: usize,
     /// yws-idle, idle: connections.
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
@@ -383,9 +388,34 @@ fn yws_main(args: &Args, template: String) -> Result<()> {
                 println!("RESULT idle {label} connections={} rss_before_mb={:.1} rss_after_mb={:.1} bytes_per_conn={:.0} connect_s={:.1}", r.connections, r.rss_before as f64 / 1e6, r.rss_after as f64 / 1e6, per, r.connect_secs);
             }
             Scenario::YwsDocs => {
-                let r = yws::docs(&target, args.docs, args.clients_per_doc, args.type_interval_ms, args.duration).await?;
-                let per = (r.rss_after as f64 - r.rss_before as f64) / r.docs.max(1) as f64;
-                println!("RESULT docs {label} docs={} clients={} rss_before_mb={:.1} rss_after_mb={:.1} bytes_per_doc={:.0} cpu_cores={:.3} typed={} received={}", r.docs, r.clients, r.rss_before as f64 / 1e6, r.rss_after as f64 / 1e6, per, r.cpu_cores, r.typed, r.received);
+                let r = yws::docs(
+                    &target,
+                    args.docs,
+                    args.clients_per_doc,
+                    args.type_interval_ms,
+                    args.duration,
+                    args.batches,
+                )
+                .await?;
+                let (Some(first), Some(last)) = (r.batches.first(), r.batches.last()) else {
+                    return Err("docs: no batch ran".to_string());
+                };
+                let per = |b: &yws::DocsBatch| {
+                    (b.rss_after as f64 - b.rss_before as f64) / r.docs.max(1) as f64
+                };
+                // The first batch's figures keep their names; later batches add the marginal.
+                let marginal = if r.batches.len() > 1 {
+                    format!(
+                        " batches={} rss_end_mb={:.1} marginal_bytes_per_doc={:.0} marginal_cpu_cores={:.3}",
+                        r.batches.len(),
+                        last.rss_after as f64 / 1e6,
+                        per(last),
+                        last.cpu_cores
+                    )
+                } else {
+                    String::new()
+                };
+                println!("RESULT docs {label} docs={} clients={} rss_before_mb={:.1} rss_after_mb={:.1} bytes_per_doc={:.0} cpu_cores={:.3} typed={} received={}{marginal}", r.docs, r.clients, first.rss_before as f64 / 1e6, first.rss_after as f64 / 1e6, per(first), first.cpu_cores, r.typed, r.received);
             }
             _ => {}
         }

@@ -590,153 +590,200 @@ pub async fn idle(
 
 // ---------------------------------------------------------------- many documents
 
-pub struct DocsResult {
-    pub docs: usize,
-    pub clients: usize,
+/// One batch of the `docs` load: its rooms' clients connected and typing (and every earlier
+/// batch's still typing) for `duration`.
+pub struct DocsBatch {
+    /// Server RSS just before this batch's clients connected.
     pub rss_before: u64,
+    /// Server RSS after this batch had typed for `duration`.
     pub rss_after: u64,
+    /// Server CPU (cores) while this batch typed.
     pub cpu_cores: f64,
+}
+
+pub struct DocsResult {
+    /// Rooms per batch.
+    pub docs: usize,
+    /// Clients per batch.
+    pub clients: usize,
+    pub batches: Vec<DocsBatch>,
     pub typed: u64,
     pub received: u64,
 }
 
+/// `batches` batches of `docs` rooms × `per_doc` clients, one after the other; each batch
+/// types for `duration` seconds while every earlier batch keeps typing, so the RSS a later
+/// batch adds is the cost of one more active room, without the server's fixed costs (code
+/// paged in, caches filling up to their ceiling) that the first batch also pays.
 pub async fn docs(
     target: &Target,
     docs: usize,
     per_doc: usize,
     interval_ms: u64,
     duration: f64,
+    batches: usize,
 ) -> Result<DocsResult> {
     let tag = run_tag();
-    let before = proc_usage(target.server_pid).map(|u| u.1).unwrap_or(0);
-    let sem = Arc::new(tokio::sync::Semaphore::new(128));
-    let ready = Arc::new(Barrier::new(docs * per_doc + 1));
     let typed = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
-    let (start_tx, start_rx) = tokio::sync::watch::channel(None::<Instant>);
+    // Set when the last batch starts typing: every client stops then.
+    let (end_tx, end_rx) = tokio::sync::watch::channel(None::<Instant>);
     let mut tasks = Vec::new();
-    for d in 0..docs {
-        for c in 0..per_doc {
-            let (target, sem, ready, typed, received, mut start_rx) = (
-                target.clone(),
-                sem.clone(),
-                ready.clone(),
-                typed.clone(),
-                received.clone(),
-                start_rx.clone(),
-            );
-            let room = format!("{tag}-doc{d}");
-            let client = 0x2000_0000u64 + (d * per_doc + c) as u64;
-            tasks.push(tokio::spawn(async move {
-                let opened = {
-                    let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
-                    // Clients of one room connect at the same moment; a server may refuse all
-                    // but one while it creates the room (y-sweet answers 500): retry a little.
-                    let mut attempt = 0;
-                    loop {
-                        match target.open(&room, &[0]).await {
-                            Err(_) if attempt < 5 => {
-                                attempt += 1;
-                                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+    let mut results = Vec::new();
+    let mut rss = proc_usage(target.server_pid).map(|u| u.1).unwrap_or(0);
+    for batch in 0..batches.max(1) {
+        let rss_before = rss;
+        let sem = Arc::new(tokio::sync::Semaphore::new(128));
+        let ready = Arc::new(Barrier::new(docs * per_doc + 1));
+        let (start_tx, start_rx) = tokio::sync::watch::channel(None::<Instant>);
+        let first_task = tasks.len();
+        for d in 0..docs {
+            for c in 0..per_doc {
+                let (target, sem, ready, typed, received, mut start_rx, end_rx) = (
+                    target.clone(),
+                    sem.clone(),
+                    ready.clone(),
+                    typed.clone(),
+                    received.clone(),
+                    start_rx.clone(),
+                    end_rx.clone(),
+                );
+                let room = format!("{tag}-b{batch}-doc{d}");
+                let client = 0x2000_0000u64 + ((batch * docs + d) * per_doc + c) as u64;
+                tasks.push(tokio::spawn(async move {
+                    let opened = {
+                        let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
+                        // Clients of one room connect at the same moment; a server may refuse
+                        // all but one while it creates the room (y-sweet answers 500): retry a
+                        // little.
+                        let mut attempt = 0;
+                        loop {
+                            match target.open(&room, &[0]).await {
+                                Err(_) if attempt < 5 => {
+                                    attempt += 1;
+                                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                                }
+                                other => break other,
                             }
-                            other => break other,
                         }
-                    }
-                };
-                ready.wait().await;
-                let (ws, _) = opened?;
-                let begun = start_rx
-                    .wait_for(|s| s.is_some())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or("no start")?;
-                let (mut sink, mut stream) = ws.split();
-                let doc = Doc::with_options(Options {
-                    client_id: yrs::block::ClientID::new(client),
-                    ..Options::default()
-                });
-                let text = doc.get_or_insert_text("t");
-                let end = begun + Duration::from_secs_f64(duration);
-                // Spread the first keystroke over the interval.
-                let phase = Duration::from_millis((client * 7919) % interval_ms.max(1));
-                let mut next = begun + phase;
-                loop {
-                    let wake = next.min(end);
-                    match timeout_at(wake, stream.next()).await {
-                        Ok(Some(Ok(WsMessage::Binary(_)))) => {
-                            received.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        Ok(Some(Ok(_))) => continue,
-                        Ok(_) => return Err("docs: connection closed".to_string()),
-                        Err(_) => {}
-                    }
-                    if Instant::now() >= end {
-                        break;
-                    }
-                    let update = {
-                        let mut txn = doc.transact_mut();
-                        let len = text.len(&txn);
-                        text.insert(&mut txn, len, "x");
-                        txn.encode_update_v1()
                     };
-                    let _ = text.get_string(&doc.transact());
-                    sink.send(WsMessage::Binary(
-                        target.sync_frame(&room, 2, &update).into(),
-                    ))
-                    .await
-                    .map_err(|e| format!("docs send: {e}"))?;
-                    typed.fetch_add(1, Ordering::Relaxed);
-                    next += Duration::from_millis(interval_ms);
-                }
-                Ok::<_, String>((sink, stream))
-            }));
+                    ready.wait().await;
+                    let (ws, _) = opened?;
+                    let begun = start_rx
+                        .wait_for(|s| s.is_some())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .ok_or("no start")?;
+                    let (mut sink, mut stream) = ws.split();
+                    let doc = Doc::with_options(Options {
+                        client_id: yrs::block::ClientID::new(client),
+                        ..Options::default()
+                    });
+                    let text = doc.get_or_insert_text("t");
+                    // Spread the first keystroke over the interval.
+                    let phase = Duration::from_millis((client * 7919) % interval_ms.max(1));
+                    let mut next = begun + phase;
+                    loop {
+                        let end = *end_rx.borrow();
+                        let wake = end.map_or(next, |end| next.min(end));
+                        match timeout_at(wake, stream.next()).await {
+                            Ok(Some(Ok(WsMessage::Binary(_)))) => {
+                                received.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            Ok(Some(Ok(_))) => continue,
+                            Ok(_) => return Err("docs: connection closed".to_string()),
+                            Err(_) => {}
+                        }
+                        if end.is_some_and(|end| Instant::now() >= end) {
+                            break;
+                        }
+                        let update = {
+                            let mut txn = doc.transact_mut();
+                            let len = text.len(&txn);
+                            text.insert(&mut txn, len, "x");
+                            txn.encode_update_v1()
+                        };
+                        let _ = text.get_string(&doc.transact());
+                        sink.send(WsMessage::Binary(
+                            target.sync_frame(&room, 2, &update).into(),
+                        ))
+                        .await
+                        .map_err(|e| format!("docs send: {e}"))?;
+                        typed.fetch_add(1, Ordering::Relaxed);
+                        next += Duration::from_millis(interval_ms);
+                    }
+                    Ok::<_, String>((sink, stream))
+                }));
+            }
         }
+        // Wait for every client of the batch to connect, then time the typing.
+        let connected = Instant::now();
+        let waiter = ready.wait();
+        tokio::pin!(waiter);
+        loop {
+            if timeout(Duration::from_millis(200), &mut waiter)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if tasks[first_task..].iter().any(|t| t.is_finished()) {
+                return Err("docs: a client failed to connect".into());
+            }
+            if connected.elapsed() > Duration::from_secs(120) {
+                return Err("docs: connecting took over 120 s".into());
+            }
+        }
+        eprintln!(
+            "docs: batch {batch}: {} clients connected in {:.1}s",
+            docs * per_doc,
+            connected.elapsed().as_secs_f64()
+        );
+        let usage0 = proc_usage(target.server_pid);
+        let begun = Instant::now();
+        let _ = start_tx.send(Some(begun));
+        if batch + 1 >= batches.max(1) {
+            let _ = end_tx.send(Some(begun + Duration::from_secs_f64(duration)));
+            let mut held = Vec::new();
+            for t in tasks.drain(..) {
+                held.push(t.await.map_err(|e| e.to_string())??);
+            }
+            let (elapsed, usage1) = (begun.elapsed().as_secs_f64(), proc_usage(target.server_pid));
+            drop(held);
+            results.push(batch_usage(rss_before, usage0, usage1, elapsed));
+        } else {
+            tokio::time::sleep_until(begun + Duration::from_secs_f64(duration)).await;
+            if let Some(t) = tasks.iter().find(|t| t.is_finished()) {
+                let _ = t;
+                return Err("docs: a client stopped early".into());
+            }
+            let (elapsed, usage1) = (begun.elapsed().as_secs_f64(), proc_usage(target.server_pid));
+            results.push(batch_usage(rss_before, usage0, usage1, elapsed));
+        }
+        rss = results.last().map_or(0, |b| b.rss_after);
     }
-    // Wait for every client to connect, then time the typing.
-    let connected = Instant::now();
-    let waiter = ready.wait();
-    tokio::pin!(waiter);
-    loop {
-        if timeout(Duration::from_millis(200), &mut waiter)
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        if tasks.iter().any(|t| t.is_finished()) {
-            return Err("docs: a client failed to connect".into());
-        }
-        if connected.elapsed() > Duration::from_secs(120) {
-            return Err("docs: connecting took over 120 s".into());
-        }
-    }
-    eprintln!(
-        "docs: {} clients connected in {:.1}s",
-        docs * per_doc,
-        connected.elapsed().as_secs_f64()
-    );
-    let usage0 = proc_usage(target.server_pid);
-    let _ = start_tx.send(Some(Instant::now()));
-    let begun = Instant::now();
-    let mut held = Vec::new();
-    for t in tasks {
-        held.push(t.await.map_err(|e| e.to_string())??);
-    }
-    let elapsed = begun.elapsed().as_secs_f64();
-    let usage1 = proc_usage(target.server_pid);
-    drop(held);
-    let cpu_cores = match (usage0, usage1) {
-        (Some(a), Some(b)) => (b.0 - a.0) / elapsed,
-        _ => f64::NAN,
-    };
     Ok(DocsResult {
         docs,
         clients: docs * per_doc,
-        rss_before: before,
-        rss_after: usage1.map(|u| u.1).unwrap_or(0),
-        cpu_cores,
+        batches: results,
         typed: typed.load(Ordering::Relaxed),
         received: received.load(Ordering::Relaxed),
     })
+}
+
+fn batch_usage(
+    rss_before: u64,
+    usage0: Option<(f64, u64)>,
+    usage1: Option<(f64, u64)>,
+    elapsed: f64,
+) -> DocsBatch {
+    DocsBatch {
+        rss_before,
+        rss_after: usage1.map(|u| u.1).unwrap_or(0),
+        cpu_cores: match (usage0, usage1) {
+            (Some(a), Some(b)) => (b.0 - a.0) / elapsed,
+            _ => f64::NAN,
+        },
+    }
 }
