@@ -100,6 +100,18 @@ struct Serve {
     /// A directory of static files served at `/` (the demo app: `demo-web/dist`).
     #[arg(long, value_name = "DIR")]
     demo_dir: Option<PathBuf>,
+    /// glibc's malloc arenas (`M_ARENA_MAX`); 0 keeps glibc's default, 8 per core. Memory
+    /// freed into one arena is reused only by allocations served from that arena, so every
+    /// extra arena holds free memory of its own. With 2, 1,000 active documents took ~1 MB
+    /// less RSS than with glibc's default, for ~5% less peak commit throughput; with 1, the
+    /// fan-out's p99 rose (threads waiting on the one arena's lock). Ignored where the C library
+    /// is not glibc.
+    #[arg(long, env = "ACCORD_MALLOC_ARENAS", default_value_t = 2)]
+    malloc_arenas: u32,
+    /// The page cache of each of the store's SQLite connections, in KiB: less saves memory (a
+    /// fixed amount, up to this per connection) and costs write throughput on large databases.
+    #[arg(long, default_value_t = accord_server::storage::DEFAULT_PAGE_CACHE_KIB)]
+    sqlite_cache_kib: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -132,15 +144,52 @@ struct TokenArgs {
 /// enabled: 15% of the server's CPU with 8 automerge-repo typists, so its spans stay off.
 const DEFAULT_LOG_FILTER: &str = "info,automerge=warn";
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // Before any thread exists: a thread takes its arena at its first allocation.
+    if let Command::Serve(args) = &cli.command {
+        limit_malloc_arenas(args.malloc_arenas);
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(error) => {
+            eprintln!("accord-server: cannot start the async runtime: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Caps glibc's malloc arenas at `arenas` (0: leaves glibc's default); see `Serve::malloc_arenas`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas(arenas: u32) {
+    if arenas == 0 {
+        return;
+    }
+    let arenas = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `mallopt` sets one of glibc's allocator tunables and touches no memory of ours;
+    // it is called before the runtime starts its threads. On failure it returns 0 and glibc
+    // keeps its default, which is only a larger footprint, so the result is not checked.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
+}
+
+/// Caps glibc's malloc arenas: nothing to do where the C library is not glibc.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas(_arenas: u32) {}
+
+/// Runs the command the command line asked for.
+async fn run(cli: Cli) -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Token(args) => {
             let scope = match (args.doc, args.prefix) {
                 (Some(doc), _) => Scope::Document(doc),
@@ -190,6 +239,7 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
     config.idle_evict = Duration::from_secs(args.idle_evict_secs);
     config.compact_every = args.compact_every.max(1);
     config.storage.commit_window = Duration::from_micros(args.commit_window_us);
+    config.storage.page_cache_kib = args.sqlite_cache_kib;
     config.max_rest_body_bytes = args.max_rest_body_bytes.max(1);
     config.max_rest_in_flight = args.max_rest_in_flight.max(1);
     config.admin_token = args

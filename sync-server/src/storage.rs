@@ -66,7 +66,16 @@ pub struct StorageConfig {
     pub checkpoint_delay: Duration,
     /// WAL frames (pages) past which the writer restarts the WAL (between two groups).
     pub wal_limit_frames: i64,
+    /// The page cache of each SQLite connection (the writer, the checkpointer and every
+    /// reader), in KiB.
+    pub page_cache_kib: u32,
 }
+
+/// [`StorageConfig::page_cache_kib`] by default: SQLite's own default. A smaller cache is a
+/// fixed saving, not one per document, and the writer pays for it in throughput: with 512 KiB,
+/// 1,000 documents took ~1.7 MB less RSS but the commits load (8 documents, 1M changes) made
+/// 116-139k durable changes/s instead of 147-149k (BENCHMARKS.md, issue 8, session 15).
+pub const DEFAULT_PAGE_CACHE_KIB: u32 = 2_000;
 
 impl Default for StorageConfig {
     fn default() -> Self {
@@ -91,6 +100,7 @@ impl Default for StorageConfig {
             checkpoint_delay: Duration::from_secs(1),
             // 16k pages of 4 KiB: 64 MiB.
             wal_limit_frames: 16_384,
+            page_cache_kib: DEFAULT_PAGE_CACHE_KIB,
         }
     }
 }
@@ -125,6 +135,9 @@ impl Storage {
         let readers = (0..config.readers.max(1))
             .map(|_| Store::open_reader(path))
             .collect::<Result<Vec<_>, _>>()?;
+        for store in readers.iter().chain([&writer, &checkpointer]) {
+            store.limit_page_cache(config.page_cache_kib)?;
+        }
         let (writes, write_rx) = mpsc::channel(config.write_queue.max(1));
         let (reads, read_rx) = mpsc::channel::<ReadJob>(config.read_queue.max(1));
         let (max_group, window) = (config.max_group.max(1), config.commit_window);

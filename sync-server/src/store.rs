@@ -290,6 +290,14 @@ impl Store {
         Ok(())
     }
 
+    /// Caps this connection's page cache at `kib` KiB (`PRAGMA cache_size`; SQLite's default
+    /// is 2,000 KiB per connection).
+    pub fn limit_page_cache(&self, kib: u32) -> Result<(), StoreError> {
+        self.conn
+            .pragma_update(None, "cache_size", -i64::from(kib.max(1)))?;
+        Ok(())
+    }
+
     /// Makes SQLite cut the WAL file back to `bytes` when the WAL starts over (a WAL that grew
     /// during a burst does not keep its size on disk).
     pub fn limit_wal_file(&self, bytes: i64) -> Result<(), StoreError> {
@@ -714,6 +722,21 @@ fn load_in(conn: &Connection, document: DocumentId) -> Result<Option<StoredDocum
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_page_cache_is_capped_in_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let cache = |store: &Store| -> i64 {
+            store
+                .conn
+                .pragma_query_value(None, "cache_size", |row| row.get(0))
+                .unwrap()
+        };
+        assert_eq!(cache(&store), -2_000, "SQLite's default");
+        store.limit_page_cache(256).unwrap();
+        assert_eq!(cache(&store), -256);
+    }
 
     #[test]
     fn commits_compaction_and_corruption() {
