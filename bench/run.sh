@@ -8,7 +8,8 @@
 #                                   with `npm ci` in bench/); prints tables with ratios
 #   bench/run.sh --only fanout,idle --servers accord,y-sweet
 #
-# Workloads: fanout, idle, cold, docs, typists (see bench/RESULTS.md for what each measures).
+# Workloads: fanout, idle, cold, docs, typists (BENCHMARKS.md, "Accord next to its peers", says
+# what each measures; docs runs a second batch of 1,000 documents for the cost of one more).
 # Every server listens on 127.0.0.1 only and every load is bounded in count and time.
 # Environment: PEERS_DIR (default: ../peers next to the repository), CARGO_TARGET_DIR,
 # BENCH_OUT (where RESULT lines and logs go; default a new directory under /tmp),
