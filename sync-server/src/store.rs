@@ -1,7 +1,11 @@
 //! The server's durable store: SQLite in WAL mode with `synchronous=FULL`.
 //!
-//! - `documents`: one row per document: id, kind, the last compacted snapshot, the sequence
-//!   number it covers, and the head sequence number.
+//! - `documents`: one row per document: id, kind and the head sequence number. Every commit
+//!   updates it, so it holds nothing large: SQLite rewrites a whole row to change one column,
+//!   reading a blob in it back page by page first.
+//! - `snapshots`: the last compacted snapshot of a document and the sequence number it covers
+//!   (schema 1 kept them in the `documents` row, which made every commit of a document read
+//!   its whole snapshot; [`Store::open`] migrates such a file).
 //! - `commits`: the commit log, `PRIMARY KEY(document, seq)`: each committed change's id, the
 //!   replica whose connection sent it, and its bytes until a snapshot covers it (compaction keeps
 //!   the `(seq, change_id)` index and drops the bytes).
@@ -59,6 +63,14 @@ pub enum StoreError {
     /// The store's threads are gone (the server is stopping, or a store thread died).
     #[error("the store is closed")]
     Closed,
+    /// The database was written by a newer server, in a schema this one does not know.
+    #[error("the database has schema version {found}; this server knows up to {supported}")]
+    NewerSchema {
+        /// The database's schema version (`PRAGMA user_version`).
+        found: i64,
+        /// The newest this server writes.
+        supported: i64,
+    },
 }
 
 /// A document as stored.
@@ -150,13 +162,20 @@ pub enum Written {
     Created(bool),
 }
 
+/// The schema this build writes (`PRAGMA user_version`); 0 is schema 1, from before the
+/// version was recorded.
+const SCHEMA_VERSION: i64 = 2;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS documents (
     id BLOB PRIMARY KEY,
     kind INTEGER NOT NULL,
-    snapshot BLOB,
-    snapshot_seq INTEGER NOT NULL DEFAULT 0,
     head_seq INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots (
+    document BLOB PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    bytes BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS commits (
     document BLOB NOT NULL,
@@ -167,6 +186,52 @@ CREATE TABLE IF NOT EXISTS commits (
     PRIMARY KEY (document, seq)
 ) WITHOUT ROWID;
 ";
+
+/// Schema 1 to 2: the snapshots move out of the `documents` rows into their own table (the
+/// commit log is unchanged).
+const MIGRATE_1_TO_2: &str = "
+CREATE TABLE documents_v2 (
+    id BLOB PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    head_seq INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+INSERT INTO documents_v2 (id, kind, head_seq) SELECT id, kind, head_seq FROM documents;
+CREATE TABLE snapshots (
+    document BLOB PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    bytes BLOB NOT NULL
+);
+INSERT INTO snapshots (document, seq, bytes)
+    SELECT id, snapshot_seq, snapshot FROM documents WHERE snapshot IS NOT NULL;
+DROP TABLE documents;
+ALTER TABLE documents_v2 RENAME TO documents;
+";
+
+/// Creates the schema in a new database, or brings an older one up to [`SCHEMA_VERSION`], in
+/// one transaction (a migration that fails leaves the file as it was). A database written by a
+/// newer server is refused rather than written in a format it does not know.
+fn prepare_schema(conn: &Connection) -> Result<(), StoreError> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let schema_1: bool = tx.query_row(
+        "SELECT count(*) FROM pragma_table_info('documents') WHERE name = 'snapshot'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if schema_1 {
+        tx.execute_batch(MIGRATE_1_TO_2)?;
+    }
+    tx.execute_batch(SCHEMA)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
 
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -240,7 +305,7 @@ impl Store {
             conn.busy_timeout(busy)?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
-            conn.execute_batch(SCHEMA)
+            prepare_schema(conn)
         })
     }
 
@@ -250,7 +315,7 @@ impl Store {
         Self::open_with(path, |conn| {
             conn.busy_timeout(Duration::from_secs(30))?;
             conn.pragma_update(None, "query_only", true)?;
-            read_schema(conn)
+            Ok(read_schema(conn)?)
         })
     }
 
@@ -261,23 +326,26 @@ impl Store {
         Self::open_with(path, |conn| {
             conn.busy_timeout(busy)?;
             conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-            read_schema(conn)
+            Ok(read_schema(conn)?)
         })
     }
 
-    /// Opens a connection to `path` and prepares it with `setup`; any failure is
+    /// Opens a connection to `path` and prepares it with `setup`; an SQLite failure is
     /// [`StoreError::Open`] naming the file.
     fn open_with(
         path: &Path,
-        setup: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+        setup: impl FnOnce(&Connection) -> Result<(), StoreError>,
     ) -> Result<Self, StoreError> {
-        Connection::open(path)
-            .and_then(|conn| setup(&conn).map(|()| conn))
-            .map(|conn| Self { conn })
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })
+        let open = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open)?;
+        match setup(&conn) {
+            Ok(()) => Ok(Self { conn }),
+            Err(StoreError::Sqlite(source)) => Err(open(source)),
+            Err(other) => Err(other),
+        }
     }
 
     /// Stops this connection from checkpointing the WAL itself. By default SQLite checkpoints
@@ -638,12 +706,22 @@ fn write_commit(
     conn.prepare_cached("UPDATE documents SET head_seq = ?2 WHERE id = ?1")?
         .execute(params![key, to_i64(last)])?;
     if let Some(snapshot) = snapshot {
-        conn.prepare_cached("UPDATE documents SET snapshot = ?2, snapshot_seq = ?3 WHERE id = ?1")?
-            .execute(params![key, snapshot, to_i64(last)])?;
+        // Only the commits after the previous snapshot still have bytes: the ones before it
+        // were cleared when it was stored, so the log is not walked from its start each time.
+        let previous: i64 = conn
+            .prepare_cached("SELECT seq FROM snapshots WHERE document = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
         conn.prepare_cached(
-            "UPDATE commits SET bytes = NULL WHERE document = ?1 AND seq <= ?2 AND bytes IS NOT NULL",
+            "INSERT INTO snapshots (document, seq, bytes) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (document) DO UPDATE SET seq = excluded.seq, bytes = excluded.bytes",
         )?
-        .execute(params![key, to_i64(last)])?;
+        .execute(params![key, to_i64(last), snapshot])?;
+        conn.prepare_cached(
+            "UPDATE commits SET bytes = NULL WHERE document = ?1 AND seq > ?2 AND seq <= ?3",
+        )?
+        .execute(params![key, previous, to_i64(last)])?;
     }
     Ok(())
 }
@@ -651,24 +729,23 @@ fn write_commit(
 fn load_in(conn: &Connection, document: DocumentId) -> Result<Option<StoredDocument>, StoreError> {
     let key = document.as_bytes().as_slice();
     let row = conn
-        .query_row(
-            "SELECT kind, snapshot, snapshot_seq, head_seq FROM documents WHERE id = ?1",
-            [key],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Option<Vec<u8>>>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                ))
-            },
-        )
+        .prepare_cached("SELECT kind, head_seq FROM documents WHERE id = ?1")?
+        .query_row([key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
         .optional()?;
-    let Some((kind, snapshot, snapshot_seq, head_seq)) = row else {
+    let Some((kind, head_seq)) = row else {
         return Ok(None);
     };
+    let stored = conn
+        .prepare_cached("SELECT seq, bytes FROM snapshots WHERE document = ?1")?
+        .query_row([key], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()?;
+    let (snapshot_seq, snapshot) = match stored {
+        Some((seq, bytes)) => (to_u64(document, seq)?, Some(bytes)),
+        None => (0, None),
+    };
     let kind = to_kind(document, kind)?;
-    let snapshot_seq = to_u64(document, snapshot_seq)?;
     let head_seq = to_u64(document, head_seq)?;
     let mut changes = Vec::new();
     let mut statement = conn.prepare_cached(
@@ -736,6 +813,119 @@ mod tests {
         assert_eq!(cache(&store), -2_000, "SQLite's default");
         store.limit_page_cache(256).unwrap();
         assert_eq!(cache(&store), -256);
+    }
+
+    /// The schema of the first release, as it was created: snapshots in the `documents` rows.
+    const SCHEMA_1: &str = "
+        CREATE TABLE documents (
+            id BLOB PRIMARY KEY,
+            kind INTEGER NOT NULL,
+            snapshot BLOB,
+            snapshot_seq INTEGER NOT NULL DEFAULT 0,
+            head_seq INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE commits (
+            document BLOB NOT NULL,
+            seq INTEGER NOT NULL,
+            change_id BLOB NOT NULL,
+            author BLOB NOT NULL,
+            bytes BLOB,
+            PRIMARY KEY (document, seq)
+        ) WITHOUT ROWID;
+    ";
+
+    #[test]
+    fn a_schema_1_database_is_migrated_with_its_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (compacted, fresh) = (
+            DocumentId::from_bytes([1; 16]),
+            DocumentId::from_bytes([2; 16]),
+        );
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(SCHEMA_1).unwrap();
+            old.execute(
+                "INSERT INTO documents VALUES (?1, 1, x'5e', 2, 3), (?2, 2, NULL, 0, 1)",
+                params![compacted.as_bytes().as_slice(), fresh.as_bytes().as_slice()],
+            )
+            .unwrap();
+            for (doc, seq, bytes) in [
+                (compacted, 1, None),
+                (compacted, 2, None),
+                (compacted, 3, Some(vec![3u8])),
+                (fresh, 1, Some(vec![1u8])),
+            ] {
+                old.execute(
+                    "INSERT INTO commits VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        doc.as_bytes().as_slice(),
+                        seq,
+                        [seq as u8; 32].as_slice(),
+                        [7u8; 16].as_slice(),
+                        bytes
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        let mut store = Store::open(&path).unwrap();
+        let version: i64 = store
+            .connection()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let loaded = store.load(compacted).unwrap().unwrap();
+        assert_eq!(loaded.kind, DocKind::Automerge, "kind 1");
+        assert_eq!(loaded.snapshot.as_deref(), Some(&[0x5e][..]));
+        assert_eq!((loaded.snapshot_seq, loaded.head_seq), (2, 3));
+        assert_eq!(loaded.changes, vec![vec![3u8]]);
+        assert_eq!(loaded.head_change, Some(ChangeId([3; 32])));
+        let loaded = store.load(fresh).unwrap().unwrap();
+        assert_eq!(loaded.kind, DocKind::Yrs, "kind 2");
+        assert_eq!(
+            (loaded.snapshot, loaded.snapshot_seq, loaded.head_seq),
+            (None, 0, 1)
+        );
+        // It is written in the new schema from here on, and opens again as it is.
+        let next = NewCommit {
+            seq: 4,
+            change: ChangeId([4; 32]),
+            author: ReplicaId::from_bytes([7; 16]),
+            bytes: vec![4],
+        };
+        store.commit(compacted, 3, &[next], Some(b"s4")).unwrap();
+        drop(store);
+        let mut store = Store::open(&path).unwrap();
+        let loaded = store.load(compacted).unwrap().unwrap();
+        assert_eq!(loaded.snapshot.as_deref(), Some(&b"s4"[..]));
+        assert_eq!((loaded.snapshot_seq, loaded.head_seq), (4, 4));
+        assert!(loaded.changes.is_empty());
+        let feed = store.feed(compacted, 0, 10, usize::MAX).unwrap();
+        assert!(feed.iter().all(|c| c.bytes.is_none()), "all compacted");
+        assert_eq!(feed.len(), 4);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_server_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(Store::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        match Store::open(&path) {
+            Err(StoreError::NewerSchema { found, supported }) => {
+                assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+            }
+            other => panic!("expected NewerSchema, got {:?}", other.map(drop)),
+        }
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION + 1);
     }
 
     #[test]
