@@ -108,8 +108,9 @@ struct Serve {
     /// is not glibc.
     #[arg(long, env = "ACCORD_MALLOC_ARENAS", default_value_t = 2)]
     malloc_arenas: u32,
-    /// The page cache of each of the store's SQLite connections, in KiB: less saves memory (a
-    /// fixed amount, up to this per connection) and costs write throughput on large databases.
+    /// The page cache of each of the store's SQLite connections, in KiB (default 512, a quarter
+    /// of SQLite's): less saves memory (a fixed amount, up to this per connection), more helps a
+    /// server that mostly writes large documents.
     #[arg(long, default_value_t = accord_server::storage::DEFAULT_PAGE_CACHE_KIB)]
     sqlite_cache_kib: u32,
 }

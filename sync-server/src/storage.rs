@@ -71,11 +71,14 @@ pub struct StorageConfig {
     pub page_cache_kib: u32,
 }
 
-/// [`StorageConfig::page_cache_kib`] by default: SQLite's own default. A smaller cache is a
-/// fixed saving, not one per document, and the writer pays for it in throughput: with 512 KiB,
-/// 1,000 documents took ~1.7 MB less RSS but the commits load (8 documents, 1M changes) made
-/// 116-139k durable changes/s instead of 147-149k (BENCHMARKS.md, issue 8, session 15).
-pub const DEFAULT_PAGE_CACHE_KIB: u32 = 2_000;
+/// [`StorageConfig::page_cache_kib`] by default: a quarter of SQLite's own default (2,000 KiB).
+/// The writer's working set is small: the `documents` rows and the last leaf of each document's
+/// log (snapshots live apart from the rows every commit updates, see `store`). Against 2,000 KiB,
+/// 1,000 active documents take ~2 MB less RSS, and the commits load (8 documents, 1M changes)
+/// makes ~6% fewer durable changes/s (177k against 188k on average, within its run-to-run
+/// spread; BENCHMARKS.md, issue 8, session 16). `--sqlite-cache-kib` raises it for a server that
+/// mostly writes large documents.
+pub const DEFAULT_PAGE_CACHE_KIB: u32 = 512;
 
 impl Default for StorageConfig {
     fn default() -> Self {
