@@ -11,16 +11,20 @@ use crate::doc::{ChangeId, DocKind};
 use crate::ids::{DocumentId, ReplicaId};
 use crate::protocol::ErrorCode;
 
-/// 2: the `settled` table (statuses of settled local changes).
-const SCHEMA_VERSION: i64 = 2;
+/// 2: the `settled` table (statuses of settled local changes). 3: snapshots in a table of
+/// their own, out of the `documents` rows (see [`MIGRATE_TO_3`]).
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS documents (
     id BLOB PRIMARY KEY,
     kind INTEGER NOT NULL,
-    snapshot BLOB,
     last_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    document BLOB PRIMARY KEY,
+    bytes BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS changes (
     n INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -43,6 +47,25 @@ CREATE TABLE IF NOT EXISTS settled (
     reason TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS settled_by_change ON settled (document, change);
+";
+
+/// Schemas 1 and 2 to 3: the snapshot moves out of the `documents` row, which every
+/// acknowledgement updates (`last_seq`): SQLite rewrites a whole row to change one column, so
+/// each of them read a large document's snapshot back and compared it page by page.
+const MIGRATE_TO_3: &str = "
+CREATE TABLE snapshots (
+    document BLOB PRIMARY KEY,
+    bytes BLOB NOT NULL
+);
+INSERT INTO snapshots (document, bytes) SELECT id, snapshot FROM documents WHERE snapshot IS NOT NULL;
+CREATE TABLE documents_v3 (
+    id BLOB PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO documents_v3 (id, kind, last_seq) SELECT id, kind, last_seq FROM documents;
+DROP TABLE documents;
+ALTER TABLE documents_v3 RENAME TO documents;
 ";
 
 /// A replica's store in one SQLite file.
@@ -71,8 +94,22 @@ impl SqliteStorage {
                 "database schema {version} is newer than this build's {SCHEMA_VERSION}"
             )));
         }
-        connection.execute_batch(SCHEMA)?;
-        connection.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        // One transaction: a migration that fails leaves the file as it was.
+        let txn = rusqlite::Transaction::new_unchecked(
+            &connection,
+            rusqlite::TransactionBehavior::Immediate,
+        )?;
+        let snapshots_in_rows: bool = txn.query_row(
+            "SELECT count(*) FROM pragma_table_info('documents') WHERE name = 'snapshot'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if snapshots_in_rows {
+            txn.execute_batch(MIGRATE_TO_3)?;
+        }
+        txn.execute_batch(SCHEMA)?;
+        txn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        txn.commit()?;
         Ok(Self { connection })
     }
 
@@ -150,20 +187,21 @@ impl Storage for SqliteStorage {
     ) -> Result<Option<StoredDocument>, StorageError> {
         let id = document.as_bytes().as_slice();
         let head = {
-            let mut statement = self
-                .connection
-                .prepare_cached("SELECT kind, snapshot, last_seq FROM documents WHERE id = ?1")?;
+            let mut statement = self.connection.prepare_cached(
+                "SELECT kind, last_seq, (SELECT bytes FROM snapshots WHERE document = id) \
+                 FROM documents WHERE id = ?1",
+            )?;
             let mut rows = statement.query(params![id])?;
             match rows.next()? {
                 None => None,
                 Some(row) => Some((
                     kind(column(row, 0, "kind")?)?,
-                    column::<Option<Vec<u8>>>(row, 1, "snapshot")?,
-                    column::<i64>(row, 2, "last seq")?,
+                    column::<i64>(row, 1, "last seq")?,
+                    column::<Option<Vec<u8>>>(row, 2, "snapshot")?,
                 )),
             }
         };
-        let Some((kind, snapshot, last_seq)) = head else {
+        let Some((kind, last_seq, snapshot)) = head else {
             return Ok(None);
         };
         let mut statement = self
@@ -262,7 +300,8 @@ impl Storage for SqliteStorage {
                 Write::Snapshot { document, bytes } => {
                     let id = document.as_bytes().as_slice();
                     txn.execute(
-                        "UPDATE documents SET snapshot = ?2 WHERE id = ?1",
+                        "INSERT INTO snapshots (document, bytes) VALUES (?1, ?2) \
+                         ON CONFLICT (document) DO UPDATE SET bytes = excluded.bytes",
                         params![id, bytes],
                     )?;
                     txn.execute("DELETE FROM changes WHERE document = ?1", params![id])?;

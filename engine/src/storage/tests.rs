@@ -149,9 +149,13 @@ fn sqlite_corrupt_rows_are_typed_errors() {
     ));
     storage
         .connection()
+        .execute("UPDATE documents SET kind = 1", [])
+        .expect("good kind");
+    storage
+        .connection()
         .execute(
-            "UPDATE documents SET kind = 1, snapshot = 'text, not a blob'",
-            [],
+            "INSERT INTO snapshots (document, bytes) VALUES (?1, 'text, not a blob')",
+            [good.as_bytes().as_slice()],
         )
         .expect("bad snapshot type");
     assert!(matches!(
@@ -174,4 +178,82 @@ fn sqlite_corrupt_rows_are_typed_errors() {
         )
         .expect("a row both confirmed and rejected");
     assert!(matches!(storage.settled(), Err(StorageError::Corrupt(_))));
+}
+
+#[cfg(all(feature = "sqlite", not(target_arch = "wasm32")))]
+#[test]
+fn sqlite_schema_2_is_migrated_with_its_snapshots() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("replica.db");
+    let compacted = DocumentId::from_bytes([1; 16]);
+    let fresh = DocumentId::from_bytes([2; 16]);
+    {
+        // Schema 2 as it was created: the snapshot inside the `documents` row.
+        let old = rusqlite::Connection::open(&path).expect("open");
+        old.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+             CREATE TABLE documents (id BLOB PRIMARY KEY, kind INTEGER NOT NULL, snapshot BLOB,
+                 last_seq INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE changes (n INTEGER PRIMARY KEY AUTOINCREMENT, document BLOB NOT NULL,
+                 bytes BLOB NOT NULL);
+             CREATE INDEX changes_by_document ON changes (document, n);
+             PRAGMA user_version = 2;",
+        )
+        .expect("schema 2");
+        old.execute(
+            "INSERT INTO documents VALUES (?1, 2, x'0909', 5), (?2, 1, NULL, 0)",
+            [compacted.as_bytes().as_slice(), fresh.as_bytes().as_slice()],
+        )
+        .expect("documents");
+        old.execute(
+            "INSERT INTO changes (document, bytes) VALUES (?1, x'03')",
+            [compacted.as_bytes().as_slice()],
+        )
+        .expect("a change after the snapshot");
+    }
+    let mut storage = SqliteStorage::open(&path).expect("migrate");
+    let version: i64 = storage
+        .connection()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, 3);
+    let stored = storage
+        .load_document(compacted)
+        .expect("load")
+        .expect("present");
+    assert_eq!(stored.kind, DocKind::Yrs);
+    assert_eq!(stored.snapshot, Some(vec![9, 9]));
+    assert_eq!(stored.changes, vec![vec![3]]);
+    assert_eq!(stored.last_seq, 5);
+    let stored = storage
+        .load_document(fresh)
+        .expect("load")
+        .expect("present");
+    assert_eq!(
+        (stored.kind, stored.snapshot, stored.last_seq),
+        (DocKind::Automerge, None, 0)
+    );
+    // Written in schema 3 from here on; acknowledgements no longer touch the snapshot.
+    let mut batch = Batch::default();
+    batch.push(Write::SetLastSeq {
+        document: compacted,
+        seq: 8,
+    });
+    batch.push(Write::Snapshot {
+        document: fresh,
+        bytes: vec![4],
+    });
+    storage.write(&batch).expect("write");
+    drop(storage);
+    let mut storage = SqliteStorage::open(&path).expect("reopen");
+    let stored = storage
+        .load_document(compacted)
+        .expect("load")
+        .expect("present");
+    assert_eq!((stored.snapshot, stored.last_seq), (Some(vec![9, 9]), 8));
+    let stored = storage
+        .load_document(fresh)
+        .expect("load")
+        .expect("present");
+    assert_eq!(stored.snapshot, Some(vec![4]));
 }
