@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accord_engine::storage::MemoryStorage;
-use accord_engine::{ChangeId, DocKind, DocumentId, Op, Path};
+use accord_engine::{ChangeId, DocKind, Document, DocumentId, Op, Path, ReplicaId};
 use common::*;
 use serde_json::json;
 
@@ -210,5 +210,77 @@ async fn acknowledged_changes_survive_sigkill() {
             "{kind}: a fresh client catches up to the stored state"
         );
     }
+    drop(server);
+}
+
+/// A data directory an older server wrote (schema 1: each document's snapshot inside its
+/// `documents` row) is upgraded when the new binary starts on it: its documents read back as
+/// they were, take new changes, and keep both across another restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_1_data_directory_is_upgraded_when_the_server_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = DocumentId::from_bytes([3; 16]);
+    let author = ReplicaId::from_bytes([4; 16]);
+    let mut doc = Document::new(DocKind::Yrs, author, id);
+    let before = vec![Op::Put {
+        path: Path::keys(["m", "title"]),
+        value: json!("written before the upgrade"),
+    }];
+    let change = doc.apply_ops(&before).unwrap().unwrap();
+    let snapshot = doc.save();
+    {
+        // As a schema-1 server left it after compacting: a snapshot covering commit 1, whose
+        // bytes the log no longer holds.
+        let db = rusqlite::Connection::open(dir.path().join("accord.db")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE documents (id BLOB PRIMARY KEY, kind INTEGER NOT NULL, snapshot BLOB,
+                 snapshot_seq INTEGER NOT NULL DEFAULT 0, head_seq INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE commits (document BLOB NOT NULL, seq INTEGER NOT NULL,
+                 change_id BLOB NOT NULL, author BLOB NOT NULL, bytes BLOB,
+                 PRIMARY KEY (document, seq)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        db.execute(
+            "INSERT INTO documents VALUES (?1, 2, ?2, 1, 1)",
+            rusqlite::params![id.as_bytes().as_slice(), snapshot],
+        )
+        .unwrap();
+        db.execute(
+            "INSERT INTO commits VALUES (?1, 1, ?2, ?3, NULL)",
+            rusqlite::params![
+                id.as_bytes().as_slice(),
+                change.id.0.as_slice(),
+                author.as_bytes().as_slice()
+            ],
+        )
+        .unwrap();
+    }
+    let read = |addr| async move {
+        let response = http(addr, "GET", &format!("/v1/documents/{id}"), None, None).await;
+        assert_eq!(response.status, 200, "{}", response.body);
+        response.json()
+    };
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let server = spawn_server(dir.path(), port).await;
+    let upgraded = read(addr).await;
+    assert_eq!(upgraded["head_seq"], 1);
+    assert_eq!(
+        upgraded["state"]["m"]["title"],
+        "written before the upgrade"
+    );
+    let ops = json!([{"op": "put", "path": ["m", "after"], "value": true}]).to_string();
+    let path = format!("/v1/documents/{id}/changes");
+    let applied = http(addr, "POST", &path, None, Some(ops.as_bytes())).await;
+    assert_eq!(applied.status, 200, "{}", applied.body);
+    assert_eq!(applied.json()["seq"], 2);
+    drop(server);
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let server = spawn_server(dir.path(), port).await;
+    let reread = read(addr).await;
+    assert_eq!(reread["head_seq"], 2);
+    assert_eq!(reread["state"]["m"]["title"], "written before the upgrade");
+    assert_eq!(reread["state"]["m"]["after"], true);
     drop(server);
 }
