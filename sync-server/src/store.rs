@@ -225,7 +225,14 @@ fn prepare_schema(conn: &Connection) -> Result<(), StoreError> {
         |r| r.get::<_, i64>(0).map(|n| n > 0),
     )?;
     if schema_1 {
+        // Copies every snapshot once: the start of an upgraded server takes longer, so say why.
+        tracing::info!("migrating the database from schema 1 to {SCHEMA_VERSION}");
+        let started = std::time::Instant::now();
         tx.execute_batch(MIGRATE_1_TO_2)?;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "database migrated"
+        );
     }
     tx.execute_batch(SCHEMA)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
