@@ -166,7 +166,24 @@ pub enum Written {
 /// version was recorded.
 const SCHEMA_VERSION: i64 = 2;
 
-const SCHEMA: &str = "
+/// The commit log's table: the same in schemas 1 and 2.
+macro_rules! commits_table {
+    () => {
+        "
+CREATE TABLE IF NOT EXISTS commits (
+    document BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    change_id BLOB NOT NULL,
+    author BLOB NOT NULL,
+    bytes BLOB,
+    PRIMARY KEY (document, seq)
+) WITHOUT ROWID;
+"
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS documents (
     id BLOB PRIMARY KEY,
     kind INTEGER NOT NULL,
@@ -177,15 +194,25 @@ CREATE TABLE IF NOT EXISTS snapshots (
     seq INTEGER NOT NULL,
     bytes BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS commits (
-    document BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    change_id BLOB NOT NULL,
-    author BLOB NOT NULL,
-    bytes BLOB,
-    PRIMARY KEY (document, seq)
-) WITHOUT ROWID;
-";
+",
+    commits_table!()
+);
+
+/// Schema 1 (user_version 0) as the first release created it: each document's snapshot inside
+/// its `documents` row. Kept so that tests can make the files an older server wrote.
+#[doc(hidden)]
+pub const SCHEMA_1: &str = concat!(
+    "
+CREATE TABLE documents (
+    id BLOB PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    snapshot BLOB,
+    snapshot_seq INTEGER NOT NULL DEFAULT 0,
+    head_seq INTEGER NOT NULL DEFAULT 0
+);
+",
+    commits_table!()
+);
 
 /// Schema 1 to 2: the snapshots move out of the `documents` rows into their own table (the
 /// commit log is unchanged).
@@ -821,25 +848,6 @@ mod tests {
         store.limit_page_cache(256).unwrap();
         assert_eq!(cache(&store), -256);
     }
-
-    /// The schema of the first release, as it was created: snapshots in the `documents` rows.
-    const SCHEMA_1: &str = "
-        CREATE TABLE documents (
-            id BLOB PRIMARY KEY,
-            kind INTEGER NOT NULL,
-            snapshot BLOB,
-            snapshot_seq INTEGER NOT NULL DEFAULT 0,
-            head_seq INTEGER NOT NULL DEFAULT 0
-        );
-        CREATE TABLE commits (
-            document BLOB NOT NULL,
-            seq INTEGER NOT NULL,
-            change_id BLOB NOT NULL,
-            author BLOB NOT NULL,
-            bytes BLOB,
-            PRIMARY KEY (document, seq)
-        ) WITHOUT ROWID;
-    ";
 
     #[test]
     fn a_schema_1_database_is_migrated_with_its_snapshots() {

@@ -232,14 +232,7 @@ async fn a_schema_1_data_directory_is_upgraded_when_the_server_starts() {
         // As a schema-1 server left it after compacting: a snapshot covering commit 1, whose
         // bytes the log no longer holds.
         let db = rusqlite::Connection::open(dir.path().join("accord.db")).unwrap();
-        db.execute_batch(
-            "CREATE TABLE documents (id BLOB PRIMARY KEY, kind INTEGER NOT NULL, snapshot BLOB,
-                 snapshot_seq INTEGER NOT NULL DEFAULT 0, head_seq INTEGER NOT NULL DEFAULT 0);
-             CREATE TABLE commits (document BLOB NOT NULL, seq INTEGER NOT NULL,
-                 change_id BLOB NOT NULL, author BLOB NOT NULL, bytes BLOB,
-                 PRIMARY KEY (document, seq)) WITHOUT ROWID;",
-        )
-        .unwrap();
+        db.execute_batch(accord_server::store::SCHEMA_1).unwrap();
         db.execute(
             "INSERT INTO documents VALUES (?1, 2, ?2, 1, 1)",
             rusqlite::params![id.as_bytes().as_slice(), snapshot],
