@@ -88,17 +88,18 @@ impl SqliteStorage {
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: i64 = connection.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        // One transaction: a migration that fails leaves the file as it was, and no other
+        // process changes the schema between the check and the migration.
+        let txn = rusqlite::Transaction::new_unchecked(
+            &connection,
+            rusqlite::TransactionBehavior::Immediate,
+        )?;
+        let version: i64 = txn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StorageError::Corrupt(format!(
                 "database schema {version} is newer than this build's {SCHEMA_VERSION}"
             )));
         }
-        // One transaction: a migration that fails leaves the file as it was.
-        let txn = rusqlite::Transaction::new_unchecked(
-            &connection,
-            rusqlite::TransactionBehavior::Immediate,
-        )?;
         let snapshots_in_rows: bool = txn.query_row(
             "SELECT count(*) FROM pragma_table_info('documents') WHERE name = 'snapshot'",
             [],

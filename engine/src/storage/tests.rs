@@ -257,3 +257,28 @@ fn sqlite_schema_2_is_migrated_with_its_snapshots() {
         .expect("present");
     assert_eq!(stored.snapshot, Some(vec![4]));
 }
+
+#[cfg(all(feature = "sqlite", not(target_arch = "wasm32")))]
+#[test]
+fn sqlite_a_newer_schema_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("replica.db");
+    drop(SqliteStorage::open(&path).expect("create"));
+    let newer = |version: Option<i64>| {
+        let connection = rusqlite::Connection::open(&path).expect("open");
+        if let Some(version) = version {
+            connection
+                .pragma_update(None, "user_version", version)
+                .expect("set");
+        }
+        connection
+            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+            .expect("read")
+    };
+    assert_eq!(newer(Some(99)), 99);
+    assert!(matches!(
+        SqliteStorage::open(&path),
+        Err(StorageError::Corrupt(message)) if message.contains("newer")
+    ));
+    assert_eq!(newer(None), 99, "the file is left as it was");
+}
