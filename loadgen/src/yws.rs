@@ -628,6 +628,7 @@ pub async fn docs(
     batches: usize,
 ) -> Result<DocsResult> {
     let tag = run_tag();
+    let batches = batches.max(1);
     let typed = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
     // Set when the last batch starts typing: every client stops then.
@@ -635,7 +636,7 @@ pub async fn docs(
     let mut tasks = Vec::new();
     let mut results = Vec::new();
     let mut rss = proc_usage(target.server_pid).map(|u| u.1).unwrap_or(0);
-    for batch in 0..batches.max(1) {
+    for batch in 0..batches {
         let rss_before = rss;
         let sem = Arc::new(tokio::sync::Semaphore::new(128));
         let ready = Arc::new(Barrier::new(docs * per_doc + 1));
@@ -750,7 +751,7 @@ pub async fn docs(
         let _ = start_tx.send(Some(begun));
         // The last batch ends every client's typing; an earlier one only times its own.
         let mut held = Vec::new();
-        if batch + 1 >= batches.max(1) {
+        if batch + 1 == batches {
             let _ = end_tx.send(Some(end));
             for t in tasks.drain(..) {
                 held.push(t.await.map_err(|e| e.to_string())??);
@@ -776,6 +777,8 @@ pub async fn docs(
     })
 }
 
+/// One batch's figures from the server's (CPU seconds, RSS) before and after its `elapsed`
+/// seconds of typing (NaN CPU when the server's usage could not be read).
 fn batch_usage(
     rss_before: u64,
     usage0: Option<(f64, u64)>,
