@@ -76,4 +76,62 @@ if (thin.length) {
   }
   out.push('')
 }
+// Issue 8's targets, each against the best peer of this run (or the peer the target names).
+const yes = (ok) => (ok ? 'yes' : '**no**')
+const targets = []
+const accOf = (w) => of(w).find((r) => r.label === 'accord')
+if (fan.length && accOf('fanout')) {
+  const acc = accOf('fanout')
+  const best = fan.filter((r) => r.label !== 'accord').reduce((b, r) => (!b || num(r.best_updates_per_s) > num(b.best_updates_per_s) ? r : b), null)
+  if (best) {
+    const x = num(acc.best_updates_per_s) / num(best.best_updates_per_s)
+    const line = num(best.p99_ms) / 5
+    // Accord's steps (p99 ≤ 100 ms, nothing lost) delivering at least 5× the best peer: met
+    // when one of them has a p99 within a fifth of the peer's.
+    const at5 = of('fanout-step').filter((r) => r.label === 'accord' && r.ok === 'true' && num(r.updates_per_s) >= 5 * num(best.best_updates_per_s))
+      .sort((a, b) => num(a.updates_per_s) - num(b.updates_per_s))
+    const met = at5.find((r) => num(r.p99_ms) <= line)
+    const shown = met ?? at5[0]
+    const p99 = shown ? `p99 ${fmt(num(shown.p99_ms), 1)} ms at ${fmt(num(shown.updates_per_s))}/s` : 'no step with 5× (rerun with FANOUT_RATES)'
+    targets.push(`| 1. fan-out | ${fmt(x, 1)}× ${best.label} (${fmt(num(best.best_updates_per_s))}/s, p99 ${fmt(num(best.p99_ms), 1)} ms); ${p99} | ≥ 5×, p99 ≤ ${fmt(line, 1)} ms | ${yes(x >= 5 && met)} |`)
+  }
+}
+if (docs.length && accOf('docs')) {
+  const acc = accOf('docs')
+  for (const [peer, times] of [['y-sweet', 4], ['hocuspocus', 10]]) {
+    const r = docs.find((d) => d.label === peer)
+    if (!r) continue
+    const first = num(r.bytes_per_doc) / num(acc.bytes_per_doc)
+    const next = num(r.marginal_bytes_per_doc) / num(acc.marginal_bytes_per_doc)
+    targets.push(`| 2. RSS per active document | 1/${fmt(first, 2)} of ${peer} (first 1,000), 1/${fmt(next, 2)} (next 1,000) | ≤ 1/${times} | ${yes(first >= times && next >= times)} |`)
+  }
+}
+for (const kind of ['yjs', 'automerge']) {
+  const r = cold.find((c) => c.label === 'accord' && c.kind === kind)
+  if (r) targets.push(`| 3. cold load, ${kind} | ${fmt(num(r.ratio), 2)}× the client's decode (${fmt(num(r.e2e_ms), 1)} / ${fmt(num(r.decode_ms), 1)} ms) | ≤ 1.25× | ${yes(num(r.ratio) <= 1.25)} |`)
+}
+for (const [w, clients] of [['typists', 'real clients'], ['am-typists', 'thin clients']]) {
+  const at = (n, label) => of(w).find((r) => r.label === label && r.n === n)
+  const acc8 = at('8', 'accord')
+  const peer8 = at('8', 'automerge-sync-server')
+  if (acc8 && peer8) {
+    const x = num(peer8.cores_per_typist) / num(acc8.cores_per_typist)
+    targets.push(`| 4. typists at 8 (${clients}) | 1/${fmt(x, 1)} of automerge-repo-sync-server's CPU per typist | ≤ 1/10 | ${yes(x >= 10)} |`)
+  }
+  const acc128 = at('128', 'accord')
+  if (acc128) {
+    // No lag: every keystroke reached every typist within a second of the stop.
+    const ok = acc128.caught_up === 'true' && num(acc128.catch_up_s) <= 1
+    const typed = w === 'typists' ? `; ${acc128.typed} of ${fmt(128 * 6 * 20)} characters typed, client process ${acc128.client_cores} cores` : ''
+    targets.push(`| 4. typists at 128 (${clients}) | ${acc128.caught_up === 'true' ? `caught up ${acc128.catch_up_s} s after the stop` : 'not caught up'}${typed} | no lag (caught up within 1 s) | ${yes(ok)} |`)
+  }
+}
+if (idle.length && accOf('idle')) {
+  const acc = accOf('idle')
+  targets.push(`| 5. idle connection | ${fmt(num(acc.bytes_per_conn))} B | ≤ 4,000 B | ${yes(num(acc.bytes_per_conn) <= 4000)} |`)
+}
+if (targets.length) {
+  out.push("### Against issue 8's targets", '')
+  out.push('| target | Accord in this run | line | met? |', '|---|---|---|---|', ...targets, '')
+}
 console.log(out.join('\n'))
