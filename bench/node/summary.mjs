@@ -112,18 +112,26 @@ for (const kind of ['yjs', 'automerge']) {
 }
 for (const [w, clients] of [['typists', 'real clients'], ['am-typists', 'thin clients']]) {
   const at = (n, label) => of(w).find((r) => r.label === label && r.n === n)
-  const acc8 = at('8', 'accord')
-  const peer8 = at('8', 'automerge-sync-server')
-  if (acc8 && peer8) {
-    const x = num(peer8.cores_per_typist) / num(acc8.cores_per_typist)
-    targets.push(`| 4. typists at 8 (${clients}) | 1/${fmt(x, 1)} of automerge-repo-sync-server's CPU per typist | ≤ 1/10 | ${yes(x >= 10)} |`)
+  for (const n of ['8', '32', '128']) {
+    const acc = at(n, 'accord')
+    const peer = at(n, 'automerge-sync-server')
+    if (!acc || !peer) continue
+    const x = num(peer.cores_per_typist) / num(acc.cores_per_typist)
+    // A peer that fell behind spent what it could, not what the load needed: its CPU per
+    // typist is no line to compare with.
+    const verdict = peer.caught_up === 'true' ? yes(x >= 10) : `— (the peer fell behind: ${peer.lag_chars_at_stop} characters short at the stop)`
+    targets.push(`| 4. typists at ${n} (${clients}), CPU | 1/${fmt(x, 1)} of automerge-repo-sync-server's CPU per typist | ≤ 1/10 | ${verdict} |`)
   }
   const acc128 = at('128', 'accord')
   if (acc128) {
-    // No lag: every keystroke reached every typist within a second of the stop.
+    // No lag: every keystroke reached every typist within a second of the stop. Clients that
+    // could not type at 6 characters a second (one Node process holds them all) measure
+    // themselves, not the server.
     const ok = acc128.caught_up === 'true' && num(acc128.catch_up_s) <= 1
-    const typed = w === 'typists' ? `; ${acc128.typed} of ${fmt(128 * 6 * 20)} characters typed, client process ${acc128.client_cores} cores` : ''
-    targets.push(`| 4. typists at 128 (${clients}) | ${acc128.caught_up === 'true' ? `caught up ${acc128.catch_up_s} s after the stop` : 'not caught up'}${typed} | no lag (caught up within 1 s) | ${yes(ok)} |`)
+    const rate = num(acc128.typed) / (128 * num(acc128.seconds))
+    const typed = w === 'typists' ? `; the clients typed ${fmt(rate, 2)} characters/s each (of 6), their process used ${acc128.client_cores} cores` : ''
+    const verdict = w === 'typists' && rate < 0.9 * 6 ? '— (the clients could not type)' : yes(ok)
+    targets.push(`| 4. typists at 128 (${clients}), lag | ${acc128.caught_up === 'true' ? `caught up ${acc128.catch_up_s} s after the stop` : 'not caught up'}${typed} | no lag (caught up within 1 s) | ${verdict} |`)
   }
 }
 if (idle.length && accOf('idle')) {
