@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Accord against the servers its users would otherwise pick, same machine, same run, same load.
 #
-#   bench/run.sh --smoke            Accord only, small numbers, no Node and no peers (CI; < 2 min
-#                                   once built)
+#   bench/run.sh --smoke            Accord only, small numbers, no peers (CI; < 2 min once
+#                                   built); Node, when installed, only for the summary
 #   bench/run.sh                    every workload against Accord and every peer (installs the
 #                                   peers: y-sweet with cargo into $PEERS_DIR, the Node peers
 #                                   with `npm ci` in bench/); prints tables with ratios
@@ -153,6 +153,11 @@ if [ "$SMOKE" = 1 ]; then
   grep -q "RESULT idle accord connections=200" "$RESULTS" || { echo "smoke: idle failed" >&2; exit 1; }
   grep -q "RESULT docs accord docs=20 .*marginal_bytes_per_doc=" "$RESULTS" || { echo "smoke: docs failed" >&2; exit 1; }
   grep -q "RESULT am-typists accord n=4 .*caught_up=true" "$RESULTS" || { echo "smoke: am-typists failed" >&2; exit 1; }
+  # The summary's tables and target checks, from what the smoke run printed (Node, where there).
+  if command -v node >/dev/null; then
+    node "$BENCH/node/summary.mjs" "$RESULTS" > "$OUT/summary.md"
+    grep -q "^| 5. idle connection | " "$OUT/summary.md" || { echo "smoke: the summary checked no target" >&2; exit 1; }
+  fi
   echo "smoke: ok"
   exit 0
 fi
