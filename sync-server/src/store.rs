@@ -71,6 +71,15 @@ pub enum StoreError {
         /// The newest this server writes.
         supported: i64,
     },
+    /// A reading connection found a database its writer has not brought to this server's
+    /// schema (the writer migrates when it opens, and is opened first).
+    #[error("the database has schema version {found}; open it for writing first, which brings it to {expected}")]
+    NotMigrated {
+        /// The database's schema version (`PRAGMA user_version`).
+        found: i64,
+        /// The version this server reads.
+        expected: i64,
+    },
 }
 
 /// A document as stored.
@@ -297,11 +306,30 @@ fn change_id(document: DocumentId, bytes: &[u8]) -> Result<ChangeId, StoreError>
 }
 
 /// Reads the schema now, so a file that is not a database fails when it is opened.
-fn read_schema(conn: &Connection) -> rusqlite::Result<()> {
-    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-        r.get::<_, i64>(0)
-    })
-    .map(drop)
+/// Refuses a database written by a newer server before anything is changed in it (not even its
+/// journal mode); [`prepare_schema`] checks again inside its transaction.
+fn refuse_newer(conn: &Connection) -> Result<i64, StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(version)
+}
+
+/// Checks that a reading connection finds this server's schema (reading the schema also makes
+/// a file that is not a database fail here, when it opens).
+fn read_schema(conn: &Connection) -> Result<(), StoreError> {
+    let version = refuse_newer(conn)?;
+    if version != SCHEMA_VERSION {
+        return Err(StoreError::NotMigrated {
+            found: version,
+            expected: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
 }
 
 /// How a WAL checkpoint treats the writer and the readers (SQLite's checkpoint modes).
@@ -337,6 +365,7 @@ impl Store {
     pub fn open_writer(path: &Path, busy: Duration) -> Result<Self, StoreError> {
         Self::open_with(path, |conn| {
             conn.busy_timeout(busy)?;
+            refuse_newer(conn)?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
             prepare_schema(conn)
@@ -349,7 +378,7 @@ impl Store {
         Self::open_with(path, |conn| {
             conn.busy_timeout(Duration::from_secs(30))?;
             conn.pragma_update(None, "query_only", true)?;
-            Ok(read_schema(conn)?)
+            read_schema(conn)
         })
     }
 
@@ -360,7 +389,7 @@ impl Store {
         Self::open_with(path, |conn| {
             conn.busy_timeout(busy)?;
             conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-            Ok(read_schema(conn)?)
+            read_schema(conn)
         })
     }
 
@@ -925,22 +954,53 @@ mod tests {
     fn a_database_from_a_newer_server_is_refused_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
-        drop(Store::open(&path).unwrap());
-        Connection::open(&path)
-            .unwrap()
+        // A newer server's file, in a rollback journal (a format this one does not know could
+        // be anything): refused before its journal mode, too, is changed.
+        let newer = Connection::open(&path).unwrap();
+        newer
+            .execute_batch("CREATE TABLE future (x); PRAGMA journal_mode = DELETE;")
+            .unwrap();
+        newer
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
-        match Store::open(&path) {
+        drop(newer);
+        let refused = |opened: Result<Store, StoreError>| match opened {
             Err(StoreError::NewerSchema { found, supported }) => {
                 assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
             }
             other => panic!("expected NewerSchema, got {:?}", other.map(drop)),
-        }
-        let version: i64 = Connection::open(&path)
-            .unwrap()
+        };
+        refused(Store::open(&path));
+        refused(Store::open_reader(&path));
+        refused(Store::open_checkpointer(&path, Duration::from_secs(1)));
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, SCHEMA_VERSION + 1);
+        let journal: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!((version, journal.as_str()), (SCHEMA_VERSION + 1, "delete"));
+    }
+
+    #[test]
+    fn a_reader_refuses_a_database_its_writer_has_not_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(SCHEMA_1)
+            .unwrap();
+        match Store::open_reader(&path) {
+            Err(StoreError::NotMigrated { found, expected }) => {
+                assert_eq!((found, expected), (0, SCHEMA_VERSION));
+            }
+            other => panic!("expected NotMigrated, got {:?}", other.map(drop)),
+        }
+        // Once the writer has opened it, readers and the checkpointer open it too.
+        drop(Store::open(&path).unwrap());
+        Store::open_reader(&path).unwrap();
+        Store::open_checkpointer(&path, Duration::from_secs(1)).unwrap();
     }
 
     #[test]

@@ -27,6 +27,15 @@ pub enum StorageError {
     /// The backend failed.
     #[error("storage backend: {0}")]
     Backend(String),
+    /// The database was written by a newer build, in a schema this one does not know; it is
+    /// left as it was.
+    #[error("the database has schema version {found}; this build knows up to {supported}")]
+    NewerSchema {
+        /// The database's schema version.
+        found: i64,
+        /// The newest this build writes.
+        supported: i64,
+    },
 }
 
 #[cfg(all(feature = "sqlite", not(target_arch = "wasm32")))]

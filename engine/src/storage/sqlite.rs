@@ -85,6 +85,9 @@ impl SqliteStorage {
     }
 
     fn setup(connection: Connection) -> Result<Self, StorageError> {
+        // A newer build's file is refused before anything in it changes, its journal mode
+        // included; the transaction below checks again.
+        refuse_newer(&connection)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -94,12 +97,7 @@ impl SqliteStorage {
             &connection,
             rusqlite::TransactionBehavior::Immediate,
         )?;
-        let version: i64 = txn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StorageError::Corrupt(format!(
-                "database schema {version} is newer than this build's {SCHEMA_VERSION}"
-            )));
-        }
+        refuse_newer(&txn)?;
         let snapshots_in_rows: bool = txn.query_row(
             "SELECT count(*) FROM pragma_table_info('documents') WHERE name = 'snapshot'",
             [],
@@ -119,6 +117,18 @@ impl SqliteStorage {
     pub fn connection(&self) -> &Connection {
         &self.connection
     }
+}
+
+/// [`StorageError::NewerSchema`] for a database a newer build wrote.
+fn refuse_newer(connection: &Connection) -> Result<(), StorageError> {
+    let version: i64 = connection.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StorageError::NewerSchema {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StorageError {
@@ -189,7 +199,7 @@ impl Storage for SqliteStorage {
         let id = document.as_bytes().as_slice();
         let head = {
             let mut statement = self.connection.prepare_cached(
-                "SELECT kind, last_seq, (SELECT bytes FROM snapshots WHERE document = id) \
+                "SELECT kind, last_seq, (SELECT bytes FROM snapshots WHERE document = documents.id) \
                  FROM documents WHERE id = ?1",
             )?;
             let mut rows = statement.query(params![id])?;
@@ -280,6 +290,30 @@ impl Storage for SqliteStorage {
             return Ok(());
         }
         let txn = self.connection.transaction()?;
+        // A write to a document that neither exists nor is created in this batch refuses the
+        // whole batch, as the other backends do (a snapshot or a change kept for no document
+        // would come back if a document of that id were created later).
+        let mut checked = std::collections::HashSet::new();
+        for write in &batch.writes {
+            let (Write::AppendChange { document, .. }
+            | Write::Snapshot { document, .. }
+            | Write::SetLastSeq { document, .. }) = write
+            else {
+                continue;
+            };
+            let created = batch.writes.iter().any(
+                |w| matches!(w, Write::CreateDocument { document: d, .. } if d == document),
+            );
+            if created || !checked.insert(*document) {
+                continue;
+            }
+            let exists = txn
+                .prepare_cached("SELECT 1 FROM documents WHERE id = ?1")?
+                .exists(params![document.as_bytes().as_slice()])?;
+            if !exists {
+                return Err(StorageError::Backend(format!("no document {document}")));
+            }
+        }
         for write in &batch.writes {
             match write {
                 Write::SetReplicaId(id) => {

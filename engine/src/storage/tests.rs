@@ -62,6 +62,49 @@ fn exercise(storage: &mut dyn Storage) {
         None
     );
 
+    // A write to a document that does not exist refuses the whole batch: nothing of it is kept,
+    // and a document of that id created later starts empty.
+    let unknown = DocumentId::from_bytes([7; 16]);
+    for write in [
+        Write::AppendChange {
+            document: unknown,
+            bytes: vec![5],
+        },
+        Write::Snapshot {
+            document: unknown,
+            bytes: vec![6],
+        },
+        Write::SetLastSeq {
+            document: unknown,
+            seq: 3,
+        },
+    ] {
+        let mut orphan = Batch::default();
+        orphan.push(Write::PushOutbox(OutboxEntry {
+            document,
+            change: ChangeId([8; 32]),
+            bytes: vec![8],
+        }));
+        orphan.push(write);
+        assert!(storage.write(&orphan).is_err(), "a write to no document");
+        assert!(storage.outbox().expect("outbox").is_empty(), "nothing kept");
+    }
+    let mut create = Batch::default();
+    create.push(Write::CreateDocument {
+        document: unknown,
+        kind: DocKind::Automerge,
+    });
+    storage.write(&create).expect("create");
+    assert_eq!(
+        storage.load_document(unknown).expect("load"),
+        Some(StoredDocument {
+            kind: DocKind::Automerge,
+            snapshot: None,
+            changes: Vec::new(),
+            last_seq: 0,
+        })
+    );
+
     // Settled statuses: kept in the order settled, replaced per change, forgotten on request.
     let confirmed = SettledEntry {
         document,
@@ -278,7 +321,26 @@ fn sqlite_a_newer_schema_is_refused_and_left_alone() {
     assert_eq!(newer(Some(99)), 99);
     assert!(matches!(
         SqliteStorage::open(&path),
-        Err(StorageError::Corrupt(message)) if message.contains("newer")
+        Err(StorageError::NewerSchema { found: 99, supported }) if supported < 99
     ));
     assert_eq!(newer(None), 99, "the file is left as it was");
+    // Its journal mode included: a newer build's file may use another one.
+    let connection = rusqlite::Connection::open(&path).expect("open");
+    let journal: String = connection
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .expect("journal mode");
+    assert_eq!(journal, "wal", "the mode the file was created with");
+    connection
+        .pragma_update(None, "journal_mode", "DELETE")
+        .expect("rollback journal");
+    drop(connection);
+    assert!(matches!(
+        SqliteStorage::open(&path),
+        Err(StorageError::NewerSchema { .. })
+    ));
+    let journal: String = rusqlite::Connection::open(&path)
+        .expect("open")
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .expect("journal mode");
+    assert_eq!(journal, "delete", "the journal mode is left as it was");
 }
