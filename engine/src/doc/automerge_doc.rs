@@ -551,13 +551,29 @@ impl AutomergeDoc {
             .zip(&carried)
             .rposition(|(r, c)| r.is_ok() && !c.hashes.is_empty())
             .unwrap_or(0);
+        // Each change goes with the message that applied it when they are received one by one:
+        // the first that carried it, unless it waited for a dependency a later message brought
+        // (Automerge queues a change until its dependencies are in), and a change queued from
+        // an earlier batch goes with the message that completed it. The changes come in the
+        // document's order, each after its dependencies, so theirs are placed already.
+        let mut placed: HashMap<ChangeHash, usize> = HashMap::new();
         for change in self.changes_since(&before) {
             let hash = ChangeHash(change.id.0);
             let carrier = carried
                 .iter()
                 .zip(&results)
-                .position(|(c, r)| r.is_ok() && c.hashes.contains(&hash))
-                .unwrap_or(last);
+                .position(|(c, r)| r.is_ok() && c.hashes.contains(&hash));
+            let completed = self
+                .graph
+                .deps(&hash)
+                .and_then(|deps| deps.iter().filter_map(|d| placed.get(d).copied()).max());
+            let carrier = match (carrier, completed) {
+                (Some(c), Some(d)) => Some(c.max(d)),
+                (c, d) => c.or(d),
+            }
+            .filter(|i| results.get(*i).is_some_and(Result::is_ok))
+            .unwrap_or(last);
+            placed.insert(hash, carrier);
             match &mut results[carrier] {
                 Ok(changes) => changes.push(change),
                 // Only when nothing succeeded and yet the document changed: the change is

@@ -219,6 +219,12 @@ impl RecentGraph {
         self.by_hash.contains_key(hash)
     }
 
+    /// The dependencies of the kept change `hash`; `None` when it is not kept.
+    pub(crate) fn deps(&self, hash: &ChangeHash) -> Option<&[ChangeHash]> {
+        let node = self.nodes.get(self.index_of(hash)?)?;
+        Some(&node.deps)
+    }
+
     /// Whether each of `hashes` is one of `heads` or a dependency of one: then all of them are
     /// ancestors of `heads` (a quick, partial test: `false` says nothing). Empty `hashes` are
     /// not covered (nothing was sent to cover).
