@@ -301,9 +301,10 @@ impl Storage for SqliteStorage {
             else {
                 continue;
             };
-            let created = batch.writes.iter().any(
-                |w| matches!(w, Write::CreateDocument { document: d, .. } if d == document),
-            );
+            let created = batch
+                .writes
+                .iter()
+                .any(|w| matches!(w, Write::CreateDocument { document: d, .. } if d == document));
             if created || !checked.insert(*document) {
                 continue;
             }
