@@ -490,10 +490,11 @@ impl AutomergeDoc {
     /// `payloads[i]`), with one Automerge apply for all the changes they carry when that is
     /// possible (see `automerge_sync::receive_batch`), one by one otherwise (a message that does
     /// not decode, or carries a whole document, or fewer than two carry changes). Returns, for
-    /// each message, the changes that were new here and came with it, or its error. No change
-    /// that entered the document goes unreported: one that cannot be traced to a message (a
-    /// change that waited for its dependencies) is reported with the last message that
-    /// brought changes.
+    /// each message, the changes that were new here and came with it, or its error: as one by
+    /// one, a change that waited for its dependencies (in this batch or from an earlier one) is
+    /// reported with the message that brought the last of them. No change that entered the
+    /// document goes unreported: one that cannot be traced to a message (its dependencies no
+    /// longer in the recent graph) is reported with the last message that brought changes.
     pub fn receive_sync_messages(
         &mut self,
         states: &mut [&mut automerge::sync::State],
