@@ -20,5 +20,15 @@ pub mod replica;
 pub mod storage;
 pub mod sync;
 
+/// How many cases each property test runs: `ACCORD_PROPTEST_CASES` when set (to run them harder,
+/// as the README says), else the test's own `default`.
+#[cfg(test)]
+pub(crate) fn proptest_cases(default: u32) -> u32 {
+    std::env::var("ACCORD_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub use doc::{Change, ChangeId, DocError, DocKind, Document, Op, Path, Segment, Version};
 pub use ids::{ConnectionId, DocumentId, PeerId, ReplicaId};

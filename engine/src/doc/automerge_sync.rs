@@ -778,7 +778,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(32))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(32)))]
         #[test]
         fn receive_and_generate_match_automerge_in_random_sessions(steps in proptest::collection::vec(step(3), 1..120)) {
             let mut session = Session::new(3);

@@ -463,7 +463,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(48)))]
         #[test]
         fn since_matches_automerge(steps in proptest::collection::vec((0..3usize, 0..4u8), 1..80)) {
             let mut docs: Vec<AutoCommit> = (0..3u8)
@@ -506,7 +506,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(48)))]
         /// A hub takes the changes of several peers in one `load_incremental` (as a relay
         /// applies a round of messages together): caught up from those changes as they came,
         /// the graph lists exactly what caught up from Automerge lists, in the same order,

@@ -271,7 +271,7 @@ impl Hub {
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::proptest_cases(32)))]
     /// Automerge messages from several peers applied together leave the document as applying
     /// them one by one does, report each change with the message that brought it, and keep every
     /// peer's sync going to convergence.
