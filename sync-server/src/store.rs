@@ -57,6 +57,17 @@ pub enum StoreError {
         /// Why.
         source: rusqlite::Error,
     },
+    /// A commit that does not continue its document's log (each commit's seq is the one after
+    /// the last): refused before anything is written.
+    #[error("document {document}: the next commit is seq {expected}, not {got}")]
+    OutOfOrder {
+        /// The document.
+        document: DocumentId,
+        /// The seq the log continues with.
+        expected: u64,
+        /// The seq given.
+        got: u64,
+    },
     /// The transaction this write was grouped into failed as a whole: nothing of it is stored.
     #[error("group commit failed: {0}")]
     GroupCommit(Arc<StoreError>),
@@ -750,6 +761,16 @@ fn write_commit(
             found,
         });
     }
+    // The log has no gaps: a load would refuse it as corrupt, so refuse the write instead.
+    for (expected, commit) in (head_seq.saturating_add(1)..).zip(commits) {
+        if commit.seq != expected {
+            return Err(StoreError::OutOfOrder {
+                document,
+                expected,
+                got: commit.seq,
+            });
+        }
+    }
     let mut last = head_seq;
     {
         let mut insert = conn.prepare_cached(
@@ -1023,6 +1044,22 @@ mod tests {
             store.commit(doc, 1, &[commit(2)], None),
             Err(StoreError::HeadMismatch { .. })
         ));
+        // A gap (or a repeat) in the seqs is refused, and nothing of it is written.
+        for wrong in [
+            vec![commit(4)],
+            vec![commit(3), commit(3)],
+            vec![commit(3), commit(5)],
+        ] {
+            assert!(matches!(
+                store.commit(doc, 2, &wrong, Some(b"never")),
+                Err(StoreError::OutOfOrder {
+                    expected: 3 | 4,
+                    ..
+                })
+            ));
+            let loaded = store.load(doc).unwrap().unwrap();
+            assert_eq!((loaded.head_seq, loaded.snapshot), (2, None));
+        }
         store.commit(doc, 2, &[commit(3)], Some(b"snap")).unwrap();
         store.commit(doc, 3, &[commit(4)], None).unwrap();
         let loaded = store.load(doc).unwrap().unwrap();
