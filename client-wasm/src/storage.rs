@@ -285,20 +285,8 @@ impl Storage for KvStorage {
     }
 
     fn write(&mut self, batch: &Batch) -> Result<(), StorageError> {
-        // Validate first so a failing batch changes nothing (as MemoryStorage does).
-        for write in &batch.writes {
-            if let Write::AppendChange { document, .. }
-            | Write::Snapshot { document, .. }
-            | Write::SetLastSeq { document, .. } = write
-            {
-                let created = batch.writes.iter().any(
-                    |w| matches!(w, Write::CreateDocument { document: d, .. } if d == document),
-                );
-                if !created && !self.docs.contains_key(document) {
-                    return Err(StorageError::Backend(format!("no document {document}")));
-                }
-            }
-        }
+        // Validate first so a failing batch changes nothing (as every backend does).
+        batch.check_documents(|document| Ok(self.docs.contains_key(document)))?;
         for write in &batch.writes {
             match write {
                 Write::SetReplicaId(id) => {

@@ -259,13 +259,7 @@ ALTER TABLE documents_v2 RENAME TO documents;
 /// newer server is refused rather than written in a format it does not know.
 fn prepare_schema(conn: &Connection) -> Result<(), StoreError> {
     let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::NewerSchema {
-            found: version,
-            supported: SCHEMA_VERSION,
-        });
-    }
+    refuse_newer(&tx)?;
     let schema_1: bool = tx.query_row(
         "SELECT count(*) FROM pragma_table_info('documents') WHERE name = 'snapshot'",
         [],
@@ -316,7 +310,6 @@ fn change_id(document: DocumentId, bytes: &[u8]) -> Result<ChangeId, StoreError>
     Ok(ChangeId(array))
 }
 
-/// Reads the schema now, so a file that is not a database fails when it is opened.
 /// Refuses a database written by a newer server before anything is changed in it (not even its
 /// journal mode); [`prepare_schema`] checks again inside its transaction.
 fn refuse_newer(conn: &Connection) -> Result<i64, StoreError> {

@@ -48,22 +48,7 @@ impl Storage for MemoryStorage {
 
     fn write(&mut self, batch: &Batch) -> Result<(), StorageError> {
         // Validate first so a failing batch changes nothing.
-        for write in &batch.writes {
-            let target = match write {
-                Write::AppendChange { document, .. }
-                | Write::Snapshot { document, .. }
-                | Write::SetLastSeq { document, .. } => Some(document),
-                _ => None,
-            };
-            if let Some(document) = target {
-                let created = batch.writes.iter().any(
-                    |w| matches!(w, Write::CreateDocument { document: d, .. } if d == document),
-                );
-                if !created && !self.documents.contains_key(document) {
-                    return Err(StorageError::Backend(format!("no document {document}")));
-                }
-            }
-        }
+        batch.check_documents(|document| Ok(self.documents.contains_key(document)))?;
         for write in &batch.writes {
             match write {
                 Write::SetReplicaId(id) => self.replica = Some(*id),

@@ -168,6 +168,41 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
+
+    /// Refuses a batch that writes to a document (a change, a snapshot, a last seq) which
+    /// neither `exists` in the store nor is created in the batch, before anything is written:
+    /// every backend applies a batch all or nothing, and a write kept for no document would
+    /// come back if a document of that id were created later. `exists` is asked once per
+    /// document.
+    pub fn check_documents(
+        &self,
+        mut exists: impl FnMut(&DocumentId) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        let mut known: std::collections::HashSet<DocumentId> = self
+            .writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::CreateDocument { document, .. } => Some(*document),
+                _ => None,
+            })
+            .collect();
+        for write in &self.writes {
+            let (Write::AppendChange { document, .. }
+            | Write::Snapshot { document, .. }
+            | Write::SetLastSeq { document, .. }) = write
+            else {
+                continue;
+            };
+            if known.contains(document) {
+                continue;
+            }
+            if !exists(document)? {
+                return Err(StorageError::Backend(format!("no document {document}")));
+            }
+            known.insert(*document);
+        }
+        Ok(())
+    }
 }
 
 /// A replica's durable store.

@@ -290,31 +290,11 @@ impl Storage for SqliteStorage {
             return Ok(());
         }
         let txn = self.connection.transaction()?;
-        // A write to a document that neither exists nor is created in this batch refuses the
-        // whole batch, as the other backends do (a snapshot or a change kept for no document
-        // would come back if a document of that id were created later).
-        let mut checked = std::collections::HashSet::new();
-        for write in &batch.writes {
-            let (Write::AppendChange { document, .. }
-            | Write::Snapshot { document, .. }
-            | Write::SetLastSeq { document, .. }) = write
-            else {
-                continue;
-            };
-            let created = batch
-                .writes
-                .iter()
-                .any(|w| matches!(w, Write::CreateDocument { document: d, .. } if d == document));
-            if created || !checked.insert(*document) {
-                continue;
-            }
-            let exists = txn
+        batch.check_documents(|document| {
+            Ok(txn
                 .prepare_cached("SELECT 1 FROM documents WHERE id = ?1")?
-                .exists(params![document.as_bytes().as_slice()])?;
-            if !exists {
-                return Err(StorageError::Backend(format!("no document {document}")));
-            }
-        }
+                .exists(params![document.as_bytes().as_slice()])?)
+        })?;
         for write in &batch.writes {
             match write {
                 Write::SetReplicaId(id) => {
