@@ -16,8 +16,8 @@
 # ACCORD_SERVER_BIN (another accord-server binary to measure, e.g. an experiment),
 # ACCORD_LOADGEN_BIN (another accord-loadgen binary; with a target directory shared by several
 # checkouts, copy both binaries away after the build so nobody else's build replaces them mid-run),
-# FANOUT_RATES, FANOUT_SECONDS, FANOUT_WRITERS (10), IDLE_CONNECTIONS, TYPISTS ("8 32 128": real automerge-repo
-# clients in Node), THIN_TYPISTS ("8 32 128": accord-loadgen am-typists).
+# FANOUT_RATES, FANOUT_SECONDS, FANOUT_WRITERS (10), IDLE_CONNECTIONS, TYPISTS ("8 32 128":
+# real automerge-repo clients in Node), THIN_TYPISTS ("8 32 128": accord-loadgen am-typists).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -190,8 +190,8 @@ if want fanout; then
     echo "== fanout: $s"
     start_server "$s"
     timeout 900 "$LOADGEN" yws-fanout --target "$YWS_TARGET" --proto "$YWS_PROTO" \
-      --server-pid "$SERVER_PID" --label "$s" --subscribers 100 --fanout-writers "${FANOUT_WRITERS:-10}" \
-      --rates "$RATES" --duration "${FANOUT_SECONDS:-5}" | record || echo "fanout $s failed" >&2
+      --server-pid "$SERVER_PID" --label "$s" --subscribers 100 \
+      --fanout-writers "${FANOUT_WRITERS:-10}" --rates "$RATES" --duration "${FANOUT_SECONDS:-5}" | record || echo "fanout $s failed" >&2
     stop_server
   done
 fi

@@ -57,9 +57,9 @@ const UNLOADED_LINGER: Duration = Duration::from_millis(100);
 /// other writers' updates of a burst that reached the server together join the first one's
 /// relay instead of waiting behind its commit for a relay of their own. A relay costs every
 /// subscriber a frame and a write; the yield costs the actor one more poll. Fan-out (100
-/// subscribers, 10 writers, 5,000 updates a second): median 1.2-1.3 ms against 1.6-1.7, p99
-/// 3.5-4.4 ms against 4.6-5.7, server CPU 0.77-0.82 cores against 0.83-0.89 (three runs each,
-/// alternated). With three subscribers a document rarely has a burst to gather, and the 1,000
+/// subscribers, 10 writers, 5,000 and 6,000 changes a second): median 1.2-1.3 ms against
+/// 1.6-1.7, p99 3.5-4.4 ms against 4.6-5.7, server CPU 0.77-0.82 cores against 0.83-0.89 (three
+/// runs of each, alternated). With three subscribers a document rarely has a burst to gather, and the 1,000
 /// documents load measured 0.21-0.23 cores against 0.19-0.22 with a yield on every wake-up
 /// (BENCHMARKS.md, issue 8, session 18). Only Yrs documents: an Automerge document's relays
 /// already go out in rounds (`sync_due`), not one per wake-up.
