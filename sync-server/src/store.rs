@@ -764,7 +764,7 @@ fn write_commit(
             });
         }
     }
-    let mut last = head_seq;
+    let last = commits.last().map_or(head_seq, |c| c.seq);
     {
         let mut insert = conn.prepare_cached(
             "INSERT INTO commits (document, seq, change_id, author, bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -777,7 +777,6 @@ fn write_commit(
                 commit.author.as_bytes().as_slice(),
                 commit.bytes
             ])?;
-            last = commit.seq;
         }
     }
     conn.prepare_cached("UPDATE documents SET head_seq = ?2 WHERE id = ?1")?

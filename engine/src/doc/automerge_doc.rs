@@ -568,12 +568,11 @@ impl AutomergeDoc {
                 .graph
                 .deps(&hash)
                 .and_then(|deps| deps.iter().filter_map(|d| placed.get(d).copied()).max());
-            let carrier = match (carrier, completed) {
-                (Some(c), Some(d)) => Some(c.max(d)),
-                (c, d) => c.or(d),
-            }
-            .filter(|i| results.get(*i).is_some_and(Result::is_ok))
-            .unwrap_or(last);
+            // (`None` orders before any `Some`: the later of the two that exist.)
+            let carrier = carrier
+                .max(completed)
+                .filter(|i| results.get(*i).is_some_and(Result::is_ok))
+                .unwrap_or(last);
             placed.insert(hash, carrier);
             match &mut results[carrier] {
                 Ok(changes) => changes.push(change),
