@@ -196,13 +196,14 @@ pub(crate) fn socket_limit(shared: &Shared) -> usize {
 /// phases that do not wait for long (opening, the protocol's start, closing) and a frame's
 /// handling run boxed, so their futures take heap only while they run instead of room in this
 /// one for the connection's lifetime; the socket is not split (writes happen between waits,
-/// never during one); one timer serves the pings, the idle timeout and the token's expiry; and
-/// the documents, the presence relay and a close request all wake the task through one
+/// never during one); the pings, the idle timeout and the token's expiry need no timer here (the
+/// server's one clock, [`keep_time`], wakes the connection when the earliest is due); and the
+/// documents, the presence relay, a close request and the clock all wake the task through one
 /// wake-up in the connection's outbox (a [`crate::wake::WakeOne`], whose wait is one pointer
 /// where tokio's `Notified` is 64 bytes); the deadlines are kept in milliseconds. The result:
-/// 760 bytes for a y-websocket connection in release builds (1,672 in session 10, 888 in
-/// session 12), in a task cell of 896 bytes (tokio's cells are 128-byte aligned, with 96 bytes
-/// of their own: 792 bytes is the most that fits).
+/// 640 bytes for a y-websocket connection in release builds (1,672 in session 10, 888 in
+/// session 12, 760 with a timer of its own in session 18), in a task cell of 768 bytes (tokio's
+/// cells are 128-byte aligned, with ~104 bytes of their own: 664 bytes is the most that fits).
 ///
 /// Not an `async fn`: one moves its arguments into locals when it starts, so the socket (~370
 /// bytes) would be stored twice; the block keeps it where it was captured.
@@ -386,12 +387,40 @@ impl Deadlines {
     }
 
     /// The earliest deadline of `conn`.
-    fn next(&self, conn: &Conn) -> Instant {
+    fn next(&self, conn: &Conn) -> Millis {
         self.next_ping
             .min(self.heard.after(conn.shared.config.idle_timeout))
             .min(self.expires)
-            .instant()
     }
+}
+
+/// The one clock of every foreign-protocol connection's deadlines: each connection tells its
+/// mailbox when it next has something to do by itself ([`Inbox::wake_at`]), and this task wakes
+/// the ones whose time has come, every [`tick`] (a quarter of the ping interval, at most
+/// 250 ms, so a deadline is met that much late at most). A tokio timer per connection would
+/// take 112 bytes in each connection's task for its whole life (BENCHMARKS.md, session 19).
+/// Holds the server weakly and ends with it.
+pub(crate) async fn keep_time(shared: std::sync::Weak<Shared>) {
+    let Some(every) = shared.upgrade().map(|s| tick(s.config.idle_timeout)) else {
+        return;
+    };
+    let mut clock = tokio::time::interval(every);
+    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        clock.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if *shared.shutdown.borrow() {
+            return;
+        }
+        shared.open.wake_due(Millis::now().0);
+    }
+}
+
+/// How often [`keep_time`] looks at the deadlines.
+fn tick(idle: Duration) -> Duration {
+    (ping_every(idle) / 4).clamp(Duration::from_millis(5), Duration::from_millis(250))
 }
 
 /// A time in milliseconds since the process first read this clock: a deadline in 8 bytes,
@@ -423,13 +452,6 @@ impl Millis {
         let millis = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
         Millis(self.0.saturating_add(millis))
     }
-
-    /// The instant this is (a year from now for what lies beyond `Instant`'s range).
-    fn instant(self) -> Instant {
-        Self::epoch()
-            .checked_add(Duration::from_millis(self.0))
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600))
-    }
 }
 
 /// How often an idle connection is pinged: a third of the idle timeout.
@@ -452,9 +474,19 @@ fn run<'a, P: Protocol>(
 ) -> impl Future<Output = Stop> + Send + 'a {
     async move {
         let mut deadlines = Deadlines::new(&session.conn);
-        let timer = tokio::time::sleep_until(deadlines.next(&session.conn));
-        let mut timer = std::pin::pin!(timer);
         loop {
+            // Woken by the server's clock ([`keep_time`]) or by anything else: a deadline due
+            // is handled first (frames heard move the idle deadline later, so the one told to
+            // the clock may have come early: it is told again).
+            let mut due = deadlines.next(&session.conn);
+            if Millis::now() >= due {
+                // (Shutdown closes the connection through its outbox: see `Registry`.)
+                if let Err(stop) = deadlines.fired(&mut session.conn) {
+                    return stop;
+                }
+                due = deadlines.next(&session.conn);
+            }
+            session.inbox.wake_at(due.0);
             let more = match take_queued(session) {
                 Ok(more) => more,
                 Err(stop) => return stop,
@@ -467,17 +499,7 @@ fn run<'a, P: Protocol>(
             // the select (its output holds the frame) stays stored while the handling waits.
             let frame = tokio::select! {
                 biased;
-                _ = timer.as_mut() => {
-                    // (Shutdown closes the connection through its outbox: see `Registry`.)
-                    if let Err(stop) = deadlines.fired(&mut session.conn) {
-                        return stop;
-                    }
-                    timer.as_mut().reset(deadlines.next(&session.conn));
-                    None
-                }
                 next = socket.next() => {
-                    // (Frames heard move the idle deadline; the timer, armed for an earlier one,
-                    // finds that out when it fires and re-arms.)
                     deadlines.heard = Millis::now();
                     Some(Box::pin(on_frame(session, next)))
                 }
@@ -892,8 +914,16 @@ mod tests {
         assert_eq!(a.after(Duration::from_millis(1500)), b);
         assert!(b < Millis::NEVER);
         assert_eq!(Millis::NEVER.after(Duration::from_secs(1)), Millis::NEVER);
-        // Back to an instant: the same millisecond, never later than the deadline.
-        assert!(b.instant() <= later && later - b.instant() < Duration::from_millis(1));
+    }
+
+    #[test]
+    fn the_clock_ticks_four_times_a_ping_interval_within_bounds() {
+        // The default idle timeout (60 s, a ping every 20 s): the ceiling.
+        assert_eq!(tick(Duration::from_secs(60)), Duration::from_millis(250));
+        // 600 ms (a ping every 200 ms): 50 ms.
+        assert_eq!(tick(Duration::from_millis(600)), Duration::from_millis(50));
+        // Tiny timeouts: the floor.
+        assert_eq!(tick(Duration::from_millis(1)), Duration::from_millis(5));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! A malformed or oversized frame gets an error and closes this connection only.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -92,6 +92,11 @@ struct Mailbox {
     /// Wakes every task waiting for the close (`notify_waiters`; waiters check `state` after
     /// registering, so none misses it).
     closing: Notify,
+    /// When the connection's task next has something to do by itself (a ping, the idle timeout,
+    /// its token's expiry), as `compat`'s clock counts (milliseconds); `u64::MAX` for never.
+    /// The server's one clock task wakes it then ([`Registry::wake_due`]), instead of a tokio
+    /// timer in every connection's task (112 bytes for as long as the connection lives).
+    deadline: AtomicU64,
 }
 
 struct MailboxState {
@@ -148,6 +153,7 @@ impl Outbox {
             }),
             wake: WakeOne::default(),
             closing: Notify::new(),
+            deadline: AtomicU64::new(u64::MAX),
         });
         (Outbox(mailbox.clone()), Inbox(mailbox))
     }
@@ -244,6 +250,15 @@ impl Inbox {
         // (Not an `async fn`: its future would be larger, in every idle connection.)
         self.0.wake.wait()
     }
+
+    /// Asks [`Registry::wake_due`] to wake this connection once its clock reads `at` (see
+    /// [`Mailbox::deadline`]); `u64::MAX` for never.
+    pub(crate) fn wake_at(&self, at: u64) {
+        // Read first: most steps leave the deadline as it was, and a load keeps the line shared.
+        if self.0.deadline.load(Ordering::Relaxed) != at {
+            self.0.deadline.store(at, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for Inbox {
@@ -320,6 +335,18 @@ impl Registry {
             shared: shared.clone(),
             id: outbox.id(),
         })
+    }
+
+    /// Wakes every open connection whose deadline ([`Inbox::wake_at`]) is `now` or earlier. The
+    /// server's clock task calls it every few hundred milliseconds at most; a connection woken
+    /// before it has moved its deadline is woken again, which costs it a look at the clock.
+    pub(crate) fn wake_due(&self, now: u64) {
+        let state = self.lock();
+        for outbox in state.open.values() {
+            if outbox.0.deadline.load(Ordering::Relaxed) <= now {
+                outbox.0.wake.notify();
+            }
+        }
     }
 
     /// Closes every open connection (after what is queued for it) with `ShuttingDown`, and
@@ -907,6 +934,38 @@ mod tests {
             !outbox.is_closing(),
             "a gone connection is not closed by a send"
         );
+    }
+
+    #[tokio::test]
+    async fn the_clock_wakes_the_connections_whose_deadline_has_come() {
+        let registry = Registry::default();
+        let due = Outbox::detached(1, 4);
+        let later = Outbox::detached(2, 4);
+        let never = Outbox::detached(3, 4);
+        for (outbox, _) in [&due, &later, &never] {
+            registry.lock().open.insert(outbox.id(), outbox.clone());
+        }
+        due.1.wake_at(1_000);
+        later.1.wake_at(1_001);
+        registry.wake_due(1_000);
+        let now = Duration::from_millis(50);
+        assert!(timeout(now, due.1.notified()).await.is_ok(), "due at 1,000");
+        assert!(
+            timeout(now, later.1.notified()).await.is_err(),
+            "due at 1,001"
+        );
+        assert!(
+            timeout(now, never.1.notified()).await.is_err(),
+            "no deadline"
+        );
+        // Woken again at every tick until it tells a later deadline.
+        registry.wake_due(1_001);
+        assert!(timeout(now, due.1.notified()).await.is_ok());
+        assert!(timeout(now, later.1.notified()).await.is_ok());
+        due.1.wake_at(u64::MAX);
+        registry.wake_due(u64::MAX - 1);
+        assert!(timeout(now, due.1.notified()).await.is_err());
+        assert!(timeout(now, never.1.notified()).await.is_err());
     }
 
     #[tokio::test]

@@ -273,6 +273,8 @@ pub async fn run_with_metrics(
         compat: compat::Compat::new(),
         open: connection::Registry::default(),
     });
+    // The deadlines of the foreign-protocol connections (pings, idle timeouts, token expiry).
+    tokio::spawn(compat::keep_time(Arc::downgrade(&shared)));
     let grace = shared.config.shutdown_grace;
     let app = Router::new()
         .route("/sync", get(sync_handler))
