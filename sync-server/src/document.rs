@@ -340,6 +340,23 @@ impl Pending {
     }
 }
 
+/// The actor's timer as something to wait for: its deadline, or never without one.
+struct Alarm<'a>(&'a mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>);
+
+impl std::future::Future for Alarm<'_> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        match self.0.as_mut() {
+            Some(timer) => timer.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
 /// (The config, the store and the metrics are reached through `documents`, which holds them:
 /// three more pointers in every loaded document's task would cost a task cell size class.)
 struct Actor {
@@ -375,10 +392,11 @@ impl Actor {
     ///
     /// Not an `async fn`: one moves its arguments into locals when it starts, so the actor
     /// (~400 bytes) would be stored twice in every loaded document's task; the block keeps it
-    /// where it was captured (as `compat::serve` does with its socket). The future is 784 bytes
-    /// in release builds (920 in session 12), which fits tokio's task cell of 896 bytes (792 at
-    /// most): the wait for a command is one pointer ([`crate::wake::WakeOne`]) and the next
-    /// wake-up is computed outside it ([`Actor::next_wake`]).
+    /// where it was captured (as `compat::serve` does with its socket). The future is 592 bytes
+    /// in release builds (920 in session 12, 784 in session 18), which fits tokio's task cell of
+    /// 768 bytes (664 at most): the wait for a command is one pointer
+    /// ([`crate::wake::WakeOne`]), the next wake-up is computed outside it
+    /// ([`Actor::next_wake`]) and its timer is on the heap while one is due.
     #[allow(clippy::manual_async_fn)]
     fn run(
         mut self,
@@ -388,10 +406,19 @@ impl Actor {
         async move {
             // (Held by this future without a local of its own: a local would be a second copy.)
             let _ = &alive;
+            // On the heap, and only while a wake-up is due: a document with subscribers and no
+            // rules to reconcile has none, and a timer in this future would take 112 bytes of
+            // every loaded document's task.
+            let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
             loop {
                 // Computed outside this future: the locals of the computation would be stored
                 // in it while it waits.
                 let (wake, evict_at) = self.next_wake();
+                match (wake, timer.as_mut()) {
+                    (Some(at), Some(timer)) => timer.as_mut().reset(at.into()),
+                    (Some(at), None) => timer = Some(Box::pin(tokio::time::sleep_until(at.into()))),
+                    (None, _) => timer = None,
+                }
                 let command = tokio::select! {
                     biased;
                     command = inbox.recv() => match command {
@@ -399,8 +426,7 @@ impl Actor {
                         // Shutdown.
                         None => break,
                     },
-                    _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()),
-                        if wake.is_some() => None,
+                    () = Alarm(&mut timer) => None,
                 };
                 let first = match command {
                     Some(command) => command,
@@ -449,7 +475,9 @@ impl Actor {
                         None => break,
                     }
                 }
-                let mut result = Ok(());
+                // The error boxed: stored across the handling's await, a `StoreError` (88 bytes)
+                // would take room in every loaded document's task.
+                let mut result: Result<(), Box<StoreError>> = Ok(());
                 let mut commands = batch.into_iter().peekable();
                 while let Some(command) = commands.next() {
                     // Automerge sync messages queued back to back from different connections are
@@ -483,13 +511,15 @@ impl Actor {
                     self.drain_stash();
                     // Boxed (like the flushes below): the futures of a command's handling are
                     // larger than the idle actor; held in place they would size every actor's task.
-                    result = Box::pin(self.handle(*command)).await;
+                    result = Box::pin(self.handle(*command)).await.map_err(Box::new);
                     if result.is_err() {
                         break;
                     }
                 }
                 if result.is_ok() {
-                    result = Box::pin(self.flush_relaying(&inbox)).await;
+                    result = Box::pin(self.flush_relaying(&inbox))
+                        .await
+                        .map_err(Box::new);
                 }
                 if let Err(error) = result {
                     self.fail(&error);
