@@ -438,7 +438,7 @@ async fn typist(
     // TCP_NODELAY, as automerge-repo's WebSocket clients (browsers, Node's `ws`) have.
     let (mut ws, _) = timeout(
         HANDSHAKE,
-        tokio_tungstenite::connect_async_with_config(url, None, true),
+        tokio_tungstenite::connect_async_with_config(url, Some(crate::conn::ws_config()), true),
     )
     .await
     .map_err(|_| format!("{url}: connect timed out"))?

@@ -116,7 +116,11 @@ impl Target {
         // writer's second small update waits for the server's delayed ACK (up to 40 ms).
         let (mut ws, _) = timeout(
             HANDSHAKE,
-            tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
+            tokio_tungstenite::connect_async_with_config(
+                url.as_str(),
+                Some(crate::conn::ws_config()),
+                true,
+            ),
         )
         .await
         .map_err(|_| format!("connect to {url} timed out"))?
