@@ -213,7 +213,7 @@ if want cold; then
     server_wanted "$s" || continue
     echo "== cold load (Yjs): $s"
     start_server "$s"
-    (cd "$BENCH/node" && timeout 300 node coldload.mjs --kind yjs --server-url "$YJS_URL" \
+    (cd "$BENCH/node" && timeout 300 node --expose-gc coldload.mjs --kind yjs --server-url "$YJS_URL" \
       --label "$s" --trace "$TRACE") | record || echo "cold yjs $s failed" >&2
     stop_server
   done

@@ -3,8 +3,8 @@
 // join one after another and we time from creating the client until it holds the full text.
 // Next to it: the same client library's own decode of the whole document, in this process.
 //
-//   node coldload.mjs --kind yjs --server-url ws://127.0.0.1:P/yjs --label accord
-//   node coldload.mjs --kind yjs --server-url 'ws://127.0.0.1:P/d/{room}/ws' --label y-sweet
+//   node --expose-gc coldload.mjs --kind yjs --server-url ws://127.0.0.1:P/yjs --label accord
+//   node --expose-gc coldload.mjs --kind yjs --server-url 'ws://127.0.0.1:P/d/{room}/ws' --label y-sweet
 //   node coldload.mjs --kind automerge --server-url ws://127.0.0.1:P/automerge --label accord
 //
 // Prints one line `RESULT coldload ...`.
@@ -25,6 +25,14 @@ const serverUrl = String(a['server-url']).replaceAll('{room}', room)
 mustBeLocal(serverUrl)
 
 const trace = readTrace(tracePath)
+// With `node --expose-gc` (bench/run.sh passes it): an empty young generation before each timed
+// step, as a fresh client's is. Without it, V8's scavenges (6-9 ms each, with a half-built
+// document alive in the young generation) landed in some loads and some decodes, one every few
+// steps: the loads of every server were bimodal (10-11 or 15-20 ms) and which steps caught one
+// decided the ratio. `node --trace-gc` showed a scavenge inside each slow load and in no fast
+// one. A minor collection only: a full one before each step (tried in session 19) left the heap
+// small and every decode took 51-66 ms.
+const minorGc = typeof globalThis.gc === 'function' ? () => globalThis.gc({ type: 'minor' }) : () => {}
 const expected = trace.endContent.length
 
 if (kind === 'yjs') {
@@ -114,13 +122,14 @@ if (kind === 'yjs') {
   const decodes = []
   const serverMs = []
   for (let i = 0; i < trials; i++) {
-    loads.push(await loadOnce()); await sleep(100)
-    decodes.push(decodeOnce()); await sleep(100)
+    minorGc(); loads.push(await loadOnce()); await sleep(100)
+    minorGc(); decodes.push(decodeOnce()); await sleep(100)
     serverMs.push((await syncStep2()).ms); await sleep(100)
   }
   // The library's decode alone, back to back (hot): the lowest the client could ever take.
   const bare = []
   for (let i = 0; i < trials; i++) {
+    minorGc()
     const t0 = performance.now()
     const d = new Y.Doc()
     Y.applyUpdate(d, update)

@@ -32,7 +32,7 @@
 
 use std::collections::VecDeque;
 
-use crate::doc::{Change, DocError, DocKind, Document};
+use crate::doc::{Change, DocError, DocKind, Document, YrsDoc};
 use crate::protocol::SyncPayload;
 
 /// How a replica syncs a document with a peer.
@@ -270,9 +270,9 @@ impl DocSync {
             ) => {
                 received.changes = d.receive_sync_message(state, &bytes)?;
             }
-            (KindState::Yrs(state), Document::Yrs(d), SyncPayload::YrsStep1(sv)) => {
+            (KindState::Yrs(state), Document::Yrs(_), SyncPayload::YrsStep1(sv)) => {
                 // Check it now so a bad state vector is this message's error, not a silent skip.
-                d.changes_after(&sv)?;
+                YrsDoc::check_state_vector(&sv)?;
                 state.live = true;
                 // Towards a server, unconfirmed changes are resent one by one first; the step 2
                 // still follows so nothing the server lacks can be left out.

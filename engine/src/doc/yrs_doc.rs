@@ -477,10 +477,21 @@ impl YrsDoc {
         self.full.get(&self.doc)
     }
 
+    /// Checks that `their_state_vector` is a V1 state vector, without computing what it lacks
+    /// (a sync step 1 is checked when it arrives and answered later: for an empty state vector
+    /// the answer is the whole document, which the check need not copy).
+    pub fn check_state_vector(their_state_vector: &[u8]) -> Result<(), DocError> {
+        Self::decode_state_vector(their_state_vector).map(drop)
+    }
+
+    fn decode_state_vector(their_state_vector: &[u8]) -> Result<StateVector, DocError> {
+        StateVector::decode_v1(their_state_vector)
+            .map_err(|e| DocError::malformed("yrs state vector", e))
+    }
+
     /// What a peer whose V1 state vector is `their_state_vector` lacks, as one V1 update.
     pub fn changes_after(&self, their_state_vector: &[u8]) -> Result<Vec<u8>, DocError> {
-        let sv = StateVector::decode_v1(their_state_vector)
-            .map_err(|e| DocError::malformed("yrs state vector", e))?;
+        let sv = Self::decode_state_vector(their_state_vector)?;
         if sv.is_empty() {
             return Ok(self.full.get(&self.doc));
         }

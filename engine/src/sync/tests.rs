@@ -1,7 +1,7 @@
 use serde_json::json;
 
 use super::*;
-use crate::doc::{ChangeId, Op, Path};
+use crate::doc::{ChangeId, Op, Path, Version};
 use crate::ids::{DocumentId, ReplicaId};
 
 fn doc(kind: DocKind, replica: u8) -> Document {
@@ -328,4 +328,37 @@ fn automerge_messages_from_several_peers_are_applied_together() {
     assert_eq!(hub.batches, 1, "three messages with changes, one batch");
     assert!(hub.together.to_json()["m"]["x"].is_i64());
     assert_eq!(hub.together.to_json(), hub.apart.to_json());
+}
+
+#[test]
+fn a_yrs_step_1_is_checked_when_it_arrives_and_answered_with_what_the_peer_lacks() {
+    let mut server = doc(DocKind::Yrs, 1);
+    server.apply_ops(&[init("a", 1)]).expect("ops");
+    let mut to_client = DocSync::new(DocKind::Yrs, SyncRole::Downstream);
+    let _ = to_client.poll(&mut server);
+    // Not a state vector: refused now, and no step 2 is due for it.
+    let refused = to_client.receive(&mut server, SyncPayload::YrsStep1(vec![0xff, 0xff, 0xff]));
+    assert!(
+        matches!(refused, Err(DocError::Malformed { .. })),
+        "{refused:?}"
+    );
+    assert!(!to_client.is_live());
+    assert!(to_client.poll(&mut server).is_empty());
+    // An empty state vector: the answer is the whole document.
+    let mut client = doc(DocKind::Yrs, 2);
+    let Version::StateVector(empty) = client.version() else {
+        panic!("a Yrs document's version is a state vector")
+    };
+    to_client
+        .receive(&mut server, SyncPayload::YrsStep1(empty))
+        .expect("an empty state vector");
+    let answer = to_client.poll(&mut server);
+    let [SyncPayload::YrsStep2(update)] = answer.as_slice() else {
+        panic!("one step 2, not {answer:?}")
+    };
+    let Document::Yrs(c) = &mut client else {
+        panic!("a Yrs document")
+    };
+    c.apply_changes(update).expect("apply");
+    assert_eq!(client.to_json(), json!({"m": {"a": 1}}));
 }
