@@ -33,6 +33,9 @@ const trace = readTrace(tracePath)
 // one. A minor collection only: a full one before each step (tried in session 19) left the heap
 // small and every decode took 51-66 ms.
 const minorGc = typeof globalThis.gc === 'function' ? () => globalThis.gc({ type: 'minor' }) : () => {}
+if (kind === 'yjs' && typeof globalThis.gc !== 'function') {
+  console.error('coldload: run with `node --expose-gc` (as bench/run.sh does); without it, scavenges land in loads and decodes by chance')
+}
 const expected = trace.endContent.length
 
 if (kind === 'yjs') {
