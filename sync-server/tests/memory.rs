@@ -84,6 +84,33 @@ async fn receive_at_least(ws: &mut Ws, bytes: usize) -> bool {
         .unwrap_or(false)
 }
 
+/// Sends `caught_up` (a sync step 1 with the whole document's state vector) and waits for the
+/// server's step 2, within ten seconds. The server handles a connection's messages in order, so
+/// once the answer arrives everything `ws` sent before it has been applied and let go: a
+/// measurement taken then does not catch the server still holding a large message it is
+/// applying (in a debug build, applying a 1 MiB update takes long enough for the heap to look
+/// settled while it is still held).
+async fn applied(ws: &mut Ws, caught_up: &[u8]) -> bool {
+    ws.send(WsMessage::Binary(caught_up.to_vec().into()))
+        .await
+        .unwrap();
+    let answer = async {
+        while let Some(Ok(message)) = ws.next().await {
+            if let WsMessage::Binary(frame) = message {
+                if let Ok(YMessage::Sync(SyncMessage::SyncStep2(_))) =
+                    <YMessage as yrs::updates::decoder::Decode>::decode_v1(&frame)
+                {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    timeout(Duration::from_secs(10), answer)
+        .await
+        .unwrap_or(false)
+}
+
 /// The live heap once it stops moving (tasks finish freeing what they held).
 async fn settled_live() -> isize {
     let mut last = LIVE.load(Ordering::Relaxed);
@@ -110,13 +137,15 @@ async fn a_connection_does_not_keep_the_largest_message_it_read_or_wrote() {
     let url = format!("ws://{}/yjs/large", server.addr);
 
     // The document: 1 MiB of text, uploaded by one client.
-    let update = {
+    let (update, whole) = {
         let doc = yrs::Doc::with_client_id(7);
         let text = doc.get_or_insert_text("t");
         let mut txn = doc.transact_mut();
         text.insert(&mut txn, 0, &"x".repeat(DOCUMENT_BYTES));
-        txn.encode_update_v1()
+        (txn.encode_update_v1(), txn.state_vector())
     };
+    // A step 1 from a client that holds everything (answered with an empty step 2).
+    let caught_up = YMessage::Sync(SyncMessage::SyncStep1(whole)).encode_v1();
     let upload = YMessage::Sync(SyncMessage::Update(update.clone())).encode_v1();
     let mut uploader = connect(&url).await;
     uploader
@@ -131,6 +160,7 @@ async fn a_connection_does_not_keep_the_largest_message_it_read_or_wrote() {
     let join = |ws: Ws| {
         let step1 = step1.clone();
         let upload = upload.clone();
+        let caught_up = caught_up.clone();
         async move {
             let mut ws = ws;
             ws.send(WsMessage::Binary(step1.into())).await.unwrap();
@@ -140,6 +170,10 @@ async fn a_connection_does_not_keep_the_largest_message_it_read_or_wrote() {
             );
             // What a Yjs client holds goes back to the server (here: all of it).
             ws.send(WsMessage::Binary(upload.into())).await.unwrap();
+            assert!(
+                applied(&mut ws, &caught_up).await,
+                "the server did not answer after the upload"
+            );
             ws
         }
     };
