@@ -155,7 +155,20 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(run(cli)),
+        // The server runs in a task, not in `block_on` itself: there its accept loop ran on the
+        // main thread, outside the workers, so every new connection took two thread wake-ups
+        // (the worker that saw the listener ready woke the main thread, whose spawn of the
+        // connection woke a worker again). On a worker it accepts and spawns locally: a
+        // WebSocket upgrade is answered in 0.20 ms instead of 0.30 (BENCHMARKS.md, session 21).
+        Ok(runtime) => runtime.block_on(async {
+            match tokio::spawn(run(cli)).await {
+                Ok(code) => code,
+                Err(error) => {
+                    eprintln!("accord-server: the server task ended abnormally: {error}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }),
         Err(error) => {
             eprintln!("accord-server: cannot start the async runtime: {error}");
             std::process::ExitCode::FAILURE
