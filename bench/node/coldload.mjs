@@ -141,7 +141,11 @@ if (kind === 'yjs') {
   }
   seeder.destroy()
   const e2e = median(loads), dec = median(decodes), hot = median(bare)
-  console.log(`RESULT coldload ${label} kind=yjs bytes=${update.length} e2e_ms=${e2e.toFixed(1)} decode_ms=${dec.toFixed(1)} ratio=${(e2e / dec).toFixed(2)} server_ms=${median(serverMs).toFixed(1)} hot_decode_ms=${hot.toFixed(1)} hot_ratio=${(e2e / hot).toFixed(2)} loads=${loads.map((x) => x.toFixed(0)).join('/')}`)
+  // Each load and the decode right after it, as a pair: this machine's slow spells last seconds
+  // (loads of 10-11 ms, then a run of 15-19 ms), so a ratio within a pair leaves them out, where
+  // the ratio of the two medians follows whichever steps they caught.
+  const paired = median(loads.map((l, i) => l / decodes[i]))
+  console.log(`RESULT coldload ${label} kind=yjs bytes=${update.length} e2e_ms=${e2e.toFixed(1)} decode_ms=${dec.toFixed(1)} ratio=${(e2e / dec).toFixed(2)} paired_ratio=${paired.toFixed(2)} server_ms=${median(serverMs).toFixed(1)} hot_decode_ms=${hot.toFixed(1)} hot_ratio=${(e2e / hot).toFixed(2)} loads=${loads.map((x) => x.toFixed(0)).join('/')}`)
   process.exit(0)
 } else {
   const A = await import('@automerge/automerge')
