@@ -1135,6 +1135,17 @@ mod full_state_tests {
         )
     }
 
+    /// A document whose whole encoding is large enough to be kept, and its text.
+    fn large() -> (YrsDoc, yrs::TextRef) {
+        let doc = fresh();
+        let text = doc.native().get_or_insert_text("t");
+        {
+            let mut txn = doc.native().transact_mut();
+            text.insert(&mut txn, 0, &"x".repeat(40_000));
+        }
+        (doc, text)
+    }
+
     /// What a fresh peer gets, compared with encoding the document anew.
     fn check(doc: &YrsDoc) -> Vec<u8> {
         let empty = StateVector::default().encode_v1();
@@ -1150,12 +1161,7 @@ mod full_state_tests {
 
     #[test]
     fn the_kept_whole_document_follows_every_kind_of_change() {
-        let mut doc = fresh();
-        let text = doc.native().get_or_insert_text("t");
-        {
-            let mut txn = doc.native().transact_mut();
-            text.insert(&mut txn, 0, &"x".repeat(40_000));
-        }
+        let (mut doc, text) = large();
         let first = check(&doc);
         assert!(
             first.len() >= FullState::KEEP_FROM,
@@ -1208,12 +1214,7 @@ mod full_state_tests {
 
     #[test]
     fn a_transaction_that_changes_nothing_keeps_the_kept_encoding() {
-        let mut doc = fresh();
-        let text = doc.native().get_or_insert_text("t");
-        {
-            let mut txn = doc.native().transact_mut();
-            text.insert(&mut txn, 0, &"x".repeat(40_000));
-        }
+        let (mut doc, text) = large();
         // (The first encoding registers the observer, the second is kept.)
         check(&doc);
         check(&doc);
