@@ -24,7 +24,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BENCH="$ROOT/bench"
 SMOKE=0
 ONLY="fanout,idle,cold,docs,typists"
-SERVERS="accord,y-sweet,y-websocket-server,hocuspocus,automerge-sync-server"
+SERVERS="accord,y-sweet,y-websocket-server,hocuspocus,automerge-sync-server,floor"
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -115,6 +115,11 @@ start_server() {
         node/hocuspocus-server.mjs) >"$OUT/$name-$PORT.log" 2>&1 &
       YWS_TARGET="ws://127.0.0.1:$PORT"
       YWS_PROTO=hocuspocus ;;
+    floor)
+      # Not a server: answers every sync step 1 with the first update it was sent and does
+      # nothing else (bench/yws_floor.py), so the cold load against it is the client's own floor.
+      python3 "$BENCH/yws_floor.py" "$PORT" >"$OUT/$name-$PORT.log" 2>&1 &
+      YJS_URL="ws://127.0.0.1:$PORT/yjs" ;;
     automerge-sync-server)
       (cd "$BENCH" && PORT=$PORT DATA_DIR="$dir" exec node --import ./node/bind-local.mjs \
         node_modules/@automerge/automerge-repo-sync-server/src/index.js) \
@@ -209,8 +214,10 @@ if want idle; then
 fi
 
 if want cold; then
-  for s in accord y-sweet y-websocket-server; do
+  # "floor" last: the client against a server that does no document work (the line's floor).
+  for s in accord y-sweet y-websocket-server floor; do
     server_wanted "$s" || continue
+    [ "$s" = floor ] && ! command -v python3 >/dev/null && { echo "no python3: no floor" >&2; continue; }
     echo "== cold load (Yjs): $s"
     start_server "$s"
     (cd "$BENCH/node" && timeout 300 node --expose-gc coldload.mjs --kind yjs --server-url "$YJS_URL" \

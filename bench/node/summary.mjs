@@ -42,7 +42,7 @@ if (idle.length) {
 const cold = of('coldload')
 if (cold.length) {
   out.push('### Cold load of the automerge-paper document (median of 41 fresh clients for Yjs, 5 for Automerge)', '')
-  out.push('Yjs: "client decode" is the client reading the server\'s answer in the same state a load finds it in (between loads); "server" is asking with a raw socket until the answer is held; "hot" is the library\'s decode back to back; "paired" is the median of each load divided by the decode right after it.', '')
+  out.push('Yjs: "client decode" is the client reading the server\'s answer in the same state a load finds it in (between loads); "server" is asking with a raw socket until the answer is held; "hot" is the library\'s decode back to back; "paired" is the median of each load divided by the decode right after it; "floor" is no server: bench/yws_floor.py sends back the update it was first sent and does nothing else.', '')
   out.push('| server | CRDT | bytes | end-to-end (ms) | client decode (ms) | end-to-end ÷ decode | paired | server (ms) | hot decode (ms) | end-to-end ÷ hot |', '|---|---|---|---|---|---|---|---|---|---|')
   for (const r of cold) out.push(`| ${r.label} | ${r.kind} | ${fmt(num(r.bytes))} | ${fmt(num(r.e2e_ms), 1)} | ${fmt(num(r.decode_ms), 1)} | ${fmt(num(r.ratio), 2)}× | ${r.paired_ratio ? fmt(num(r.paired_ratio), 2) + '×' : '—'} | ${r.server_ms ? fmt(num(r.server_ms), 1) : '—'} | ${r.hot_decode_ms ? fmt(num(r.hot_decode_ms), 1) : '—'} | ${r.hot_ratio ? fmt(num(r.hot_ratio), 2) + '×' : '—'} |`)
   out.push('')
@@ -105,7 +105,11 @@ if (docs.length && accOf('docs')) {
 }
 for (const kind of ['yjs', 'automerge']) {
   const r = cold.find((c) => c.label === 'accord' && c.kind === kind)
-  if (r) targets.push(`| 3. cold load, ${kind} | ${fmt(num(r.ratio), 2)}× the client's decode (${fmt(num(r.e2e_ms), 1)} / ${fmt(num(r.decode_ms), 1)} ms${r.paired_ratio ? `; paired ${fmt(num(r.paired_ratio), 2)}×` : ''}) | ≤ 1.25× | ${yes(num(r.ratio) <= 1.25)} |`)
+  // The floor (bench/yws_floor.py: no document work at all) in the same run: what the client
+  // takes against any server, shown next to the verdict, which it does not change.
+  const floor = cold.find((c) => c.label === 'floor' && c.kind === kind)
+  const atFloor = floor ? `; a server doing no work: ${fmt(num(floor.ratio), 2)}×${floor.paired_ratio ? `, paired ${fmt(num(floor.paired_ratio), 2)}×` : ''}` : ''
+  if (r) targets.push(`| 3. cold load, ${kind} | ${fmt(num(r.ratio), 2)}× the client's decode (${fmt(num(r.e2e_ms), 1)} / ${fmt(num(r.decode_ms), 1)} ms${r.paired_ratio ? `; paired ${fmt(num(r.paired_ratio), 2)}×` : ''}${atFloor}) | ≤ 1.25× | ${yes(num(r.ratio) <= 1.25)} |`)
 }
 for (const [w, clients] of [['typists', 'real clients'], ['am-typists', 'thin clients']]) {
   const at = (n, label) => of(w).find((r) => r.label === label && r.n === n)
