@@ -199,6 +199,18 @@ if want fanout; then
       --fanout-writers "${FANOUT_WRITERS:-10}" --rates "$RATES" --duration "${FANOUT_SECONDS:-5}" | record || echo "fanout $s failed" >&2
     stop_server
   done
+  # The floor of this machine: one writer at 50 changes a second, each change relayed alone to
+  # the same 100 subscribers (RESULT fanout-floor). Target 1's line is a fifth of the best
+  # peer's p99, and this is how low a p99 gets here with nothing queued behind a change.
+  for s in $YJS_SERVERS; do
+    server_wanted "$s" || continue
+    echo "== fanout floor (1 writer, 50 changes/s): $s"
+    start_server "$s"
+    timeout 120 "$LOADGEN" yws-fanout --target "$YWS_TARGET" --proto "$YWS_PROTO" \
+      --server-pid "$SERVER_PID" --label "$s" --subscribers 100 --fanout-writers 1 --rates 50 \
+      --duration 5 | sed -u 's/^RESULT fanout/RESULT fanout-floor/' | record || echo "fanout floor $s failed" >&2
+    stop_server
+  done
 fi
 
 if want idle; then
