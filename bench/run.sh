@@ -10,6 +10,8 @@
 #
 # Workloads: fanout, idle, cold, docs, typists (BENCHMARKS.md, "Accord next to its peers", says
 # what each measures; docs runs a second batch of 1,000 documents for the cost of one more).
+# Two floors of this machine come with them: fanout's one writer at 50 changes/s for every server,
+# and cold's "floor" (bench/yws_floor.py, python3: a server that does no document work).
 # Every server listens on 127.0.0.1 only and every load is bounded in count and time.
 # Environment: PEERS_DIR (default: ../peers next to the repository), CARGO_TARGET_DIR,
 # BENCH_OUT (where RESULT lines and logs go; default a new directory under /tmp),
