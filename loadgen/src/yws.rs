@@ -834,3 +834,40 @@ fn batch_usage(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn later_clients_wait_for_the_first_and_go_once_it_is_open() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let first = Some(tx);
+        tokio::time::timeout(Duration::from_secs(5), after_first(&first, rx.clone()))
+            .await
+            .expect("the first client waits for nobody");
+        let later = tokio::spawn(async move { after_first(&None, rx).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !later.is_finished(),
+            "a later client went before the first was open"
+        );
+        first_opened(first);
+        tokio::time::timeout(Duration::from_secs(5), later)
+            .await
+            .expect("the first client's opening lets the others go")
+            .expect("task");
+    }
+
+    #[tokio::test]
+    async fn later_clients_go_on_when_the_first_gives_up() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let later = tokio::spawn(async move { after_first(&None, rx).await });
+        // The first client's task ends without opening (an error, a panic): its sender drops.
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(5), later)
+            .await
+            .expect("a first client that gave up still lets the others go")
+            .expect("task");
+    }
+}
