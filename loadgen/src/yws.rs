@@ -286,31 +286,62 @@ fn fanout_changes(client: u64, count: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// One room's clients, opened the first one first: each client takes a [`Turn`], waits for it,
+/// opens, and says so. y-sweet 0.9.1 loads a document for every connection that finds it not
+/// loaded yet, so clients that join a new room at the same moment can land on two copies of it
+/// that never hear from each other (its log says "Loading doc" twice for the room: 4.5–5.6% of
+/// the `docs` load's rooms, and fan-out rooms whose subscribers then missed a fifth of the
+/// updates). With one client in first, every server holds one copy and is measured at what it
+/// does, not at that race.
+struct FirstIn {
+    first: Option<tokio::sync::watch::Sender<bool>>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl FirstIn {
+    fn new() -> Self {
+        let (first, open) = tokio::sync::watch::channel(false);
+        Self {
+            first: Some(first),
+            open,
+        }
+    }
+
+    /// The next client's turn; the first call's is the first client's.
+    fn turn(&mut self) -> Turn {
+        Turn {
+            first: self.first.take(),
+            open: self.open.clone(),
+        }
+    }
+}
+
+/// One client's place in its room's [`FirstIn`].
+struct Turn {
+    /// Set for the room's first client, which lets the others go.
+    first: Option<tokio::sync::watch::Sender<bool>>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Turn {
+    /// Waits until the room's first client tried to open, unless this is that client.
+    async fn wait(&mut self) {
+        if self.first.is_none() {
+            // An error means the first client's turn ended without opening: go on regardless.
+            let _ = self.open.wait_for(|open| *open).await;
+        }
+    }
+
+    /// This client tried to open: if it was the first, the others may go. (A first turn
+    /// dropped without this lets them go too.)
+    fn opened(self) {
+        if let Some(first) = self.first {
+            let _ = first.send(true);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-/// Waits until the room's first client is open, unless this is that client (`first` is its
-/// sender: it opens at once, then [`first_opened`] lets the others go). y-sweet 0.9.1 loads a
-/// document for every connection that finds it not loaded yet, so clients that join a new room
-/// at the same moment can land on two copies of it that never hear from each other (its log
-/// says "Loading doc" twice for the room: 4.5–5.6% of the `docs` load's rooms, and fan-out
-/// rooms whose subscribers then missed a fifth of the updates). With one client in first, every
-/// server holds one copy and is measured at what it does, not at that race.
-async fn after_first(
-    first: &Option<tokio::sync::watch::Sender<bool>>,
-    mut first_open: tokio::sync::watch::Receiver<bool>,
-) {
-    if first.is_none() {
-        // An error means the first client's task ended without opening: go on regardless.
-        let _ = first_open.wait_for(|open| *open).await;
-    }
-}
-
-/// The room's first client tried to open (see [`after_first`]): the others may go.
-fn first_opened(first: Option<tokio::sync::watch::Sender<bool>>) {
-    if let Some(first) = first {
-        let _ = first.send(true);
-    }
-}
-
 pub async fn fanout_step(
     target: &Target,
     subscribers: usize,
@@ -343,10 +374,9 @@ pub async fn fanout_step(
     let ready = Arc::new(Barrier::new(subscribers + 1));
     let hard = Instant::now() + Duration::from_secs_f64(duration) + Duration::from_secs(60);
     let mut subs = Vec::new();
-    let (first_tx, first_rx) = tokio::sync::watch::channel(false);
-    let mut first_tx = Some(first_tx);
+    let mut first_in = FirstIn::new();
     for _ in 0..subscribers {
-        let (target, room, log, mut stop, delivered, frames, ready, first, first_rx) = (
+        let (target, room, log, mut stop, delivered, frames, ready, mut turn) = (
             target.clone(),
             room.clone(),
             log.clone(),
@@ -354,13 +384,12 @@ pub async fn fanout_step(
             delivered.clone(),
             frames.clone(),
             ready.clone(),
-            first_tx.take(),
-            first_rx.clone(),
+            first_in.turn(),
         );
         subs.push(tokio::spawn(async move {
-            after_first(&first, first_rx).await;
+            turn.wait().await;
             let opened = target.open(&room, &[0]).await;
-            first_opened(first);
+            turn.opened();
             ready.wait().await;
             let (ws, _) = opened?;
             let (_sink, mut stream) = ws.split();
@@ -677,10 +706,9 @@ pub async fn docs(
         let (start_tx, start_rx) = tokio::sync::watch::channel(None::<Instant>);
         let first_task = tasks.len();
         for d in 0..docs {
-            let (first_tx, first_rx) = tokio::sync::watch::channel(false);
-            let mut first_tx = Some(first_tx);
+            let mut first_in = FirstIn::new();
             for c in 0..per_doc {
-                let (target, sem, ready, typed, received, mut start_rx, end_rx, first, first_rx) = (
+                let (target, sem, ready, typed, received, mut start_rx, end_rx, mut turn) = (
                     target.clone(),
                     sem.clone(),
                     ready.clone(),
@@ -688,14 +716,13 @@ pub async fn docs(
                     received.clone(),
                     start_rx.clone(),
                     end_rx.clone(),
-                    first_tx.take(),
-                    first_rx.clone(),
+                    first_in.turn(),
                 );
                 let room = format!("{tag}-b{batch}-doc{d}");
                 let client = 0x2000_0000u64 + ((batch * docs + d) * per_doc + c) as u64;
                 tasks.push(tokio::spawn(async move {
                     // Before the permit: no permit is held by a client waiting for another.
-                    after_first(&first, first_rx).await;
+                    turn.wait().await;
                     let opened = {
                         let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
                         // A server may refuse a client while it creates the room (y-sweet has
@@ -711,7 +738,7 @@ pub async fn docs(
                             }
                         }
                     };
-                    first_opened(first);
+                    turn.opened();
                     ready.wait().await;
                     let (ws, _) = opened?;
                     let begun = start_rx
@@ -841,18 +868,19 @@ mod tests {
 
     #[tokio::test]
     async fn later_clients_wait_for_the_first_and_go_once_it_is_open() {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let first = Some(tx);
-        tokio::time::timeout(Duration::from_secs(5), after_first(&first, rx.clone()))
+        let mut room = FirstIn::new();
+        let mut first = room.turn();
+        tokio::time::timeout(Duration::from_secs(5), first.wait())
             .await
             .expect("the first client waits for nobody");
-        let later = tokio::spawn(async move { after_first(&None, rx).await });
+        let mut second = room.turn();
+        let later = tokio::spawn(async move { second.wait().await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             !later.is_finished(),
             "a later client went before the first was open"
         );
-        first_opened(first);
+        first.opened();
         tokio::time::timeout(Duration::from_secs(5), later)
             .await
             .expect("the first client's opening lets the others go")
@@ -861,10 +889,12 @@ mod tests {
 
     #[tokio::test]
     async fn later_clients_go_on_when_the_first_gives_up() {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let later = tokio::spawn(async move { after_first(&None, rx).await });
-        // The first client's task ends without opening (an error, a panic): its sender drops.
-        drop(tx);
+        let mut room = FirstIn::new();
+        let first = room.turn();
+        let mut second = room.turn();
+        let later = tokio::spawn(async move { second.wait().await });
+        // The first client's task ends without opening (an error, a panic): its turn drops.
+        drop(first);
         tokio::time::timeout(Duration::from_secs(5), later)
             .await
             .expect("a first client that gave up still lets the others go")
