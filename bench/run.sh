@@ -10,8 +10,10 @@
 #
 # Workloads: fanout, idle, cold, docs, typists (BENCHMARKS.md, "Accord next to its peers", says
 # what each measures; docs runs a second batch of 1,000 documents for the cost of one more).
-# Two floors of this machine come with them: fanout's one writer at 50 changes/s for every server,
-# and cold's "floor" (bench/yws_floor.py, python3: a server that does no document work).
+# This machine's floors come with them: fanout's one writer at 50 changes/s for every server;
+# "floor", a server that does no document work, in fanout (accord-loadgen relay-floor: each
+# update forwarded as it came) and in cold (bench/yws_floor.py, python3: the first update sent
+# back to every sync step 1).
 # Every server listens on 127.0.0.1 only and every load is bounded in count and time.
 # Environment: PEERS_DIR (default: ../peers next to the repository), CARGO_TARGET_DIR,
 # BENCH_OUT (where RESULT lines and logs go; default a new directory under /tmp),
@@ -117,6 +119,12 @@ start_server() {
         node/hocuspocus-server.mjs) >"$OUT/$name-$PORT.log" 2>&1 &
       YWS_TARGET="ws://127.0.0.1:$PORT"
       YWS_PROTO=hocuspocus ;;
+    relay-floor)
+      # Not a server: forwards each update as it came to the room's other clients and does
+      # nothing else (accord-loadgen relay-floor), so a fan-out load against it is this
+      # machine's own floor (sockets, WebSocket frames, wake-ups, the load generator).
+      "$LOADGEN" relay-floor --port "$PORT" >"$OUT/$name-$PORT.log" 2>&1 &
+      YWS_TARGET="ws://127.0.0.1:$PORT/yjs/{room}" ;;
     floor)
       # Not a server: answers every sync step 1 with the first update it was sent and does
       # nothing else (bench/yws_floor.py), so the cold load against it is the client's own floor.
@@ -192,10 +200,11 @@ YJS_SERVERS="accord y-sweet y-websocket-server hocuspocus"
 
 if want fanout; then
   RATES="${FANOUT_RATES:-250,500,750,1000,1250,1500,1750,2000,2500,3000,4000,6000,8000,10000,12000,16000,20000}"
-  for s in $YJS_SERVERS; do
+  # "floor" last: the same load against a relay that does no document work (label floor).
+  for s in $YJS_SERVERS floor; do
     server_wanted "$s" || continue
     echo "== fanout: $s"
-    start_server "$s"
+    if [ "$s" = floor ]; then start_server relay-floor; else start_server "$s"; fi
     timeout 900 "$LOADGEN" yws-fanout --target "$YWS_TARGET" --proto "$YWS_PROTO" \
       --server-pid "$SERVER_PID" --label "$s" --subscribers 100 \
       --fanout-writers "${FANOUT_WRITERS:-10}" --rates "$RATES" --duration "${FANOUT_SECONDS:-5}" | record || echo "fanout $s failed" >&2
@@ -204,10 +213,10 @@ if want fanout; then
   # The floor of this machine: one writer at 50 changes a second, each change relayed alone to
   # the same 100 subscribers (RESULT fanout-floor). Target 1's line is a fifth of the best
   # peer's p99, and this is how low a p99 gets here with nothing queued behind a change.
-  for s in $YJS_SERVERS; do
+  for s in $YJS_SERVERS floor; do
     server_wanted "$s" || continue
     echo "== fanout floor (1 writer, 50 changes/s): $s"
-    start_server "$s"
+    if [ "$s" = floor ]; then start_server relay-floor; else start_server "$s"; fi
     timeout 120 "$LOADGEN" yws-fanout --target "$YWS_TARGET" --proto "$YWS_PROTO" \
       --server-pid "$SERVER_PID" --label "$s" --subscribers 100 --fanout-writers 1 --rates 50 \
       --duration 5 | sed -u 's/^RESULT fanout/RESULT fanout-floor/' | record || echo "fanout floor $s failed" >&2

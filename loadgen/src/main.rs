@@ -27,6 +27,7 @@
 
 mod amtypists;
 mod conn;
+mod relay;
 mod yws;
 
 use std::collections::HashMap;
@@ -67,6 +68,10 @@ enum Scenario {
     /// Accord's own protocol (`--url` of a running server, with `--server-pid`): `--connections`
     /// idle connections, each subscribed to one of `--rooms` Yrs documents.
     Idle,
+    /// Not a load: serves, on 127.0.0.1:`--port`, a y-websocket relay that does no document work
+    /// (each update forwarded as it came to the room's other clients), the floor the fan-out
+    /// load is measured against (see `relay.rs`). Runs until killed.
+    RelayFloor,
 }
 
 /// Load generator for accord-server (traffic to 127.0.0.1 only).
@@ -153,6 +158,9 @@ struct Args {
     /// am-typists: characters each typist types per second.
     #[arg(long, default_value_t = 6.0)]
     type_rate: f64,
+    /// relay-floor: the port to listen on (127.0.0.1).
+    #[arg(long, default_value_t = 9420)]
+    port: u16,
     /// Worker threads of the embedded server's runtime.
     #[arg(long, default_value_t = 2)]
     server_threads: usize,
@@ -198,6 +206,9 @@ fn real_main(args: Args) -> Result<()> {
     }
     if args.writers == 0 || args.fanout_writers == 0 || args.window == 0 || args.rate <= 0.0 {
         return Err("--writers, --fanout-writers, --window and --rate must be positive".into());
+    }
+    if args.scenario == Scenario::RelayFloor {
+        return relay_floor_main(args.port);
     }
     let yws_scenario = matches!(
         args.scenario,
@@ -333,6 +344,22 @@ fn am_typists_main(args: &Args, url: String) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// `relay-floor`: the relay on two worker threads, as Accord's server runs by default.
+fn relay_floor_main(port: u16) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("bind 127.0.0.1:{port}: {e}"))?;
+        println!("relay-floor listening on ws://127.0.0.1:{port}/{{room}}");
+        relay::serve(listener).await
+    })
 }
 
 fn yws_main(args: &Args, template: String) -> Result<()> {
