@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accord against the servers its users would otherwise pick, same machine, same run, same load.
 #
-#   bench/run.sh --smoke            Accord only, small numbers, no peers (CI; < 2 min once
+#   bench/run.sh --smoke            Accord and the relay floor, small numbers, no peers (CI; < 2 min once
 #                                   built); Node, when installed, only for the summary
 #   bench/run.sh                    every workload against Accord and every peer (installs the
 #                                   peers: y-sweet with cargo into $PEERS_DIR, the Node peers
@@ -164,7 +164,13 @@ if [ "$SMOKE" = 1 ]; then
   timeout 60 "$LOADGEN" am-typists --smoke --target "$AM_URL" --server-pid "$SERVER_PID" \
     --label accord --duration 2 | record
   stop_server
+  echo "== smoke: the fan-out's floor (accord-loadgen relay-floor)"
+  start_server relay-floor
+  timeout 60 "$LOADGEN" yws-fanout --smoke --target "$YWS_TARGET" --server-pid "$SERVER_PID" \
+    --label floor --subscribers 10 --fanout-writers 2 --rates 100 --duration 1 | record
+  stop_server
   grep -q "RESULT fanout accord best_updates_per_s=[1-9]" "$RESULTS" || { echo "smoke: fan-out delivered nothing" >&2; exit 1; }
+  grep -q "RESULT fanout floor best_updates_per_s=[1-9]" "$RESULTS" || { echo "smoke: the relay floor delivered nothing" >&2; exit 1; }
   grep -q "RESULT idle accord connections=200" "$RESULTS" || { echo "smoke: idle failed" >&2; exit 1; }
   grep -q "RESULT docs accord docs=20 .*marginal_bytes_per_doc=" "$RESULTS" || { echo "smoke: docs failed" >&2; exit 1; }
   grep -q "RESULT am-typists accord n=4 .*caught_up=true" "$RESULTS" || { echo "smoke: am-typists failed" >&2; exit 1; }
