@@ -142,6 +142,10 @@ start_server() {
   wait_port "$PORT" 60
   sleep 0.5
 }
+# start_yjs_server NAME: start_server, except that "floor" is the fan-out's floor (relay-floor).
+start_yjs_server() {
+  if [ "$1" = floor ]; then start_server relay-floor; else start_server "$1"; fi
+}
 stop_server() {
   kill "$SERVER_PID" 2>/dev/null || true
   wait "$SERVER_PID" 2>/dev/null || true
@@ -210,7 +214,7 @@ if want fanout; then
   for s in $YJS_SERVERS floor; do
     server_wanted "$s" || continue
     echo "== fanout: $s"
-    if [ "$s" = floor ]; then start_server relay-floor; else start_server "$s"; fi
+    start_yjs_server "$s"
     timeout 900 "$LOADGEN" yws-fanout --target "$YWS_TARGET" --proto "$YWS_PROTO" \
       --server-pid "$SERVER_PID" --label "$s" --subscribers 100 \
       --fanout-writers "${FANOUT_WRITERS:-10}" --rates "$RATES" --duration "${FANOUT_SECONDS:-5}" | record || echo "fanout $s failed" >&2
@@ -222,7 +226,7 @@ if want fanout; then
   for s in $YJS_SERVERS floor; do
     server_wanted "$s" || continue
     echo "== fanout floor (1 writer, 50 changes/s): $s"
-    if [ "$s" = floor ]; then start_server relay-floor; else start_server "$s"; fi
+    start_yjs_server "$s"
     timeout 120 "$LOADGEN" yws-fanout --target "$YWS_TARGET" --proto "$YWS_PROTO" \
       --server-pid "$SERVER_PID" --label "$s" --subscribers 100 --fanout-writers 1 --rates 50 \
       --duration 5 | sed -u 's/^RESULT fanout/RESULT fanout-floor/' | record || echo "fanout floor $s failed" >&2

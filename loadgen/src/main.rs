@@ -247,11 +247,7 @@ fn real_main(args: Args) -> Result<()> {
         .clone()
         .or_else(|| server.as_ref().map(|s| s.url.clone()))
         .ok_or("no server")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let runtime = two_worker_runtime()?;
     let metrics = server.as_ref().map(|s| s.metrics.clone());
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let run_id = SystemTime::now()
@@ -307,11 +303,7 @@ fn real_main(args: Args) -> Result<()> {
 /// `am-typists` against `url` (an automerge-repo WebSocket endpoint on 127.0.0.1).
 fn am_typists_main(args: &Args, url: String) -> Result<()> {
     check_local(&url)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let runtime = two_worker_runtime()?;
     let r = runtime.block_on(amtypists::typists(
         &url,
         args.typists,
@@ -346,13 +338,19 @@ fn am_typists_main(args: &Args, url: String) -> Result<()> {
     Ok(())
 }
 
-/// `relay-floor`: the relay on two worker threads, as Accord's server runs by default.
-fn relay_floor_main(port: u16) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// The load generator's runtime: two worker threads, as many as Accord's server runs by
+/// default (and the machine's cores).
+fn two_worker_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// `relay-floor`: the relay on the same runtime as the loads.
+fn relay_floor_main(port: u16) -> Result<()> {
+    let runtime = two_worker_runtime()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
@@ -369,11 +367,7 @@ fn yws_main(args: &Args, template: String) -> Result<()> {
         proto: args.proto,
         server_pid: args.server_pid,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let runtime = two_worker_runtime()?;
     let label = &args.label;
     runtime.block_on(async {
         match args.scenario {

@@ -20,7 +20,6 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message as WsMessage};
 
 use crate::conn::Result;
@@ -71,10 +70,10 @@ pub async fn serve(listener: TcpListener) -> Result<()> {
 async fn connection(stream: TcpStream, rooms: Arc<Mutex<Rooms>>) -> Result<()> {
     let _ = stream.set_nodelay(true);
     let mut path = String::new();
-    let config = WebSocketConfig::default()
+    // The load generator's own reads (4 KiB at a time), with the relay's message limit.
+    let config = crate::conn::ws_config()
         .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
-        .read_buffer_size(4 * 1024);
+        .max_frame_size(Some(MAX_MESSAGE));
     let ws = tokio_tungstenite::accept_hdr_async_with_config(
         stream,
         |request: &Request, response: Response| {
