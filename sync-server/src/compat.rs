@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -52,6 +52,8 @@ pub(crate) struct Compat {
     pub(crate) awareness: crate::yws::AwarenessHub,
     /// automerge-repo ephemeral messages by document.
     pub(crate) ephemeral: crate::amrepo::EphemeralHub,
+    /// Wakes the connections whose deadline has come ([`keep_time`]).
+    pub(crate) clock: Arc<Clock>,
 }
 
 impl Compat {
@@ -63,6 +65,7 @@ impl Compat {
             server_peer: format!("accord-server-{hex}").into(),
             awareness: Hub::default(),
             ephemeral: Hub::default(),
+            clock: Arc::default(),
         }
     }
 }
@@ -395,26 +398,105 @@ impl Deadlines {
 }
 
 /// The one clock of every foreign-protocol connection's deadlines: each connection tells its
-/// mailbox when it next has something to do by itself ([`Inbox::wake_at`]), and this task wakes
-/// the ones whose time has come, every [`tick`] (a quarter of the ping interval, at most
-/// 250 ms, so a deadline is met that much late at most). A tokio timer per connection would
-/// take 112 bytes in each connection's task for its whole life (BENCHMARKS.md, session 19).
-/// Holds the server weakly and ends with it.
+/// mailbox when it next has something to do by itself ([`Inbox::wake_at`]) and, when that is
+/// earlier than the clock planned to look, the clock ([`Clock::tell`]); this task sleeps until
+/// the earliest deadline and wakes the connections whose time has come. It looks at most once a
+/// [`tick`] (a quarter of the ping interval, at most 250 ms, so a deadline is met that much late
+/// at most, and deadlines close together are served by one look), and not at all while no
+/// deadline is near: a server without connections does not wake. A tokio timer per connection
+/// would take 112 bytes in each connection's task for its whole life (BENCHMARKS.md,
+/// session 19). Holds the server weakly and ends with it.
 pub(crate) async fn keep_time(shared: std::sync::Weak<Shared>) {
-    let Some(every) = shared.upgrade().map(|s| tick(s.config.idle_timeout)) else {
+    let Some((clock, every, mut shutdown)) = shared.upgrade().map(|s| {
+        (
+            s.compat.clock.clone(),
+            tick(s.config.idle_timeout),
+            s.shutdown.clone(),
+        )
+    }) else {
         return;
     };
-    let mut clock = tokio::time::interval(every);
-    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        clock.tick().await;
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        if *shared.shutdown.borrow() {
-            return;
+    clock
+        .run(every, &mut shutdown, |now| {
+            let shared = shared.upgrade()?;
+            if *shared.shutdown.borrow() {
+                return None;
+            }
+            Some(shared.open.wake_due(now))
+        })
+        .await;
+}
+
+/// When [`keep_time`] next looks at the connections' deadlines, and what wakes it earlier.
+pub(crate) struct Clock {
+    /// The earliest deadline it knows of, in [`Millis`]; `u64::MAX` while it knows of none (and
+    /// while it looks, so that a deadline told during the look is not lost).
+    next: AtomicU64,
+    /// Wakes the clock after a connection lowered `next` (a permit is kept if it is not waiting).
+    lowered: tokio::sync::Notify,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self {
+            next: AtomicU64::new(u64::MAX),
+            lowered: tokio::sync::Notify::new(),
         }
-        shared.open.wake_due(Millis::now().0);
+    }
+}
+
+impl Clock {
+    /// A connection's deadline is now `at` ([`Millis`]): the clock looks by then (or a tick
+    /// after its last look, if that is later).
+    pub(crate) fn tell(&self, at: u64) {
+        // AcqRel: the look that takes `next` back to `u64::MAX` (a swap) sees the deadline the
+        // connection stored before telling, or this lowers the `u64::MAX` it left.
+        if self.next.fetch_min(at, Ordering::AcqRel) > at {
+            self.lowered.notify_one();
+        }
+    }
+
+    /// Until `look` returns `None` or `shutdown` changes: sleeps until the earliest deadline
+    /// told (at least `tick` after the last look), then calls `look` with the time, which wakes
+    /// the connections due and returns the earliest deadline of the others.
+    async fn run(
+        &self,
+        tick: Duration,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+        mut look: impl FnMut(u64) -> Option<u64>,
+    ) {
+        let mut last = Millis::now();
+        let sleep = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(sleep);
+        loop {
+            let next = self.next.load(Ordering::Acquire);
+            // (A deadline too far for an `Instant` is never.)
+            let at = (next != u64::MAX)
+                .then(|| Millis(next).max(last.after(tick)))
+                .and_then(|at| Millis::epoch().checked_add(Duration::from_millis(at.0)));
+            let planned = at.is_some();
+            if let Some(at) = at {
+                sleep.as_mut().reset(at);
+            }
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                    continue;
+                }
+                () = self.lowered.notified() => continue,
+                () = &mut sleep, if planned => {}
+            }
+            // Told from here on, a deadline lowers `u64::MAX` and is kept for the next sleep.
+            self.next.swap(u64::MAX, Ordering::AcqRel);
+            last = Millis::now();
+            let Some(earliest) = look(last.0) else {
+                return;
+            };
+            self.next.fetch_min(earliest, Ordering::AcqRel);
+        }
     }
 }
 
@@ -486,7 +568,9 @@ fn run<'a, P: Protocol>(
                 }
                 due = deadlines.next(&session.conn);
             }
-            session.inbox.wake_at(due.0);
+            if session.inbox.wake_at(due.0) {
+                session.conn.shared.compat.clock.tell(due.0);
+            }
             let more = match take_queued(session) {
                 Ok(more) => more,
                 Err(stop) => return stop,
@@ -914,6 +998,64 @@ mod tests {
         assert_eq!(a.after(Duration::from_millis(1500)), b);
         assert!(b < Millis::NEVER);
         assert_eq!(Millis::NEVER.after(Duration::from_secs(1)), Millis::NEVER);
+    }
+
+    #[tokio::test]
+    async fn the_clock_sleeps_until_the_earliest_deadline_told() {
+        /// A connection's deadline as the clock's `look` sees it, and when it was woken.
+        type Deadline = (u64, Option<u64>);
+        let deadlines: Arc<Mutex<Vec<Deadline>>> = Arc::default();
+        let looks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let clock = Arc::new(Clock::default());
+        let (stop, mut shutdown) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn({
+            let (clock, deadlines, looks) = (clock.clone(), deadlines.clone(), looks.clone());
+            async move {
+                clock
+                    .run(Duration::from_millis(5), &mut shutdown, |now| {
+                        looks.fetch_add(1, Ordering::Relaxed);
+                        let mut earliest = u64::MAX;
+                        for (deadline, woken) in deadlines.lock().expect("lock").iter_mut() {
+                            if *deadline <= now {
+                                woken.get_or_insert(now);
+                            } else {
+                                earliest = earliest.min(*deadline);
+                            }
+                        }
+                        Some(earliest)
+                    })
+                    .await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(looks.load(Ordering::Relaxed), 0, "no deadline: no look");
+
+        // Two deadlines told (the later first); each is served when it comes, not before.
+        let start = Millis::now();
+        for after in [120, 60] {
+            let at = start.after(Duration::from_millis(after)).0;
+            deadlines.lock().expect("lock").push((at, None));
+            clock.tell(at);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (deadline, woken) in deadlines.lock().expect("lock").iter() {
+            let woken = woken.expect("woken");
+            assert!(
+                woken >= *deadline && woken < deadline + 100,
+                "{woken} for {deadline}"
+            );
+        }
+        let looked = looks.load(Ordering::Relaxed);
+        assert!(
+            (2..=4).contains(&looked),
+            "{looked} looks for two deadlines"
+        );
+
+        // Nothing left: it sleeps again, and shutdown ends it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(looks.load(Ordering::Relaxed), looked);
+        let _ = stop.send(true);
+        assert!(timeout(Duration::from_secs(5), task).await.is_ok());
     }
 
     #[test]

@@ -252,12 +252,14 @@ impl Inbox {
     }
 
     /// Asks [`Registry::wake_due`] to wake this connection once its clock reads `at` (see
-    /// [`Mailbox::deadline`]); `u64::MAX` for never.
-    pub(crate) fn wake_at(&self, at: u64) {
+    /// [`Mailbox::deadline`]); `u64::MAX` for never. True when that changed the deadline.
+    pub(crate) fn wake_at(&self, at: u64) -> bool {
         // Read first: most steps leave the deadline as it was, and a load keeps the line shared.
-        if self.0.deadline.load(Ordering::Relaxed) != at {
-            self.0.deadline.store(at, Ordering::Relaxed);
+        if self.0.deadline.load(Ordering::Relaxed) == at {
+            return false;
         }
+        self.0.deadline.store(at, Ordering::Relaxed);
+        true
     }
 }
 
@@ -337,16 +339,22 @@ impl Registry {
         })
     }
 
-    /// Wakes every open connection whose deadline ([`Inbox::wake_at`]) is `now` or earlier. The
-    /// server's clock task calls it every few hundred milliseconds at most; a connection woken
-    /// before it has moved its deadline is woken again, which costs it a look at the clock.
-    pub(crate) fn wake_due(&self, now: u64) {
+    /// Wakes every open connection whose deadline ([`Inbox::wake_at`]) is `now` or earlier, and
+    /// returns the earliest deadline of the others (`u64::MAX` when none has one). The server's
+    /// clock task calls it when that deadline comes; a connection woken before it has moved its
+    /// deadline is woken again, which costs it a look at the clock.
+    pub(crate) fn wake_due(&self, now: u64) -> u64 {
         let state = self.lock();
+        let mut earliest = u64::MAX;
         for outbox in state.open.values() {
-            if outbox.0.deadline.load(Ordering::Relaxed) <= now {
+            let deadline = outbox.0.deadline.load(Ordering::Relaxed);
+            if deadline <= now {
                 outbox.0.wake.notify();
+            } else {
+                earliest = earliest.min(deadline);
             }
         }
+        earliest
     }
 
     /// Closes every open connection (after what is queued for it) with `ShuttingDown`, and
@@ -945,9 +953,10 @@ mod tests {
         for (outbox, _) in [&due, &later, &never] {
             registry.lock().open.insert(outbox.id(), outbox.clone());
         }
-        due.1.wake_at(1_000);
-        later.1.wake_at(1_001);
-        registry.wake_due(1_000);
+        assert!(due.1.wake_at(1_000));
+        assert!(!due.1.wake_at(1_000), "unchanged");
+        assert!(later.1.wake_at(1_001));
+        assert_eq!(registry.wake_due(1_000), 1_001, "the earliest not yet due");
         let now = Duration::from_millis(50);
         assert!(timeout(now, due.1.notified()).await.is_ok(), "due at 1,000");
         assert!(
@@ -959,11 +968,11 @@ mod tests {
             "no deadline"
         );
         // Woken again at every tick until it tells a later deadline.
-        registry.wake_due(1_001);
+        assert_eq!(registry.wake_due(1_001), u64::MAX, "none left");
         assert!(timeout(now, due.1.notified()).await.is_ok());
         assert!(timeout(now, later.1.notified()).await.is_ok());
         due.1.wake_at(u64::MAX);
-        registry.wake_due(u64::MAX - 1);
+        assert_eq!(registry.wake_due(u64::MAX - 1), u64::MAX);
         assert!(timeout(now, due.1.notified()).await.is_err());
         assert!(timeout(now, never.1.notified()).await.is_err());
     }
