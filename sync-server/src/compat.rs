@@ -419,11 +419,7 @@ pub(crate) async fn keep_time(shared: std::sync::Weak<Shared>) {
     };
     clock
         .run(every, &mut shutdown, |now| {
-            let shared = shared.upgrade()?;
-            if *shared.shutdown.borrow() {
-                return None;
-            }
-            Some(shared.open.wake_due(now))
+            Some(shared.upgrade()?.open.wake_due(now))
         })
         .await;
 }
@@ -457,7 +453,7 @@ impl Clock {
         }
     }
 
-    /// Until `look` returns `None` or `shutdown` changes: sleeps until the earliest deadline
+    /// Until `look` returns `None` or `shutdown` turns true: sleeps until the earliest deadline
     /// told (at least `tick` after the last look), then calls `look` with the time, which wakes
     /// the connections due and returns the earliest deadline of the others.
     async fn run(
@@ -470,6 +466,9 @@ impl Clock {
         let sleep = tokio::time::sleep_until(Instant::now());
         tokio::pin!(sleep);
         loop {
+            if *shutdown.borrow() {
+                return;
+            }
             let next = self.next.load(Ordering::Acquire);
             // (A deadline too far for an `Instant` is never.)
             let at = (next != u64::MAX)
@@ -481,8 +480,9 @@ impl Clock {
             }
             tokio::select! {
                 biased;
+                // (Looked at again at the top; a sender gone is a shutdown too.)
                 changed = shutdown.changed() => {
-                    if changed.is_err() || *shutdown.borrow() {
+                    if changed.is_err() {
                         return;
                     }
                     continue;
