@@ -94,8 +94,7 @@ impl AutomergeDoc {
     /// Loads a saved document (snapshot and/or changes concatenated).
     pub fn load(replica: ReplicaId, bytes: &[u8]) -> Result<Self, DocError> {
         let options = LoadOptions::new().text_encoding(TEXT_ENCODING);
-        let doc = AutoCommit::load_with_options(bytes, options)
-            .map_err(|e| DocError::malformed("automerge document", e))?
+        let doc = super::automerge_apply::load(bytes, options)?
             .with_actor(automerge::ActorId::from(replica.as_bytes().as_slice()));
         Ok(Self {
             doc,
@@ -178,9 +177,7 @@ impl AutomergeDoc {
         let before = self.doc.get_heads();
         self.astral = true;
         automerge_sync::keep_changes(&mut self.recent, bytes);
-        self.doc
-            .load_incremental(bytes)
-            .map_err(|e| DocError::malformed("automerge change", e))?;
+        super::automerge_apply::load_incremental(&mut self.doc, bytes, "automerge change")?;
         Ok(self.changes_since(&before))
     }
 
@@ -483,7 +480,6 @@ impl AutomergeDoc {
             &carried.changes,
             &mut self.graph,
         )
-        .map_err(|e| DocError::malformed("automerge sync message", e))
     }
 
     /// Applies sync messages from several peers (`states[i]` is the state of the peer that sent

@@ -26,11 +26,16 @@
 use automerge::sync::{
     BloomFilter, Capability, Have, Message, MessageFlags, MessageVersion, State,
 };
-use automerge::{AutoCommit, AutomergeError, ChangeHash, ReadDoc};
+use automerge::{AutoCommit, ChangeHash, ReadDoc};
 
+use super::automerge_apply;
 use super::change_hash_set::ChangeHashSet;
+use super::error::DocError;
 use super::recent_changes::RecentChanges;
 use super::recent_graph::{ChangeMeta, RecentGraph};
+
+/// What the changes of a sync message are called in an error.
+const SYNC_MESSAGE: &str = "automerge sync message";
 
 /// Applies a decoded sync `message` from a peer to `doc` and its `state`, exactly as
 /// `doc.sync().receive_sync_message(state, message)` would. `carried` are the changes it
@@ -41,13 +46,13 @@ pub(crate) fn receive(
     message: Message,
     carried: &[ChangeMeta],
     graph: &mut RecentGraph,
-) -> Result<(), AutomergeError> {
+) -> Result<(), DocError> {
     graph.catch_up(doc);
     let before_heads = doc.get_heads();
     begin(state, &message);
     let changes_is_empty = message.changes.is_empty();
     if !changes_is_empty && !state.read_only {
-        doc.load_incremental(&joined_changes(&[&message]))?;
+        automerge_apply::load_incremental(doc, &joined_changes(&[&message]), SYNC_MESSAGE)?;
         graph.catch_up_with(doc, &carried.iter().collect::<Vec<_>>());
         let after_heads = doc.get_heads();
         state.shared_heads = advance_heads(&before_heads, &after_heads, &state.shared_heads);
@@ -83,7 +88,7 @@ pub(crate) fn receive_batch(
     messages: &[Message],
     carried: &[Carried],
     graph: &mut RecentGraph,
-) -> Result<(), AutomergeError> {
+) -> Result<(), DocError> {
     graph.catch_up(doc);
     let before_heads = doc.get_heads();
     let (applied, metas): (Vec<&Message>, Vec<&[ChangeMeta]>) = messages
@@ -94,7 +99,7 @@ pub(crate) fn receive_batch(
         .map(|((m, _), c)| (m, c.changes.as_slice()))
         .unzip();
     if !applied.is_empty() {
-        doc.load_incremental(&joined_changes(&applied))?;
+        automerge_apply::load_incremental(doc, &joined_changes(&applied), SYNC_MESSAGE)?;
         graph.catch_up_with(
             doc,
             &metas.iter().flat_map(|m| m.iter()).collect::<Vec<_>>(),

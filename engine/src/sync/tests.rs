@@ -330,6 +330,53 @@ fn automerge_messages_from_several_peers_are_applied_together() {
     assert_eq!(hub.together.to_json(), hub.apart.to_json());
 }
 
+/// A change Automerge panics on (see `doc::automerge_apply`), sent among other peers' good
+/// messages: the batch fails, each message is received again on its own, and only the forged
+/// one is refused.
+#[test]
+fn a_forged_change_among_messages_received_together_is_refused_alone() {
+    let mut hub = Hub::new(3);
+    for spoke in 0..2 {
+        let edit = Op::Put {
+            path: Path::keys([format!("s{spoke}")]),
+            value: json!(spoke),
+        };
+        hub.spokes[spoke].apply_ops(&[edit]).expect("edit");
+        hub.send(spoke);
+    }
+    // First messages (heads only), then the ones with the changes.
+    hub.deliver();
+    for spoke in 0..2 {
+        hub.answer(spoke);
+        hub.send(spoke);
+    }
+    let forged = crate::doc::forged_automerge_change();
+    let message = automerge::sync::Message {
+        heads: vec![forged.hash()],
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: vec![forged.raw_bytes().to_vec()].into(),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    let payloads: Vec<SyncPayload> = (0..2)
+        .filter_map(|spoke| hub.inbox[spoke].pop_front())
+        .chain([SyncPayload::Automerge(message.encode())])
+        .collect();
+    let mut peers: Vec<&mut DocSync> = hub.together_sync.iter_mut().collect();
+    let results = DocSync::receive_many(&mut hub.together, &mut peers, payloads);
+    for (spoke, result) in results.iter().take(2).enumerate() {
+        let received = result.as_ref().expect("a good message");
+        assert_eq!(received.changes.len(), 1, "spoke {spoke}'s change");
+    }
+    assert!(
+        matches!(&results[2], Err(DocError::Malformed { detail, .. }) if detail.contains("nothing of it was applied")),
+        "{:?}",
+        results[2]
+    );
+    assert_eq!(hub.together.to_json(), json!({"s0": 0, "s1": 1}));
+}
+
 #[test]
 fn a_yrs_step_1_is_checked_when_it_arrives_and_answered_with_what_the_peer_lacks() {
     let mut server = doc(DocKind::Yrs, 1);
