@@ -2,24 +2,31 @@
 //!
 //! Automerge 0.12 panics on some changes whose bytes parse and whose hashes match but that name
 //! what their dependencies never created: an op on an object no change made ("Obj ... Missing
-//! from Index", in its batch apply), and it panics after it has started changing the document.
+//! from Index", in its batch apply), element ids pointed anywhere (about two in five of a
+//! peer's changes with their ops pointed at random, in the property test below), and it panics
+//! after it has started changing the document (the change is in its graph, its ops are not).
 //! Anything a peer or the disk hands us must be an error, never a panic: on the server a panic
 //! in a document's actor ends the document for every subscriber, and a peer could send the same
-//! bytes again and again. So bytes for a loaded document go into a copy, which replaces the
-//! document only once the apply returned `Ok`; a refused apply (an error or a panic) leaves the
-//! document as it was. The copy costs about a tenth of the apply itself, which walks the whole
-//! object since Automerge 0.7 (with one change per character: 21 µs against 212 µs at 1,000
-//! characters, 2.7 ms against 19 ms at 100,000). WebAssembly cannot catch a panic (it aborts
-//! there), so on wasm32 the bytes go straight in.
+//! bytes again and again. So an apply that fails or panics is undone: the document is rebuilt
+//! from a checkpoint ([`Guard`]: the document saved, and the chunks of every change applied or
+//! committed since, in order), which costs a load but only then. Applying to a copy instead
+//! would be simpler, but the copy costs on every apply (Automerge's change graph and op
+//! columns): with 32 typists it took the server's CPU from 0.061–0.078 to 0.089–0.095 cores
+//! (BENCHMARKS.md, session 25). WebAssembly cannot catch a panic (it aborts there), so on
+//! wasm32 the bytes go straight in and nothing is kept.
 //!
 //! Each apply also empties the document's patch log. `AutoCommit::load_incremental` hands
 //! Automerge the document's own `PatchLog`, inactive unless a diff cursor was set, and
 //! Automerge 0.12 records every text splice it applies in it all the same (`PatchLog::splice`
-//! does not look whether the log is active): with nothing reading it, a document kept ~257
-//! bytes per character its peers typed for as long as it stayed loaded (5.1 MB for 20,000, a
-//! relay's documents above all), and every copy above copied them.
+//! does not look whether the log is active): with nothing reading it, a document kept ~320
+//! bytes per character its peers typed for as long as it stayed loaded (`tests/memory.rs`), a
+//! relay's documents above all.
 
-use automerge::{AutoCommit, LoadOptions};
+#[cfg(not(target_arch = "wasm32"))]
+use automerge::transaction::Transactable as _;
+use automerge::{AutoCommit, ChangeHash, LoadOptions};
+#[cfg(not(target_arch = "wasm32"))]
+use automerge::{ReadDoc as _, SaveOptions};
 
 use super::error::DocError;
 
@@ -27,38 +34,156 @@ use super::error::DocError;
 const PANICKED: &str = "Automerge failed applying it (it names what its dependencies do not \
                         create); nothing of it was applied";
 
+/// Changes applied since a checkpoint are kept up to this many bytes, or the size of the saved
+/// document when that is larger; beyond, the next apply takes a new checkpoint (a save, paid
+/// once per that many bytes received, so its cost per byte stays bounded).
+#[cfg(not(target_arch = "wasm32"))]
+const MIN_SINCE_BYTES: usize = 16 << 10;
+
+/// What a document falls back on when an apply fails: the document as saved at a checkpoint,
+/// and the chunks of every change that entered it since, in order. Empty until the first
+/// apply needs it (or seeded by [`Guard::seeded`]).
+#[derive(Debug, Default)]
+pub(crate) struct Guard {
+    checkpoint: Option<Checkpoint>,
+}
+
+// Never filled on wasm32 (see the module's doc).
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+#[derive(Debug)]
+struct Checkpoint {
+    /// The document saved (with any changes still waiting for their dependencies).
+    saved: Vec<u8>,
+    /// The chunks applied or committed since, one after the other.
+    since: Vec<u8>,
+    /// The document's heads once `saved` and `since` are in: when the document's heads are
+    /// anything else at the next apply, something entered it unrecorded and a new checkpoint
+    /// is taken.
+    heads: Vec<ChangeHash>,
+}
+
+impl Guard {
+    /// A guard whose checkpoint is `saved`, bytes that `doc` was just loaded from.
+    pub(crate) fn seeded(doc: &mut AutoCommit, saved: Vec<u8>) -> Self {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            Guard {
+                checkpoint: Some(Checkpoint {
+                    saved,
+                    since: Vec::new(),
+                    heads: doc.get_heads(),
+                }),
+            }
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = (doc, saved);
+            Guard::default()
+        }
+    }
+
+    /// Notes `chunk`, a change just committed to `doc` locally, so that a rebuild keeps it.
+    pub(crate) fn committed(&mut self, doc: &mut AutoCommit, chunk: &[u8]) {
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.since.extend_from_slice(chunk);
+            checkpoint.heads = doc.get_heads();
+        }
+    }
+
+    /// A checkpoint `doc` can be rebuilt from, taken now unless the one kept still leads to
+    /// `doc` and has not grown past its bound.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn checkpoint(&mut self, doc: &mut AutoCommit) -> &Checkpoint {
+        let heads = doc.get_heads();
+        let current = self.checkpoint.as_ref().is_some_and(|c| {
+            c.heads == heads && c.since.len() <= c.saved.len().max(MIN_SINCE_BYTES)
+        });
+        if !current {
+            self.checkpoint = None;
+        }
+        self.checkpoint.get_or_insert_with(|| Checkpoint {
+            saved: doc.save_with_options(SaveOptions {
+                deflate: false,
+                retain_orphans: true,
+            }),
+            since: Vec::new(),
+            heads,
+        })
+    }
+}
+
 /// Applies changes (or a saved document) from elsewhere to `doc` as
-/// `AutoCommit::load_incremental` does, or, when that fails or panics, changes nothing and
-/// returns the error (`what` names the bytes in it).
+/// `AutoCommit::load_incremental` does, or, when that fails or panics, leaves `doc` as it was
+/// (rebuilt from `guard`'s checkpoint) and returns the error (`what` names the bytes in it).
 pub(crate) fn load_incremental(
     doc: &mut AutoCommit,
+    guard: &mut Guard,
     bytes: &[u8],
     what: &'static str,
 ) -> Result<(), DocError> {
     #[cfg(not(target_arch = "wasm32"))]
     {
-        let mut trial = doc.clone();
-        // Unwind safety: on a panic `trial` is dropped unseen and `doc` was not touched.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            trial.load_incremental(bytes)
-        })) {
-            Ok(Ok(_)) => {
-                forget_patches(&mut trial);
-                *doc = trial;
-                Ok(())
-            }
-            Ok(Err(error)) => Err(DocError::malformed(what, error)),
-            Err(_) => Err(DocError::malformed(what, PANICKED)),
+        if doc.pending_ops() > 0 {
+            // Uncommitted ops (made through `native`) would be committed by the apply and
+            // missing from the checkpoint: commit them first, as the apply would.
+            doc.commit();
         }
+        let before = doc.get_heads();
+        guard.checkpoint(doc);
+        // Unwind safety: on a panic `doc` is rebuilt below before anything reads it again.
+        let applied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.load_incremental(bytes)));
+        let error = match applied {
+            Ok(Ok(_)) => {
+                forget_patches(doc);
+                guard.committed(doc, bytes);
+                return Ok(());
+            }
+            Ok(Err(error)) => DocError::malformed(what, error),
+            Err(_) => DocError::malformed(what, PANICKED),
+        };
+        rebuild(doc, guard, &before);
+        Err(error)
     }
     #[cfg(target_arch = "wasm32")]
     {
+        let _ = guard;
         let applied = doc
             .load_incremental(bytes)
             .map(|_| ())
             .map_err(|error| DocError::malformed(what, error));
         forget_patches(doc);
         applied
+    }
+}
+
+/// Puts back in `doc` what `guard`'s checkpoint holds (the document before the apply that
+/// failed, whose heads were `before`), keeping its actor. The checkpoint is bytes this document
+/// produced; should they not rebuild it, the document stays as the failed apply left it and
+/// the next apply takes a new checkpoint.
+#[cfg(not(target_arch = "wasm32"))]
+fn rebuild(doc: &mut AutoCommit, guard: &mut Guard, before: &[ChangeHash]) {
+    let Some(checkpoint) = guard.checkpoint.as_ref() else {
+        return;
+    };
+    let options = LoadOptions::new().text_encoding(doc.text_encoding());
+    let actor = doc.get_actor().clone();
+    // Unwind safety: on a panic the half-built copy is dropped unseen.
+    let rebuilt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut rebuilt = AutoCommit::load_with_options(&checkpoint.saved, options).ok()?;
+        if !checkpoint.since.is_empty() {
+            rebuilt.load_incremental(&checkpoint.since).ok()?;
+        }
+        let mut rebuilt = rebuilt.with_actor(actor);
+        let rebuilt_heads = rebuilt.get_heads();
+        Some((rebuilt, rebuilt_heads))
+    }));
+    match rebuilt {
+        Ok(Some((mut rebuilt, heads))) if heads == before => {
+            forget_patches(&mut rebuilt);
+            *doc = rebuilt;
+        }
+        _ => guard.checkpoint = None,
     }
 }
 
@@ -86,7 +211,7 @@ pub(crate) fn load(bytes: &[u8], options: LoadOptions<'_>) -> Result<AutoCommit,
 #[cfg(test)]
 pub(crate) mod tests {
     use automerge::transaction::Transactable;
-    use automerge::{ObjType, ROOT};
+    use automerge::{ObjType, ReadDoc, ROOT};
 
     use super::*;
 
@@ -105,15 +230,37 @@ pub(crate) mod tests {
         expanded.into()
     }
 
+    /// A change from another peer of `doc` that puts `key`.
+    fn peer_put(doc: &mut AutoCommit, key: &str) -> Vec<u8> {
+        let heads = doc.get_heads();
+        let mut peer = doc.fork();
+        peer.put(ROOT, key, 2).unwrap();
+        peer.commit();
+        peer.save_after(&heads)
+    }
+
     #[test]
     fn a_change_automerge_panics_on_is_an_error_and_changes_nothing() {
         let mut doc = AutoCommit::new();
+        let mut guard = Guard::default();
         doc.put(ROOT, "k", 1).unwrap();
         doc.commit();
+        // A checkpoint, a change received after it and one committed here after that.
+        let good = peer_put(&mut doc, "received");
+        load_incremental(&mut doc, &mut guard, &good, "automerge change").expect("good");
+        doc.put(ROOT, "local", 3).unwrap();
+        let hash = doc.commit().expect("a change");
+        let local = doc
+            .get_change_by_hash(&hash)
+            .expect("it")
+            .raw_bytes()
+            .to_vec();
+        guard.committed(&mut doc, &local);
         let heads = doc.get_heads();
         let saved = doc.save();
+
         let forged = forged_change();
-        let error = load_incremental(&mut doc, forged.raw_bytes(), "automerge change")
+        let error = load_incremental(&mut doc, &mut guard, forged.raw_bytes(), "automerge change")
             .expect_err("refused");
         assert!(
             error.to_string().contains("nothing of it was applied"),
@@ -121,13 +268,34 @@ pub(crate) mod tests {
         );
         assert_eq!(doc.get_heads(), heads);
         assert_eq!(doc.save(), saved, "the document is as it was");
-        // And it takes the next good change as before.
-        let mut peer = doc.fork();
-        peer.put(ROOT, "j", 2).unwrap();
-        peer.commit();
-        let next = peer.save_after(&heads);
-        load_incremental(&mut doc, &next, "automerge change").expect("a good change");
-        assert_eq!(doc.get_heads(), peer.get_heads());
+        // And it takes the next good change as before, and refuses the forged one again.
+        let next = peer_put(&mut doc, "next");
+        load_incremental(&mut doc, &mut guard, &next, "automerge change").expect("good");
+        let heads = doc.get_heads();
+        assert!(
+            load_incremental(&mut doc, &mut guard, forged.raw_bytes(), "automerge change").is_err()
+        );
+        assert_eq!(doc.get_heads(), heads);
+    }
+
+    #[test]
+    fn a_change_made_unrecorded_is_kept_by_the_next_checkpoint() {
+        let mut doc = AutoCommit::new();
+        let mut guard = Guard::default();
+        let good = peer_put(&mut doc, "received");
+        load_incremental(&mut doc, &mut guard, &good, "automerge change").expect("good");
+        // Committed without telling the guard (as an app through `native` may).
+        doc.put(ROOT, "unrecorded", 1).unwrap();
+        doc.commit();
+        // And ops left uncommitted.
+        doc.put(ROOT, "uncommitted", 2).unwrap();
+        let forged = forged_change();
+        assert!(
+            load_incremental(&mut doc, &mut guard, forged.raw_bytes(), "automerge change").is_err()
+        );
+        for key in ["unrecorded", "uncommitted", "received"] {
+            assert!(doc.get(ROOT, key).unwrap().is_some(), "{key} kept");
+        }
     }
 
     #[test]
@@ -198,8 +366,12 @@ pub(crate) mod tests {
             }
             change.hash = None;
             let change: automerge::Change = change.into();
+            // A checkpoint with a change received after it, then the one pointed anywhere.
+            let mut guard = Guard::default();
+            let good = peer_put(&mut doc, "received");
+            load_incremental(&mut doc, &mut guard, &good, "automerge change").expect("good");
             let saved = doc.save();
-            if load_incremental(&mut doc, change.raw_bytes(), "automerge change").is_err() {
+            if load_incremental(&mut doc, &mut guard, change.raw_bytes(), "automerge change").is_err() {
                 proptest::prop_assert_eq!(doc.save(), saved);
             }
         }

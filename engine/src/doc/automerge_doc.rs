@@ -24,6 +24,7 @@ use automerge::{
     Value, ROOT,
 };
 
+use super::automerge_apply::{self, Guard};
 use super::automerge_sync::{self, Generated};
 use super::error::DocError;
 use super::ops::{Op, Path, Segment};
@@ -67,6 +68,8 @@ pub struct AutomergeDoc {
     /// The last changes with their dependencies, so the sync protocol's "what is not an
     /// ancestor of these heads" is answered without Automerge (see [`RecentGraph`]).
     graph: RecentGraph,
+    /// What a failed apply rebuilds the document from (see [`automerge_apply`]).
+    guard: Guard,
 }
 
 /// A compacted save of the document at `heads`.
@@ -88,14 +91,16 @@ impl AutomergeDoc {
             saved: None,
             recent: RecentChanges::default(),
             graph: RecentGraph::default(),
+            guard: Guard::default(),
         }
     }
 
     /// Loads a saved document (snapshot and/or changes concatenated).
     pub fn load(replica: ReplicaId, bytes: &[u8]) -> Result<Self, DocError> {
         let options = LoadOptions::new().text_encoding(TEXT_ENCODING);
-        let doc = super::automerge_apply::load(bytes, options)?
+        let mut doc = automerge_apply::load(bytes, options)?
             .with_actor(automerge::ActorId::from(replica.as_bytes().as_slice()));
+        let guard = Guard::seeded(&mut doc, bytes.to_vec());
         Ok(Self {
             doc,
             tracking: None,
@@ -104,6 +109,7 @@ impl AutomergeDoc {
             saved: None,
             recent: RecentChanges::default(),
             graph: RecentGraph::default(),
+            guard,
         })
     }
 
@@ -165,9 +171,11 @@ impl AutomergeDoc {
                 tracker.heads = vec![hash];
             }
         }
+        let bytes = change.raw_bytes().to_vec();
+        self.guard.committed(&mut self.doc, &bytes);
         Some(Change {
             id: ChangeId(hash.0),
-            bytes: change.raw_bytes().to_vec(),
+            bytes,
         })
     }
 
@@ -177,7 +185,12 @@ impl AutomergeDoc {
         let before = self.doc.get_heads();
         self.astral = true;
         automerge_sync::keep_changes(&mut self.recent, bytes);
-        super::automerge_apply::load_incremental(&mut self.doc, bytes, "automerge change")?;
+        automerge_apply::load_incremental(
+            &mut self.doc,
+            &mut self.guard,
+            bytes,
+            "automerge change",
+        )?;
         Ok(self.changes_since(&before))
     }
 
@@ -479,6 +492,7 @@ impl AutomergeDoc {
             message,
             &carried.changes,
             &mut self.graph,
+            &mut self.guard,
         )
     }
 
@@ -530,6 +544,7 @@ impl AutomergeDoc {
             &messages,
             &carried,
             &mut self.graph,
+            &mut self.guard,
         ) {
             Ok(()) => messages.iter().map(|_| Ok(Vec::new())).collect(),
             // Settle each again on its own: the failing one gets its error.

@@ -28,7 +28,7 @@ use automerge::sync::{
 };
 use automerge::{AutoCommit, ChangeHash, ReadDoc};
 
-use super::automerge_apply;
+use super::automerge_apply::{self, Guard};
 use super::change_hash_set::ChangeHashSet;
 use super::error::DocError;
 use super::recent_changes::RecentChanges;
@@ -46,13 +46,14 @@ pub(crate) fn receive(
     message: Message,
     carried: &[ChangeMeta],
     graph: &mut RecentGraph,
+    guard: &mut Guard,
 ) -> Result<(), DocError> {
     graph.catch_up(doc);
     let before_heads = doc.get_heads();
     begin(state, &message);
     let changes_is_empty = message.changes.is_empty();
     if !changes_is_empty && !state.read_only {
-        automerge_apply::load_incremental(doc, &joined_changes(&[&message]), SYNC_MESSAGE)?;
+        automerge_apply::load_incremental(doc, guard, &joined_changes(&[&message]), SYNC_MESSAGE)?;
         graph.catch_up_with(doc, &carried.iter().collect::<Vec<_>>());
         let after_heads = doc.get_heads();
         state.shared_heads = advance_heads(&before_heads, &after_heads, &state.shared_heads);
@@ -88,6 +89,7 @@ pub(crate) fn receive_batch(
     messages: &[Message],
     carried: &[Carried],
     graph: &mut RecentGraph,
+    guard: &mut Guard,
 ) -> Result<(), DocError> {
     graph.catch_up(doc);
     let before_heads = doc.get_heads();
@@ -99,7 +101,7 @@ pub(crate) fn receive_batch(
         .map(|((m, _), c)| (m, c.changes.as_slice()))
         .unzip();
     if !applied.is_empty() {
-        automerge_apply::load_incremental(doc, &joined_changes(&applied), SYNC_MESSAGE)?;
+        automerge_apply::load_incremental(doc, guard, &joined_changes(&applied), SYNC_MESSAGE)?;
         graph.catch_up_with(
             doc,
             &metas.iter().flat_map(|m| m.iter()).collect::<Vec<_>>(),
@@ -607,6 +609,7 @@ mod tests {
         slow: AutoCommit,
         recent: RecentChanges,
         graph: RecentGraph,
+        guard: Guard,
     }
 
     /// A hub (the relay) and `n` spokes; the hub's sync states for each spoke, kept twice.
@@ -634,6 +637,7 @@ mod tests {
                     slow: AutoCommit::new(),
                     recent: RecentChanges::default(),
                     graph: RecentGraph::default(),
+                    guard: Guard::default(),
                 },
                 hub_fast: vec![State::new(); n],
                 hub_slow: vec![State::new(); n],
@@ -691,6 +695,7 @@ mod tests {
                 m.clone(),
                 &carried.changes,
                 &mut self.hub.graph,
+                &mut self.hub.guard,
             )
             .expect("fast");
             self.hub
