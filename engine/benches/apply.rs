@@ -6,12 +6,12 @@
 //! checkpoint's upkeep, the apply, the recent-change caches). Run: `cargo bench -p
 //! accord-engine --bench apply`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use accord_engine::{DocKind, Document, DocumentId, ReplicaId};
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ObjType, ReadDoc, ROOT};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 
 /// A writer that typed `chars` characters, one change each, and a receiver that holds them.
 fn pair(chars: usize) -> (AutoCommit, AutoCommit, automerge::ObjId) {
@@ -28,7 +28,7 @@ fn pair(chars: usize) -> (AutoCommit, AutoCommit, automerge::ObjId) {
     (writer, receiver, text)
 }
 
-/// The writer's next keystroke, as the bytes a relay receives.
+/// The writer's next keystroke (at the end of the text), as the bytes a relay receives.
 fn keystroke(writer: &mut AutoCommit, text: &automerge::ObjId) -> Vec<u8> {
     let heads = writer.get_heads();
     let end = writer.length(text);
@@ -40,22 +40,21 @@ fn keystroke(writer: &mut AutoCommit, text: &automerge::ObjId) -> Vec<u8> {
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("one remote keystroke into a text");
     group.sample_size(10);
-    group.measurement_time(Duration::from_secs(3));
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(2));
     for chars in [1_000usize, 10_000, 100_000] {
         let (mut writer, mut receiver, text) = pair(chars);
+        let bytes = keystroke(&mut writer, &text);
+        // Each iteration applies the same keystroke to its own copy of the receiver (made
+        // before the clock starts), so every one finds a text of `chars` characters.
         group.bench_function(
             BenchmarkId::new("AutoCommit::load_incremental", chars),
             |b| {
-                b.iter_custom(|iters| {
-                    let mut spent = Duration::ZERO;
-                    for _ in 0..iters {
-                        let bytes = keystroke(&mut writer, &text);
-                        let start = Instant::now();
-                        receiver.load_incremental(&bytes).expect("applied");
-                        spent += start.elapsed();
-                    }
-                    spent
-                })
+                b.iter_batched_ref(
+                    || receiver.clone(),
+                    |copy| copy.load_incremental(&bytes).expect("applied"),
+                    BatchSize::PerIteration,
+                )
             },
         );
         // As a copy would be taken: with its patch log emptied (see `doc::automerge_apply`).
@@ -64,25 +63,22 @@ fn bench(c: &mut Criterion) {
             b.iter(|| drop(std::hint::black_box(receiver.clone())))
         });
         let id = DocumentId::from_bytes([1; 16]);
-        let mut document = Document::load(
-            DocKind::Automerge,
-            ReplicaId::from_bytes([2; 16]),
-            id,
-            Some(&receiver.save()),
-            [],
-        )
-        .expect("loaded");
+        let saved = receiver.save();
         group.bench_function(BenchmarkId::new("Document::apply_changes", chars), |b| {
-            b.iter_custom(|iters| {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iters {
-                    let bytes = keystroke(&mut writer, &text);
-                    let start = Instant::now();
-                    document.apply_changes(&bytes).expect("applied");
-                    spent += start.elapsed();
-                }
-                spent
-            })
+            b.iter_batched_ref(
+                || {
+                    Document::load(
+                        DocKind::Automerge,
+                        ReplicaId::from_bytes([2; 16]),
+                        id,
+                        Some(&saved),
+                        [],
+                    )
+                    .expect("loaded")
+                },
+                |document| document.apply_changes(&bytes).expect("applied"),
+                BatchSize::PerIteration,
+            )
         });
     }
     group.finish();
