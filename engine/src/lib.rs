@@ -19,6 +19,8 @@ pub mod protocol;
 pub mod replica;
 pub mod storage;
 pub mod sync;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 /// How many cases each property test runs: `ACCORD_PROPTEST_CASES` when set (to run them harder,
 /// as the README says), else the test's own `default`.

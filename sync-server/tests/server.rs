@@ -705,25 +705,6 @@ async fn at_most_a_batch_of_updates_is_taken_while_a_commit_stalls() {
     updates_during_a_stalled_commit(2, 5).await;
 }
 
-/// A change that is well formed but names an object its dependencies never created (here: a
-/// text insert whose dependency on the text's creation was cut). Its bytes parse, its hash
-/// matches, and Automerge 0.12 panics applying it ("Missing from Index").
-fn forged_automerge_change() -> automerge::Change {
-    use automerge::transaction::Transactable;
-    let mut other = automerge::AutoCommit::new();
-    let text = other
-        .put_object(automerge::ROOT, "text", automerge::ObjType::Text)
-        .unwrap();
-    other.commit();
-    other.splice_text(&text, 0, 0, "hi").unwrap();
-    other.commit();
-    let mut expanded = other.get_changes(&[])[1].decode();
-    expanded.deps = Vec::new();
-    expanded.seq = 1;
-    expanded.hash = None;
-    expanded.into()
-}
-
 #[tokio::test]
 async fn a_forged_automerge_change_is_refused_and_the_document_lives_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -741,7 +722,6 @@ async fn a_forged_automerge_change_is_refused_and_the_document_lives_on() {
     assert!(writer.pump_until(WAIT, |c| c.outbox_len() == 0).await);
 
     // A raw connection sends a sync message carrying the forged change.
-    let forged = forged_automerge_change();
     let mut bad = connect_ws(server.addr).await;
     hello(&mut bad, 9).await;
     send(
@@ -753,19 +733,13 @@ async fn a_forged_automerge_change_is_refused_and_the_document_lives_on() {
         },
     )
     .await;
-    let message = automerge::sync::Message {
-        heads: vec![forged.hash()],
-        need: Vec::new(),
-        have: Vec::new(),
-        changes: vec![forged.raw_bytes().to_vec()].into(),
-        flags: None,
-        version: automerge::sync::MessageVersion::V1,
-    };
     send(
         &mut bad,
         &Message::Sync {
             document,
-            payload: accord_engine::protocol::SyncPayload::Automerge(message.encode()),
+            payload: accord_engine::protocol::SyncPayload::Automerge(
+                accord_engine::testing::forged_automerge_sync_message(),
+            ),
         },
     )
     .await;
@@ -787,32 +761,37 @@ async fn a_forged_automerge_change_is_refused_and_the_document_lives_on() {
             .await,
         "the writer's change after the forged one is acknowledged"
     );
-    let mut reader = Client::new(MemoryStorage::new(), 2, replica_config(1 << 20));
-    reader.replica.create(document, kind).unwrap();
-    reader.connect(server.addr, None).await;
-    reader.subscribe(document).await;
     let want = json!({"before": 1, "after": 2});
     assert!(
-        reader
-            .pump_until(WAIT, |c| c.replica.json(document).ok()
-                == Some(want.clone()))
-            .await,
+        reads(server.addr, 2, document, &want).await,
         "a reader gets the document without the forged change"
     );
     server.stop().await;
 
     // And it loads again from the store.
     let server = Server::start(config(dir.path(), false)).await;
-    let mut again = Client::new(MemoryStorage::new(), 3, replica_config(1 << 20));
-    again.replica.create(document, kind).unwrap();
-    again.connect(server.addr, None).await;
-    again.subscribe(document).await;
     assert!(
-        again
-            .pump_until(WAIT, |c| c.replica.json(document).ok()
-                == Some(want.clone()))
-            .await,
+        reads(server.addr, 3, document, &want).await,
         "the document loads after a restart"
     );
     server.stop().await;
+}
+
+/// Whether a new client (replica `[id; 16]`) that subscribes to the Automerge `document` gets
+/// `want`.
+async fn reads(
+    addr: std::net::SocketAddr,
+    id: u8,
+    document: DocumentId,
+    want: &serde_json::Value,
+) -> bool {
+    let mut reader = Client::new(MemoryStorage::new(), id, replica_config(1 << 20));
+    reader.replica.create(document, DocKind::Automerge).unwrap();
+    reader.connect(addr, None).await;
+    reader.subscribe(document).await;
+    reader
+        .pump_until(WAIT, |c| {
+            c.replica.json(document).ok().as_ref() == Some(want)
+        })
+        .await
 }

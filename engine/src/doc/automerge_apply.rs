@@ -2,9 +2,10 @@
 //!
 //! Automerge 0.12 panics on some changes whose bytes parse and whose hashes match but that name
 //! what their dependencies never created: an op on an object no change made ("Obj ... Missing
-//! from Index", in its batch apply), element ids pointed anywhere (about two in five of a
-//! peer's changes with their ops pointed at random, in the property test below), and it panics
-//! after it has started changing the document (the change is in its graph, its ops are not).
+//! from Index", in its batch apply), element ids or actors pointed anywhere (the property test
+//! below builds such changes; raw `load_incremental` fails it in its first cases), and it
+//! panics after it has started changing the document (the change is in its graph, its ops are
+//! not).
 //! Anything a peer or the disk hands us must be an error, never a panic: on the server a panic
 //! in a document's actor ends the document for every subscriber, and a peer could send the same
 //! bytes again and again. So an apply that fails or panics is undone: the document is rebuilt
@@ -19,7 +20,7 @@
 //! Automerge the document's own `PatchLog`, inactive unless a diff cursor was set, and
 //! Automerge 0.12 records every text splice it applies in it all the same (`PatchLog::splice`
 //! does not look whether the log is active): with nothing reading it, a document kept ~320
-//! bytes per character its peers typed for as long as it stayed loaded (`tests/memory.rs`), a
+//! bytes per character its peers typed for as long as it stayed loaded (`sync-server/tests/memory.rs`), a
 //! relay's documents above all.
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -209,26 +210,11 @@ pub(crate) fn load(bytes: &[u8], options: LoadOptions<'_>) -> Result<AutoCommit,
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use automerge::transaction::Transactable;
     use automerge::{ObjType, ReadDoc, ROOT};
 
     use super::*;
-
-    /// A text insert whose dependency on the text's creation was cut: it parses, its hash
-    /// matches, and Automerge 0.12 panics applying it to a document that has anything in it.
-    pub(crate) fn forged_change() -> automerge::Change {
-        let mut other = AutoCommit::new();
-        let text = other.put_object(ROOT, "text", ObjType::Text).unwrap();
-        other.commit();
-        other.splice_text(&text, 0, 0, "hi").unwrap();
-        other.commit();
-        let mut expanded = other.get_changes(&[])[1].decode();
-        expanded.deps = Vec::new();
-        expanded.seq = 1;
-        expanded.hash = None;
-        expanded.into()
-    }
 
     /// A change from another peer of `doc` that puts `key`.
     fn peer_put(doc: &mut AutoCommit, key: &str) -> Vec<u8> {
@@ -259,7 +245,7 @@ pub(crate) mod tests {
         let heads = doc.get_heads();
         let saved = doc.save();
 
-        let forged = forged_change();
+        let forged = crate::testing::forged_automerge_change();
         let error = load_incremental(&mut doc, &mut guard, forged.raw_bytes(), "automerge change")
             .expect_err("refused");
         assert!(
@@ -289,7 +275,7 @@ pub(crate) mod tests {
         doc.commit();
         // And ops left uncommitted.
         doc.put(ROOT, "uncommitted", 2).unwrap();
-        let forged = forged_change();
+        let forged = crate::testing::forged_automerge_change();
         assert!(
             load_incremental(&mut doc, &mut guard, forged.raw_bytes(), "automerge change").is_err()
         );
@@ -300,7 +286,11 @@ pub(crate) mod tests {
 
     #[test]
     fn loading_what_automerge_panics_on_is_an_error() {
-        let error = load(forged_change().raw_bytes(), LoadOptions::new()).expect_err("refused");
+        let error = load(
+            crate::testing::forged_automerge_change().raw_bytes(),
+            LoadOptions::new(),
+        )
+        .expect_err("refused");
         assert!(
             error.to_string().contains("nothing of it was applied"),
             "{error}"

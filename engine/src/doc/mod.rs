@@ -5,8 +5,6 @@
 //! its version (heads or state vector), exports what a peer lacks, and shows its state as JSON.
 
 mod automerge_apply;
-#[cfg(test)]
-pub(crate) use automerge_apply::tests::forged_change as forged_automerge_change;
 mod automerge_doc;
 mod automerge_sync;
 mod change_hash_set;

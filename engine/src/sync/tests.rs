@@ -350,18 +350,11 @@ fn a_forged_change_among_messages_received_together_is_refused_alone() {
         hub.answer(spoke);
         hub.send(spoke);
     }
-    let forged = crate::doc::forged_automerge_change();
-    let message = automerge::sync::Message {
-        heads: vec![forged.hash()],
-        need: Vec::new(),
-        have: Vec::new(),
-        changes: vec![forged.raw_bytes().to_vec()].into(),
-        flags: None,
-        version: automerge::sync::MessageVersion::V1,
-    };
     let payloads: Vec<SyncPayload> = (0..2)
         .filter_map(|spoke| hub.inbox[spoke].pop_front())
-        .chain([SyncPayload::Automerge(message.encode())])
+        .chain([SyncPayload::Automerge(
+            crate::testing::forged_automerge_sync_message(),
+        )])
         .collect();
     let mut peers: Vec<&mut DocSync> = hub.together_sync.iter_mut().collect();
     let results = DocSync::receive_many(&mut hub.together, &mut peers, payloads);
