@@ -25,6 +25,8 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 use automerge::transaction::Transactable as _;
+use std::sync::Arc;
+
 use automerge::{AutoCommit, ChangeHash, LoadOptions};
 #[cfg(not(target_arch = "wasm32"))]
 use automerge::{ReadDoc as _, SaveOptions};
@@ -45,7 +47,8 @@ const MIN_SINCE_BYTES: usize = 4 << 10;
 
 /// What a document falls back on when an apply fails: the document as saved at a checkpoint,
 /// and the chunks of every change that entered it since, in order. Empty until the first
-/// apply needs it (or seeded by [`Guard::seeded`]).
+/// apply needs it, or until the document hands it a save of its own ([`Guard::adopt`]: the
+/// bytes it was loaded from, the save it keeps for compaction and fresh peers).
 #[derive(Debug, Default)]
 pub(crate) struct Guard {
     checkpoint: Option<Checkpoint>,
@@ -55,8 +58,9 @@ pub(crate) struct Guard {
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 #[derive(Debug)]
 struct Checkpoint {
-    /// The document saved (with any changes still waiting for their dependencies).
-    saved: Vec<u8>,
+    /// The document saved (with any changes still waiting for their dependencies; shared with
+    /// the save the document keeps, when it is that one).
+    saved: Arc<[u8]>,
     /// The chunks applied or committed since, one after the other.
     since: Vec<u8>,
     /// The document's heads once `saved` and `since` are in: when the document's heads are
@@ -66,23 +70,19 @@ struct Checkpoint {
 }
 
 impl Guard {
-    /// A guard whose checkpoint is `saved`, bytes that `doc` was just loaded from.
-    pub(crate) fn seeded(doc: &mut AutoCommit, saved: Vec<u8>) -> Self {
+    /// Makes `saved`, bytes that hold `doc` as it is now (it was just loaded from them, or
+    /// just saved to them), the checkpoint.
+    pub(crate) fn adopt(&mut self, doc: &mut AutoCommit, saved: Arc<[u8]>) {
         #[cfg(not(target_arch = "wasm32"))]
         {
-            Guard {
-                checkpoint: Some(Checkpoint {
-                    saved,
-                    since: Vec::new(),
-                    heads: doc.get_heads(),
-                }),
-            }
+            self.checkpoint = Some(Checkpoint {
+                saved,
+                since: Vec::new(),
+                heads: doc.get_heads(),
+            });
         }
         #[cfg(target_arch = "wasm32")]
-        {
-            let _ = (doc, saved);
-            Guard::default()
-        }
+        let _ = (doc, saved);
     }
 
     /// Notes `chunk`, a change just committed to `doc` locally, so that a rebuild keeps it.
@@ -93,25 +93,24 @@ impl Guard {
         }
     }
 
-    /// A checkpoint `doc` can be rebuilt from, taken now unless the one kept still leads to
-    /// `doc` and has not grown past its bound.
+    /// Makes sure `doc`, whose heads are `heads`, can be rebuilt from the checkpoint: takes a
+    /// new one unless the one kept still leads to `doc` and has not grown past its bound.
     #[cfg(not(target_arch = "wasm32"))]
-    fn checkpoint(&mut self, doc: &mut AutoCommit) -> &Checkpoint {
-        let heads = doc.get_heads();
+    fn keep_up(&mut self, doc: &mut AutoCommit, heads: &[ChangeHash]) {
         let current = self.checkpoint.as_ref().is_some_and(|c| {
             c.heads == heads && c.since.len() <= c.saved.len().max(MIN_SINCE_BYTES)
         });
         if !current {
-            self.checkpoint = None;
-        }
-        self.checkpoint.get_or_insert_with(|| Checkpoint {
-            saved: doc.save_with_options(SaveOptions {
+            let saved = doc.save_with_options(SaveOptions {
                 deflate: false,
                 retain_orphans: true,
-            }),
-            since: Vec::new(),
-            heads,
-        })
+            });
+            self.checkpoint = Some(Checkpoint {
+                saved: saved.into(),
+                since: Vec::new(),
+                heads: heads.to_vec(),
+            });
+        }
     }
 }
 
@@ -132,7 +131,7 @@ pub(crate) fn load_incremental(
             doc.commit();
         }
         let before = doc.get_heads();
-        guard.checkpoint(doc);
+        guard.keep_up(doc, &before);
         // Unwind safety: on a panic `doc` is rebuilt below before anything reads it again.
         let applied =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.load_incremental(bytes)));

@@ -15,6 +15,7 @@
 //! [`FreshMap`].
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use automerge::legacy::{Key as OpKey, ObjectId as LegacyObjId, OpType as LegacyOpType};
 use automerge::sync::{BloomFilter, Capability, Have, MessageFlags, MessageVersion, SyncDoc};
@@ -75,7 +76,7 @@ pub struct AutomergeDoc {
 /// A compacted save of the document at `heads`.
 struct Saved {
     heads: Vec<ChangeHash>,
-    bytes: Vec<u8>,
+    bytes: Arc<[u8]>,
 }
 
 impl AutomergeDoc {
@@ -97,10 +98,16 @@ impl AutomergeDoc {
 
     /// Loads a saved document (snapshot and/or changes concatenated).
     pub fn load(replica: ReplicaId, bytes: &[u8]) -> Result<Self, DocError> {
+        Self::load_shared(replica, bytes.into())
+    }
+
+    /// Loads `bytes` as [`AutomergeDoc::load`] does; they are the first checkpoint of its guard.
+    fn load_shared(replica: ReplicaId, bytes: Arc<[u8]>) -> Result<Self, DocError> {
         let options = LoadOptions::new().text_encoding(TEXT_ENCODING);
-        let mut doc = automerge_apply::load(bytes, options)?
+        let mut doc = automerge_apply::load(&bytes, options)?
             .with_actor(automerge::ActorId::from(replica.as_bytes().as_slice()));
-        let guard = Guard::seeded(&mut doc, bytes.to_vec());
+        let mut guard = Guard::default();
+        guard.adopt(&mut doc, bytes);
         Ok(Self {
             doc,
             tracking: None,
@@ -118,7 +125,8 @@ impl AutomergeDoc {
     /// not exactly one saved document (changes, or a document followed by more) are loaded the
     /// same way but not kept.
     pub fn load_saved(replica: ReplicaId, bytes: Vec<u8>) -> Result<Self, DocError> {
-        let mut loaded = Self::load(replica, &bytes)?;
+        let bytes: Arc<[u8]> = bytes.into();
+        let mut loaded = Self::load_shared(replica, bytes.clone())?;
         if is_one_document(&bytes) {
             let heads = loaded.doc.get_heads();
             if !heads.is_empty() {
@@ -269,12 +277,8 @@ impl AutomergeDoc {
     /// Everything, compacted (with any changes still waiting for their dependencies after it,
     /// as automerge saves them). The save is kept for fresh sync peers.
     pub fn save(&mut self) -> Vec<u8> {
-        let heads = self.doc.get_heads();
         let bytes = self.doc.save();
-        self.saved = Some(Saved {
-            heads,
-            bytes: bytes.clone(),
-        });
+        self.keep_save(bytes.as_slice().into());
         bytes
     }
 
@@ -286,9 +290,17 @@ impl AutomergeDoc {
         let fresh = self.saved.as_ref().is_some_and(|s| s.heads == heads);
         if !fresh {
             let bytes = self.doc.save();
-            self.saved = Some(Saved { heads, bytes });
+            self.keep_save(bytes.into());
         }
-        self.saved.as_ref().map_or(&[], |s| s.bytes.as_slice())
+        self.saved.as_ref().map_or(&[], |s| &s.bytes[..])
+    }
+
+    /// Keeps `bytes`, a save of the document as it is now, for fresh peers and as its guard's
+    /// checkpoint (a failed apply rebuilds from it: no save of the guard's own).
+    fn keep_save(&mut self, bytes: Arc<[u8]>) {
+        let heads = self.doc.get_heads();
+        self.guard.adopt(&mut self.doc, bytes.clone());
+        self.saved = Some(Saved { heads, bytes });
     }
 
     /// The changes a peer that has `heads` lacks.
@@ -1451,7 +1463,7 @@ mod tests {
         let replica = ReplicaId::from_bytes([4; 16]);
         let mut kept = AutomergeDoc::load_saved(replica, saved.clone()).expect("load");
         assert_eq!(
-            kept.saved.as_ref().map(|s| s.bytes.clone()),
+            kept.saved.as_ref().map(|s| s.bytes.to_vec()),
             Some(saved.clone())
         );
         assert_eq!(kept.saved_bytes(), saved.as_slice());
